@@ -1,0 +1,1 @@
+"""Kubernetes operator (kopf handlers) for the HelixCluster resource."""

@@ -1,0 +1,1 @@
+"""Planning and simulation: cluster/model/profile models, flow graph, placement, simulator."""

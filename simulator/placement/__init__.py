@@ -1,0 +1,1 @@
+"""Placement methods (MILP and heuristic baselines) behind one registry."""

@@ -1,0 +1,1 @@
+"""GPU performance profiles: analytic roofline, measured files, Helix's reference tables."""

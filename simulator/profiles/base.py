@@ -1,0 +1,84 @@
+"""The one interface every profile source implements, bound to one model.
+
+The planner needs per node type a layer-count → tokens/s table and the largest layer count that
+fits; the simulator needs per-layer batch times and KV capacity. Sources that only know batch
+times (roofline, measured files) derive the throughput table from a typical steady-state batch,
+the way Helix's model manager does, so all sources feed the planner the same kind of number.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any
+
+from helix.simulator.cluster import GpuNode
+from helix.simulator.model import ModelSpec
+
+
+@dataclass(frozen=True)
+class WorkloadAssumptions:
+    """What a 'typical' batch looks like when a throughput table is derived from batch times.
+
+    Defaults follow Helix (Azure Conversation averages, 30% of KV cache in use, half of VRAM for
+    weights at most).
+    """
+
+    avg_input_tokens: int = 750
+    avg_output_tokens: int = 240
+    kv_utilization: float = 0.3
+    max_batch_requests: int = 256
+    max_weight_fraction: float = 0.5
+
+
+class Profiles(ABC):
+    """Performance of `model` on each node type. Subclasses key their data by `node.gpu_type`."""
+
+    source: str = "abstract"
+
+    def __init__(self, model: ModelSpec, workload: WorkloadAssumptions | None = None) -> None:
+        self.model = model
+        self.workload = workload or WorkloadAssumptions()
+
+    @abstractmethod
+    def max_layers(self, node: GpuNode) -> int:
+        """Largest number of consecutive layers the node may hold (0: the node cannot be used)."""
+
+    @abstractmethod
+    def kv_capacity_tokens(self, node: GpuNode, layers: int) -> int:
+        """Tokens of context the node can cache for each of its `layers` layers."""
+
+    @abstractmethod
+    def prompt_layer_time(self, node: GpuNode, tokens: int) -> float:
+        """Seconds for ONE layer to run a prompt batch of `tokens` tokens (summed over requests)."""
+
+    @abstractmethod
+    def decode_layer_time(self, node: GpuNode, batch: int, context_tokens: int) -> float:
+        """Seconds for ONE layer to decode one token for each of `batch` sequences."""
+
+    def throughput(self, node: GpuNode, layers: int) -> float:
+        """Tokens/s (prompt + decode) the node pushes through all `layers` layers; 0 if it cannot hold them."""
+        if layers < 1 or layers > self.max_layers(node):
+            return 0.0
+        return self._typical_throughput(node.gpu_type, node, layers)
+
+    def throughput_table(self, node: GpuNode) -> list[float]:
+        """Index k → throughput holding k layers (index 0 is 0.0)."""
+        return [0.0] + [self.throughput(node, k) for k in range(1, self.max_layers(node) + 1)]
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source, "model": self.model.name, "workload": asdict(self.workload)}
+
+    # The cache key is the type name; `node` only supplies the data behind it.
+    @lru_cache(maxsize=4096)  # noqa: B019 - profiles live as long as a planning run
+    def _typical_throughput(self, gpu_type: str, node: GpuNode, layers: int) -> float:
+        w = self.workload
+        context_per_request = w.avg_input_tokens + w.avg_output_tokens / 2
+        kv_tokens = self.kv_capacity_tokens(node, layers) * w.kv_utilization
+        requests = max(1.0, min(float(w.max_batch_requests), kv_tokens / context_per_request))
+        decode_batch = max(1, round(requests))
+        prompt_tokens = max(1, round(decode_batch * w.avg_input_tokens / w.avg_output_tokens))
+        layer_time = self.prompt_layer_time(node, prompt_tokens) + self.decode_layer_time(
+            node, decode_batch, round(decode_batch * context_per_request))
+        return (prompt_tokens + decode_batch) / (layers * layer_time)

@@ -1,0 +1,1 @@
+"""Data plane: layer-shard workers, ZeroMQ transport and the router."""
