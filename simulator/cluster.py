@@ -55,6 +55,11 @@ class GpuNode(BaseModel):
     def _canonical_gpu(cls, value: str) -> str:
         return resolve_gpu(value).name
 
+    def __hash__(self) -> int:
+        # pydantic's frozen hash would hash `labels` (a dict) and fail; profile caches key on nodes.
+        return hash((self.name, self.gpu, self.gpu_count, self.vram_bytes, self.nic_in_bps, self.nic_out_bps,
+                     self.region, self.zone, tuple(sorted(self.labels.items()))))
+
     @property
     def total_vram_bytes(self) -> float:
         if self.vram_bytes is not None:

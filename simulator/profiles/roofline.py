@@ -1,0 +1,140 @@
+"""Analytic profiles from public GPU specs: a per-layer roofline.
+
+Used when nothing was measured (a new cluster, `helix plan` without `--profiles`). One decoder
+layer on a node takes
+
+    time = max(FLOPs / achievable FLOP/s, bytes / achievable bandwidth) + layer_overhead_s
+
+where achievable = datasheet peak × efficiency × gpu_count ** tp_scaling_exponent (tensor
+parallelism inside a multi-GPU node). The defaults are fitted to Helix's published per-layer
+measurements of LLaMA-2 70B (../shared/reference/profiles/helix-profiles.json):
+
+* memory_efficiency 0.8: decode at batch 2 is a weight read; the measured times imply 0.75 (T4),
+  0.79 (A100), 0.83 (L4, V100) of datasheet HBM/GDDR bandwidth.
+* compute_efficiency 0.5: prefill of 1,000 tokens implies 0.70 (A100), 0.73 (V100), 0.45 (T4),
+  0.38 (L4) of datasheet dense fp16 FLOP/s; 0.5 is the middle, a conservative reading for A100/H100.
+* tp_scaling_exponent 0.85: T4x2 / L4x2 / T4x4 decode 1.8× / 1.85× / 3.1× faster than one GPU.
+* layer_overhead_s 30 µs: roughly ten kernel launches per layer.
+
+See docs/profile-format.md for the FLOP and byte counts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from helix.simulator.cluster import GpuNode
+from helix.simulator.gpus import resolve_gpu
+from helix.simulator.model import ModelSpec
+from helix.simulator.profiles.base import Profiles, WorkloadAssumptions
+
+
+class RooflineProfiles(Profiles):
+    """Per-layer batch times and memory limits computed from `gpus.GPU_SPECS`."""
+
+    source = "roofline"
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        workload: WorkloadAssumptions | None = None,
+        *,
+        compute_efficiency: float = 0.5,
+        memory_efficiency: float = 0.8,
+        tp_scaling_exponent: float = 0.85,
+        layer_overhead_s: float = 30e-6,
+        gpu_memory_utilization: float = 0.9,
+    ) -> None:
+        super().__init__(model, workload)
+        for name, value in (("compute_efficiency", compute_efficiency), ("memory_efficiency", memory_efficiency),
+                            ("gpu_memory_utilization", gpu_memory_utilization)):
+            if not 0 < value <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
+        if not 0 < tp_scaling_exponent <= 1:
+            raise ValueError(f"tp_scaling_exponent must be in (0, 1], got {tp_scaling_exponent}")
+        if layer_overhead_s < 0:
+            raise ValueError(f"layer_overhead_s must be >= 0, got {layer_overhead_s}")
+        self.compute_efficiency = compute_efficiency
+        self.memory_efficiency = memory_efficiency
+        self.tp_scaling_exponent = tp_scaling_exponent
+        self.layer_overhead_s = layer_overhead_s
+        self.gpu_memory_utilization = gpu_memory_utilization
+
+    # --- hardware -------------------------------------------------------------------------------
+    def _scale(self, node: GpuNode) -> float:
+        """Speed-up of a tensor-parallel node over one of its GPUs (sub-linear: all-reduces)."""
+        return float(node.gpu_count) ** self.tp_scaling_exponent
+
+    def flops_per_s(self, node: GpuNode) -> float:
+        """Achievable dense 16-bit FLOP/s of the whole node."""
+        return resolve_gpu(node.gpu).flops_fp16 * self.compute_efficiency * self._scale(node)
+
+    def bytes_per_s(self, node: GpuNode) -> float:
+        """Achievable memory bandwidth of the whole node."""
+        return resolve_gpu(node.gpu).mem_bandwidth_bytes_per_s * self.memory_efficiency * self._scale(node)
+
+    # --- model arithmetic -----------------------------------------------------------------------
+    @property
+    def _q_dim(self) -> int:
+        return self.model.num_attention_heads * self.model.resolved_head_dim
+
+    @property
+    def _activation_io_per_token(self) -> float:
+        """Bytes each token's activations move through HBM in one layer: every GEMM reads its input
+        and writes its output (QKV, O, gate+up, down)."""
+        m = self.model
+        kv_dim = m.num_key_value_heads * m.resolved_head_dim
+        elems = ((m.hidden_size + self._q_dim + 2 * kv_dim) + (self._q_dim + m.hidden_size)
+                 + (m.hidden_size + 2 * m.intermediate_size) + (m.intermediate_size + m.hidden_size))
+        return float(elems * m.dtype_bytes)
+
+    def _layer_time(self, node: GpuNode, flops: float, nbytes: float) -> float:
+        return max(flops / self.flops_per_s(node), nbytes / self.bytes_per_s(node)) + self.layer_overhead_s
+
+    # --- Profiles interface ---------------------------------------------------------------------
+    def max_layers(self, node: GpuNode) -> int:
+        budget = self.workload.max_weight_fraction * node.total_vram_bytes
+        return max(0, min(self.model.num_layers, math.floor(budget / self.model.layer_weight_bytes)))
+
+    def kv_capacity_tokens(self, node: GpuNode, layers: int) -> int:
+        if layers < 1:
+            return 0
+        free = node.total_vram_bytes * self.gpu_memory_utilization - layers * self.model.layer_weight_bytes
+        return max(0, math.floor(free / (layers * self.model.kv_bytes_per_token_per_layer)))
+
+    def prompt_layer_time(self, node: GpuNode, tokens: int) -> float:
+        """A prefill batch of `tokens` tokens, read as prompts of the typical length.
+
+        Each prompt token attends causally to half of its prompt on average; a batch shorter than a
+        typical prompt is one prompt of `tokens` tokens.
+        """
+        if tokens <= 0:
+            return 0.0
+        m = self.model
+        prompt_len = min(tokens, self.workload.avg_input_tokens)
+        avg_context = prompt_len / 2
+        flops = 2.0 * m.layer_params * tokens + 4.0 * tokens * avg_context * self._q_dim
+        nbytes = (m.layer_weight_bytes + tokens * self._activation_io_per_token
+                  + tokens * m.kv_bytes_per_token_per_layer)  # the new KV entries are written
+        return self._layer_time(node, flops, nbytes)
+
+    def decode_layer_time(self, node: GpuNode, batch: int, context_tokens: int) -> float:
+        """One new token for each of `batch` sequences whose contexts total `context_tokens`."""
+        if batch <= 0:
+            return 0.0
+        m = self.model
+        context_tokens = max(0, context_tokens)
+        flops = 2.0 * m.layer_params * batch + 4.0 * context_tokens * self._q_dim
+        nbytes = (m.layer_weight_bytes + context_tokens * m.kv_bytes_per_token_per_layer
+                  + batch * self._activation_io_per_token)
+        return self._layer_time(node, flops, nbytes)
+
+    def describe(self) -> dict[str, Any]:
+        return super().describe() | {
+            "compute_efficiency": self.compute_efficiency,
+            "memory_efficiency": self.memory_efficiency,
+            "tp_scaling_exponent": self.tp_scaling_exponent,
+            "layer_overhead_s": self.layer_overhead_s,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+        }
