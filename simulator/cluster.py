@@ -7,6 +7,7 @@ defaults, so a 1,000-node cluster file does not need a million link lines.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ class GpuNode(BaseModel):
         return resolve_gpu(value).name
 
     def __hash__(self) -> int:
-        # pydantic's frozen hash would hash `labels` (a dict) and fail; profile caches key on nodes.
+        # pydantic's frozen hash would hash `labels` (a dict) and fail; nodes serve as dict keys.
         return hash((self.name, self.gpu, self.gpu_count, self.vram_bytes, self.nic_in_bps, self.nic_out_bps,
                      self.region, self.zone, tuple(sorted(self.labels.items()))))
 
@@ -118,6 +119,13 @@ class Cluster(BaseModel):
             if link.src == link.dst:
                 raise ValueError(f"links[{i}] connects {link.src!r} to itself")
         return self
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Cluster:
+        """A copy whose derived maps are rebuilt (pydantic would copy the cached ones along)."""
+        copy = super().model_copy(update=update, deep=deep)
+        for cached in ("node_map", "link_map"):
+            copy.__dict__.pop(cached, None)
+        return copy
 
     @cached_property
     def node_map(self) -> dict[str, GpuNode]:

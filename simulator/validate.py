@@ -155,7 +155,7 @@ def validate_plan(plan: Plan, cluster: Cluster, model: ModelSpec, profiles: Prof
         if k > max_k:
             problems.append(f"node {a.name!r} ({node.gpu_type}) holds {k} layers, more than its maximum {max_k}")
         weights = k * model.layer_weight_bytes
-        if weights > node.total_vram_bytes:
+        if profiles.uses_model_weights and weights > node.total_vram_bytes:
             problems.append(f"node {a.name!r} ({node.gpu_type}): {k} layers need {weights / 1e9:.2f} GB of weights, "
                             f"VRAM is {node.total_vram_bytes / 1e9:.2f} GB")
         elif profiles.kv_capacity_tokens(node, k) <= 0:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from ortools.graph.python import max_flow as ortools_max_flow
 from ortools.sat.python import cp_model
 
-from helix.simulator.flow import link_capacity, max_flow, node_capacity
+from helix.simulator.flow import compute_bound, link_capacity, max_flow, node_capacity
 from helix.simulator.placement.base import (
     PLACEMENT_METHODS,
     PlacementOptions,
@@ -32,12 +32,14 @@ from helix.simulator.placement.base import (
     Ranges,
     register_method,
 )
+from helix.simulator.placement.coverage import CoverageModel
 from helix.simulator.placement.heuristics import check_fits
 from helix.simulator.placement.pruning import prune_edges
 from helix.simulator.plan import ProgressPoint
 
 SCALE = 10  # flow unit: 0.1 token/s
 DEFAULT_PRUNE_KEEP = 12
+COVERAGE_SHARE = 0.5  # of the time limit, for the coverage model (bound and candidates)
 WARM_START_METHODS = ("greedy-flow", "petals", "swarm", "sp-plus", "separate", "homogeneous")
 
 
@@ -266,14 +268,15 @@ class _Stopper:
                 signal.signal(sig, handler)
 
 
-def warm_start(problem: PlacementProblem, options: PlacementOptions) -> tuple[str, Ranges, float]:
+def warm_start(problem: PlacementProblem, options: PlacementOptions,
+               stopper: _Stopper | None = None) -> tuple[str, Ranges, float]:
     """The best heuristic placement by max flow: (method, ranges, objective)."""
     best: tuple[str, Ranges, float] = ("none", {}, -1.0)
     budget = PlacementOptions(partial_inference=options.partial_inference, seed=options.seed,
                               time_limit_s=max(1.0, options.time_limit_s * 0.1))
     for name in WARM_START_METHODS:
         method = PLACEMENT_METHODS.get(name)
-        if method is None:
+        if method is None or (stopper is not None and stopper.stopped and best[1]):
             continue
         ranges = method(problem, budget).ranges
         value = max_flow(problem.cluster, problem.model, problem.profiles, ranges, options.partial_inference).value
@@ -302,6 +305,8 @@ class _Search:
         self.progress, self.stopper, self.deadline = progress, stopper, deadline
         self.best = _Incumbent({}, 0.0)
         self.bound: float | None = None
+        self.compute_bound = compute_bound(problem.cluster, problem.model, problem.profiles)
+        self.last_status = cp_model.UNKNOWN
         self.status = "feasible"
         self.rng = random.Random(options.seed)
 
@@ -317,29 +322,66 @@ class _Search:
             return True
         return False
 
-    def _solve(self, model: cp_model.CpModel, seconds: float) -> cp_model.CpSolver | None:
+    def _solve(self, model: cp_model.CpModel, seconds: float, global_bound: bool = False) -> cp_model.CpSolver | None:
+        """Run CP-SAT; None when stopped before starting. Check `found` before reading a solution."""
+        if self.stopper.stopped or seconds <= 0:
+            return None
         solver = cp_model.CpSolver()
+        if global_bound:  # report the bound as it improves, not only at the end
+            solver.best_bound_callback = lambda bound: self.progress.bounded(min(bound / SCALE, self.compute_bound))
         solver.parameters.max_time_in_seconds = max(0.05, seconds)
         solver.parameters.num_workers = max(1, self.options.workers)
         solver.parameters.random_seed = self.rng.randrange(1 << 30)
+        solver.parameters.catch_sigint_signal = False  # our handler stops it, in any thread
         self.stopper.solver = solver
-        status = solver.solve(model)
+        # Solve in a helper thread: Python runs signal handlers only in the main thread and only
+        # between bytecodes, so the main thread must not sit inside the C++ solve.
+        outcome: list[cp_model.CpSolverStatus] = []
+        worker = threading.Thread(target=lambda: outcome.append(solver.solve(model)), daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.1)
         self.stopper.solver = None
-        self.last_status = status
-        return solver if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) else None
+        self.last_status = outcome[0] if outcome else cp_model.UNKNOWN
+        return solver
 
-    def full(self, seconds: float) -> None:
-        """Solve the whole model (hinted with the incumbent): new solutions and the bound."""
+    @property
+    def found(self) -> bool:
+        return self.last_status in (cp_model.OPTIMAL, cp_model.FEASIBLE)
+
+    def full(self, seconds: float, bound_is_global: bool) -> None:
+        """Solve the whole per-link model (hinted with the incumbent) for better placements.
+
+        Its bound is only global when nothing was pruned; then it can tighten the coverage bound.
+        """
         model = self.base.model.clone()
         if self.best.ranges:
             self.base.hint(model, self.best.ranges)
         solver = self._solve(model, seconds)
         if solver is None:
             return
-        self.offer(self.base.ranges(solver))
-        self.bound = solver.best_objective_bound / SCALE
+        if self.found:
+            self.offer(self.base.ranges(solver))
+        if bound_is_global:
+            bound = solver.best_objective_bound / SCALE
+            self.bound = bound if self.bound is None else min(self.bound, bound)
+            self.progress.bounded(self.bound)
+            if self.last_status == cp_model.OPTIMAL:
+                self.status = "optimal"
+
+    def coverage(self, seconds: float) -> None:
+        """Solve the network-free coverage model: a global bound, and candidate placements."""
+        cover = CoverageModel.build(self.problem)
+        if self.best.ranges:
+            cover.hint(self.best.ranges)
+        solver = self._solve(cover.model, seconds, global_bound=True)
+        if solver is None:
+            return
+        if self.found:
+            self.offer(cover.ranges(solver))
+        self.bound = min(solver.best_objective_bound / SCALE, self.compute_bound)
         self.progress.bounded(self.bound)
-        if self.last_status == cp_model.OPTIMAL:
+        if self.best.value >= self.bound - 1e-3 * max(1.0, self.bound):
             self.status = "optimal"
 
     def lns(self, until: float) -> None:
@@ -351,7 +393,7 @@ class _Search:
             self.base.fix(model, self.best.ranges, [n for n in names if n not in free])
             self.base.hint(model, self.best.ranges)
             solver = self._solve(model, min(3.0, until - time.monotonic()))
-            if solver is not None and self.offer(self.base.ranges(solver)):
+            if solver is not None and self.found and self.offer(self.base.ranges(solver)):
                 continue
             if self.last_status == cp_model.OPTIMAL:  # neighbourhood exhausted quickly: widen it
                 size = min(len(names), size + 2)
@@ -383,31 +425,33 @@ def milp(problem: PlacementProblem, options: PlacementOptions) -> PlacementResul
     check_fits(problem)
     started = time.monotonic()
     details: dict[str, object] = {}
-    seed_ranges: Ranges = {}
-    if options.warm_start:
-        method, seed_ranges, value = warm_start(problem, options)
-        details |= {"warm_start_method": method, "warm_start_tokens_per_s": round(value, 3)}
-    keep = options.prune_keep if options.prune_keep is not None else DEFAULT_PRUNE_KEEP
-    edges = prune_edges(problem.cluster, problem.model, keep)
-    if seed_ranges:  # pruning must not cut the links the warm start's flow uses
-        seed_flow = max_flow(problem.cluster, problem.model, problem.profiles, seed_ranges, options.partial_inference)
-        coord = problem.cluster.coordinator.name
-        edges |= {e for e, f in seed_flow.edge_flows.items() if f > 0 and coord not in e}
-    base = _Milp(problem, options, edges)
-    details |= {"pruned_links_kept": len(edges), "prune_keep": keep,
-                "model_size": {"variables": len(base.model.proto.variables),
-                               "constraints": len(base.model.proto.constraints)}}
-    progress = _Progress(options, started)
     stopper = _Stopper()
-    search = _Search(problem, options, base, progress, stopper, started + options.time_limit_s)
     with stopper.installed():
+        seed_ranges: Ranges = {}
+        if options.warm_start:
+            method, seed_ranges, value = warm_start(problem, options, stopper)
+            details |= {"warm_start_method": method, "warm_start_tokens_per_s": round(value, 3)}
+        keep = options.prune_keep if options.prune_keep is not None else DEFAULT_PRUNE_KEEP
+        edges = prune_edges(problem.cluster, problem.model, keep)
+        if seed_ranges:  # pruning must not cut the links the warm start's flow uses
+            seed_flow = max_flow(problem.cluster, problem.model, problem.profiles, seed_ranges,
+                                 options.partial_inference)
+            coord = problem.cluster.coordinator.name
+            edges |= {e for e, f in seed_flow.edge_flows.items() if f > 0 and coord not in e}
+        base = _Milp(problem, options, edges)
+        details |= {"pruned_links_kept": len(edges), "prune_keep": keep,
+                    "model_size": {"variables": len(base.model.proto.variables),
+                                   "constraints": len(base.model.proto.constraints)}}
+        progress = _Progress(options, started)
+        search = _Search(problem, options, base, progress, stopper, started + options.time_limit_s)
         if seed_ranges:
             search.offer(seed_ranges)
-        else:
-            search.full(search.remaining() * 0.3)
-        search.lns(started + options.time_limit_s * 0.75)
-        if not stopper.stopped:
-            search.full(search.remaining())
+        search.coverage(search.remaining() * COVERAGE_SHARE)
+        if search.status != "optimal" and not stopper.stopped:
+            search.lns(time.monotonic() + search.remaining() * 0.6)
+        if search.status != "optimal" and not stopper.stopped:
+            search.full(search.remaining(), bound_is_global=keep == 0)
+    details["stopped_early"] = stopper.stopped
     return PlacementResult(
         ranges=search.best.ranges,
         status=search.status if search.best.ranges else "no-solution",

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from functools import lru_cache
-from typing import Any
+from typing import Any, ClassVar
 
 from helix.simulator.cluster import GpuNode
 from helix.simulator.model import ModelSpec
@@ -36,10 +35,14 @@ class Profiles(ABC):
     """Performance of `model` on each node type. Subclasses key their data by `node.gpu_type`."""
 
     source: str = "abstract"
+    # False for tables (Helix's) whose layer limits come from their own weight model: then a plan
+    # check must not re-derive memory fit from `model.layer_weight_bytes`.
+    uses_model_weights: ClassVar[bool] = True
 
     def __init__(self, model: ModelSpec, workload: WorkloadAssumptions | None = None) -> None:
         self.model = model
         self.workload = workload or WorkloadAssumptions()
+        self._throughput_cache: dict[tuple[str, float, int], float] = {}
 
     @abstractmethod
     def max_layers(self, node: GpuNode) -> int:
@@ -61,7 +64,10 @@ class Profiles(ABC):
         """Tokens/s (prompt + decode) the node pushes through all `layers` layers; 0 if it cannot hold them."""
         if layers < 1 or layers > self.max_layers(node):
             return 0.0
-        return self._typical_throughput(node.gpu_type, node, layers)
+        key = (node.gpu_type, node.total_vram_bytes, layers)
+        if key not in self._throughput_cache:
+            self._throughput_cache[key] = self._typical_throughput(node, layers)
+        return self._throughput_cache[key]
 
     def throughput_table(self, node: GpuNode) -> list[float]:
         """Index k → throughput holding k layers (index 0 is 0.0)."""
@@ -70,9 +76,7 @@ class Profiles(ABC):
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "model": self.model.name, "workload": asdict(self.workload)}
 
-    # The cache key is the type name; `node` only supplies the data behind it.
-    @lru_cache(maxsize=4096)  # noqa: B019 - profiles live as long as a planning run
-    def _typical_throughput(self, gpu_type: str, node: GpuNode, layers: int) -> float:
+    def _typical_throughput(self, node: GpuNode, layers: int) -> float:
         w = self.workload
         context_per_request = w.avg_input_tokens + w.avg_output_tokens / 2
         kv_tokens = self.kv_capacity_tokens(node, layers) * w.kv_utilization

@@ -1,0 +1,108 @@
+"""The MILP placement: optimality proofs, bounds, pruning, anytime stop."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from helix.simulator.generators import multi_region, single_region
+from helix.simulator.model import MODEL_CATALOG
+from helix.simulator.placement.base import PlacementOptions, PlacementProblem, plan_placement
+from helix.simulator.placement.coverage import CoverageModel
+from helix.simulator.placement.pruning import prune_edges
+from helix.simulator.profiles.roofline import RooflineProfiles
+from helix.simulator.validate import validate_plan
+
+MODEL = MODEL_CATALOG["llama2-70b"]
+
+
+def problem_for(cluster: object) -> PlacementProblem:
+    return PlacementProblem(cluster, MODEL, RooflineProfiles(MODEL))  # type: ignore[arg-type]
+
+
+def test_small_cluster_is_solved_to_proven_optimality() -> None:
+    problem = problem_for(single_region({"L4": 8, "T4": 8}))
+    points: list = []
+    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=20, progress=points.append))
+    assert validate_plan(plan, problem.cluster, problem.model, problem.profiles) == []
+    assert plan.status == "optimal"
+    assert plan.bound_tokens_per_s == pytest.approx(plan.objective_tokens_per_s, rel=2e-3)
+    assert plan.solve_seconds < 20
+    objectives = [p.objective_tokens_per_s for p in points]
+    assert objectives == sorted(objectives) and objectives[-1] == pytest.approx(plan.objective_tokens_per_s)
+
+
+def test_bound_is_never_below_the_objective_on_a_network_bound_cluster() -> None:
+    cluster = multi_region({"us": {"A100-80G": 2, "L4": 2}, "eu": {"L40S": 2, "T4": 3}}, seed=3)
+    problem = problem_for(cluster)
+    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=3))
+    assert validate_plan(plan, cluster, MODEL, problem.profiles) == []
+    assert plan.bound_tokens_per_s is not None
+    assert plan.bound_tokens_per_s >= plan.objective_tokens_per_s - 1e-6
+    assert plan.bound_tokens_per_s <= plan.compute_bound_tokens_per_s + 1e-6  # type: ignore[operator]
+
+
+def test_without_partial_inference_ranges_chain_exactly() -> None:
+    problem = problem_for(single_region({"A100-80G": 2, "L4": 6}))
+    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=3, partial_inference=False))
+    assert validate_plan(plan, problem.cluster, problem.model, problem.profiles) == []
+    ranges = plan.ranges
+    for flow in plan.flows:
+        if flow.src in ranges and flow.dst in ranges:
+            assert ranges[flow.src][1] == ranges[flow.dst][0]
+
+
+def test_without_warm_start_the_solver_still_finds_a_plan() -> None:
+    problem = problem_for(single_region({"A100-80G": 2, "L40S": 3}))
+    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=3, warm_start=False))
+    assert plan.objective_tokens_per_s > 0
+    assert "warm_start_method" not in plan.config
+
+
+def test_coverage_model_counts_interchangeable_nodes_once() -> None:
+    problem = problem_for(single_region({"L4": 5, "T4": 3}))
+    cover = CoverageModel.build(problem)
+    assert sorted(len(c) for c in cover.classes) == [3, 5]
+
+
+def test_pruning_keeps_the_best_links_per_node() -> None:
+    cluster = multi_region({"a": {"L4": 4}, "b": {"L4": 4}}, seed=0)
+    kept = prune_edges(cluster, MODEL, keep=3)
+    for node in cluster.nodes:
+        out = [e for e in kept if e[0] == node.name]
+        assert 3 <= len(out) <= 6  # its own best three, plus links other nodes keep as their best incoming
+        # all kept outgoing links of a node are intra-region (10 Gb/s beats 100 Mb/s)
+        region = node.region
+        assert all(cluster.node_map[b].region == region for _, b in out[:3]) or len(out) > 3
+    assert prune_edges(cluster, MODEL, keep=0) == {e for e in cluster.link_map if "coordinator" not in e}
+
+
+@pytest.mark.slow
+def test_sigint_stops_the_search_and_returns_the_best_plan() -> None:
+    script = textwrap.dedent("""
+        from helix.simulator.generators import multi_region
+        from helix.simulator.model import MODEL_CATALOG
+        from helix.simulator.placement.base import PlacementOptions, PlacementProblem, plan_placement
+        from helix.simulator.profiles.roofline import RooflineProfiles
+        m = MODEL_CATALOG["llama2-70b"]
+        c = multi_region({"us": {"A100-40G": 4, "L4": 6}, "eu": {"L4": 6, "T4": 10}, "asia": {"T4": 8}}, seed=1)
+        print("ready", flush=True)
+        plan = plan_placement(PlacementProblem(c, m, RooflineProfiles(m)), "milp", PlacementOptions(time_limit_s=120))
+        print("objective", plan.objective_tokens_per_s, plan.solve_seconds, flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(4)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    _, objective, seconds = out.split()
+    assert float(objective) > 0 and float(seconds) < 60
+    assert time.monotonic() - started < 30

@@ -1,0 +1,67 @@
+"""Property tests on random clusters: every method's plan is valid and means what it says."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from helix.simulator.errors import HelixInputError
+from helix.simulator.flow import max_flow
+from helix.simulator.generators import multi_region, single_region
+from helix.simulator.model import MODEL_CATALOG
+from helix.simulator.placement.base import PLACEMENT_METHODS, PlacementOptions, PlacementProblem, plan_placement
+from helix.simulator.placement.heuristics import check_fits
+from helix.simulator.profiles.roofline import RooflineProfiles
+from helix.simulator.validate import validate_plan
+
+HEURISTICS = ("petals", "swarm", "homogeneous", "separate", "sp-plus", "greedy-flow")
+GPUS = ("A100-80G", "A100-40G", "L40S", "L4", "A10G", "T4", "V100")
+
+mixes = st.dictionaries(st.sampled_from(GPUS), st.integers(1, 4), min_size=1, max_size=4)
+
+
+@st.composite
+def problems(draw: st.DrawFn) -> PlacementProblem:
+    model = MODEL_CATALOG[draw(st.sampled_from(["llama3.1-8b", "llama-30b", "llama2-70b"]))]
+    if draw(st.booleans()):
+        cluster = single_region(draw(mixes), bandwidth_bps=draw(st.sampled_from([1e9, 10e9, 100e9])))
+    else:
+        regions = draw(st.dictionaries(st.sampled_from(["us", "eu", "asia"]), mixes, min_size=2, max_size=3))
+        cluster = multi_region(regions, seed=draw(st.integers(0, 1000)))
+    problem = PlacementProblem(cluster, model, RooflineProfiles(model))
+    try:
+        check_fits(problem)
+    except HelixInputError:
+        assume(False)
+    return problem
+
+
+common = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@common
+@given(problems(), st.booleans())
+def test_every_heuristic_plan_validates_and_reports_its_max_flow(problem: PlacementProblem, partial: bool) -> None:
+    for method in HEURISTICS:
+        plan = plan_placement(problem, method, PlacementOptions(partial_inference=partial, time_limit_s=1))
+        assert validate_plan(plan, problem.cluster, problem.model, problem.profiles) == [], method
+        recomputed = max_flow(problem.cluster, problem.model, problem.profiles, plan.ranges, partial).value
+        assert plan.objective_tokens_per_s == pytest.approx(recomputed, rel=1e-6, abs=1e-3), method
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_milp_is_at_least_every_heuristic(problem: PlacementProblem) -> None:
+    best_heuristic = max(plan_placement(problem, m, PlacementOptions(time_limit_s=1)).objective_tokens_per_s
+                         for m in HEURISTICS)
+    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=1.5))
+    assert validate_plan(plan, problem.cluster, problem.model, problem.profiles) == []
+    assert plan.objective_tokens_per_s >= best_heuristic - 1e-6
+    assert plan.bound_tokens_per_s is None or plan.bound_tokens_per_s >= plan.objective_tokens_per_s - 1e-6
+
+
+def test_all_methods_are_registered() -> None:
+    from helix.simulator.placement import greedy, heuristics, milp  # noqa: F401
+
+    assert set(HEURISTICS) | {"milp"} <= set(PLACEMENT_METHODS)
