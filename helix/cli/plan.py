@@ -1,0 +1,384 @@
+"""`helix plan`: place a model's layers on a cluster, show the plan, save it, draw it.
+
+The placement itself is `helix.simulator.placement.base.plan_placement`; this module adds what a
+person at a terminal needs: a live view of the MILP (elapsed time, incumbent, bound; Ctrl-C keeps
+the best plan so far), the plan as a table, and the independent validator run on every plan before
+it is shown or saved — a plan that fails it is a bug and exits 1, loudly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from helix.cli.errors import EXIT_BUG, handle_errors
+from helix.cli.inputs import (
+    DEFAULT_MODEL,
+    ClusterOption,
+    Inputs,
+    MachineProfileOption,
+    MixOption,
+    ModelOption,
+    ProfileMixOption,
+    ProfilesOption,
+    RegionsOption,
+    SeedOption,
+    load_inputs,
+)
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+
+    from helix.simulator.placement.base import PlacementOptions, PlacementProblem
+    from helix.simulator.plan import Plan, ProgressPoint
+
+PLAN_SUFFIXES = (".json", ".yaml", ".yml")
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+SOLVER_PANEL = "Solver"
+EXIT_INTERRUPTED = 130  # the shell convention for SIGINT
+OUTPUT_PANEL = "Output"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plan")(plan_command)
+
+
+@handle_errors
+def plan_command(
+    cluster: ClusterOption = None,
+    machine_profile: MachineProfileOption = None,
+    mix: MixOption = None,
+    regions: RegionsOption = None,
+    model: ModelOption = DEFAULT_MODEL,
+    profiles: ProfilesOption = None,
+    profile_mix: ProfileMixOption = None,
+    method: Annotated[str, typer.Option(
+        "--method", metavar="METHOD", rich_help_panel=SOLVER_PANEL,
+        help="milp (max-flow MILP on OR-Tools CP-SAT), or a heuristic: greedy-flow, petals, swarm, homogeneous, "
+             "separate, sp-plus.")] = "milp",
+    time_limit: Annotated[float, typer.Option(
+        "--time-limit", "-t", metavar="SECONDS", rich_help_panel=SOLVER_PANEL,
+        help="Wall-clock budget of the MILP (and of greedy-flow's search).")] = 60.0,
+    partial_inference: Annotated[bool, typer.Option(
+        "--partial-inference/--no-partial-inference", rich_help_panel=SOLVER_PANEL,
+        help="Let a node run only a suffix of its layers (Helix's partial inference).")] = True,
+    prune_keep: Annotated[int | None, typer.Option(
+        "--prune-keep", metavar="N", show_default=False, rich_help_panel=SOLVER_PANEL,
+        help="MILP: links kept per node after pruning (0: no pruning; default: the solver's).")] = None,
+    warm_start: Annotated[bool, typer.Option(
+        "--warm-start/--no-warm-start", rich_help_panel=SOLVER_PANEL,
+        help="MILP: start from the best heuristic placement.")] = True,
+    seed: SeedOption = 0,
+    workers: Annotated[int, typer.Option(
+        "--workers", metavar="N", rich_help_panel=SOLVER_PANEL, help="MILP: CP-SAT worker threads.")] = 2,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", metavar="plan.json|plan.yaml", show_default=False, rich_help_panel=OUTPUT_PANEL,
+        help="Write the plan as JSON or YAML (by suffix).")] = None,
+    plot: Annotated[Path | None, typer.Option(
+        "--plot", metavar="plan.png", show_default=False, rich_help_panel=OUTPUT_PANEL,
+        help="Draw the placement (layer ranges by GPU type, main flows) as .png, .svg or .pdf.")] = None,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", rich_help_panel=OUTPUT_PANEL,
+        help="No progress and no table: print one summary line.")] = False,
+) -> None:
+    """Place the model's layers on the cluster to maximize serving throughput (the max flow).
+
+    Example: helix plan --cluster examples/clusters/single-24.yaml --time-limit 30 -o plan.json
+    """
+    from helix.simulator.errors import HelixInputError
+    from helix.simulator.placement.base import PlacementOptions, PlacementProblem
+
+    # Check every option before loading or solving: a typo must not cost a ten-minute solve.
+    if method not in known_methods():
+        raise HelixInputError(f"unknown placement method {method!r}; choose one of {', '.join(known_methods())}",
+                              "--method")
+    if not time_limit > 0:
+        raise HelixInputError(f"must be positive, got {time_limit}", "--time-limit")
+    if workers < 1:
+        raise HelixInputError(f"must be at least 1, got {workers}", "--workers")
+    if prune_keep is not None and prune_keep < 0:
+        raise HelixInputError(f"must be 0 (no pruning) or more, got {prune_keep}", "--prune-keep")
+    _check_target(output, PLAN_SUFFIXES, "--output")
+    _check_target(plot, PLOT_SUFFIXES, "--plot")
+
+    inputs = load_inputs(cluster, machine_profile, mix, regions, seed, model, profiles, profile_mix)
+    options = PlacementOptions(partial_inference=partial_inference, time_limit_s=time_limit, seed=seed,
+                               warm_start=warm_start, prune_keep=prune_keep, workers=workers)
+    problem = PlacementProblem(inputs.cluster, inputs.model, inputs.profiles)
+    from helix.simulator.placement.heuristics import check_fits
+
+    check_fits(problem)  # every method checks too; here it fails before any progress display
+    try:
+        plan = solve(problem, method, options, quiet=quiet)
+    except KeyboardInterrupt:  # before the MILP's own handler is installed (warm start) or a heuristic
+        print("error: interrupted before a plan was found", file=sys.stderr, flush=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    from helix.simulator.validate import validate_plan
+
+    problems = validate_plan(plan, inputs.cluster, inputs.model, inputs.profiles)
+    if problems:
+        _report_bug(plan, problems)
+        raise typer.Exit(EXIT_BUG)
+
+    out = _console()
+    if quiet:
+        print(summary_line(plan))
+    else:
+        print_plan(out, plan, inputs)
+    if output is not None:
+        plan.save(output)
+        if not quiet:
+            out.print(f"wrote plan to [bold]{output}[/]")
+    if plot is not None:
+        from helix.simulator.plotting import plot_plan
+
+        plot_plan(plan, plot, inputs.cluster)
+        if not quiet:
+            out.print(f"wrote plot to [bold]{plot}[/]")
+
+
+def known_methods() -> list[str]:
+    """Registered placement methods (importing the modules registers them)."""
+    from helix.simulator.placement import heuristics, milp  # noqa: F401
+    from helix.simulator.placement.base import PLACEMENT_METHODS
+
+    return list(PLACEMENT_METHODS)
+
+
+def _check_target(path: Path | None, suffixes: tuple[str, ...], option: str) -> None:
+    from helix.simulator.errors import HelixInputError
+
+    if path is None:
+        return
+    if path.suffix.lower() not in suffixes:
+        raise HelixInputError(f"{path}: unknown file type {path.suffix or '(none)'!r}; use {', '.join(suffixes)}",
+                              option)
+    if not path.parent.is_dir():
+        raise HelixInputError(f"{path}: folder {path.parent} does not exist", option)
+
+
+def _console(stderr: bool = False) -> Console:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+# --- solving, with a live view ---------------------------------------------------------------------
+class MilpView:
+    """What the MILP is doing: elapsed / time limit, incumbent, bound, gap.
+
+    `update` is the `PlacementOptions.progress` hook. On a terminal the view is redrawn by rich's
+    Live (elapsed time moves even while no new solution arrives); elsewhere (CI logs, pipes) each
+    progress point is one plain line on stderr.
+    """
+
+    #: Off a terminal, a bound-only change is printed at most this often (the bound moves constantly).
+    LOG_EVERY_S = 5.0
+
+    def __init__(self, time_limit_s: float, interactive: bool) -> None:
+        self.time_limit_s = time_limit_s
+        self.interactive = interactive
+        self.started = time.monotonic()
+        self.latest: ProgressPoint | None = None
+        self._logged: ProgressPoint | None = None
+
+    def update(self, point: ProgressPoint) -> None:
+        """Progress hook; may be called from solver threads (it only stores and prints)."""
+        self.latest = point
+        if self.interactive:
+            return
+        last = self._logged
+        if (last is None or point.objective_tokens_per_s != last.objective_tokens_per_s
+                or (point.bound_tokens_per_s != last.bound_tokens_per_s
+                    and point.seconds - last.seconds >= self.LOG_EVERY_S)):
+            self._logged = point
+            print(f"milp {point.seconds:7.1f} s  {_progress_text(point)}", file=sys.stderr, flush=True)
+
+    def __rich__(self) -> RenderableType:
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+
+        elapsed = time.monotonic() - self.started
+        grid = Table.grid(padding=(0, 1))
+        grid.add_row(
+            "[bold]MILP[/]",
+            ProgressBar(total=self.time_limit_s, completed=min(elapsed, self.time_limit_s), width=30),
+            f"{elapsed:5.1f}/{self.time_limit_s:g} s",
+            _progress_text(self.latest) if self.latest else "[dim]warm start and model building…[/]",
+        )
+        grid.add_row("", "[dim]Ctrl-C: stop and keep the best plan so far[/]", "", "")
+        return grid
+
+
+def _progress_text(point: ProgressPoint | None) -> str:
+    if point is None:
+        return ""
+    text = f"incumbent {point.objective_tokens_per_s:.1f} tokens/s"
+    if point.bound_tokens_per_s is not None:
+        bound = point.bound_tokens_per_s
+        gap = (bound - point.objective_tokens_per_s) / bound if bound > 0 else 0.0
+        text += f"  bound {bound:.1f}  gap {gap:.1%}"
+    return text
+
+
+def solve(problem: PlacementProblem, method: str, options: PlacementOptions, quiet: bool = False) -> Plan:
+    """Run `method`, showing progress on stderr unless `quiet`.
+
+    The MILP installs its own SIGINT/SIGTERM handler in the main thread while it searches, and
+    neither typer nor rich's Live replaces it (Live only runs a refresh thread), so Ctrl-C reaches
+    the solver, which stops and returns the best placement so far.
+    """
+    from helix.simulator.placement.base import plan_placement
+
+    if quiet:
+        return plan_placement(problem, method, options)
+    err = _console(stderr=True)
+    if method == "milp":
+        view = MilpView(options.time_limit_s, interactive=err.is_terminal)
+        options = dataclasses.replace(options, progress=view.update)
+        if not err.is_terminal:
+            print(f"milp: solving (time limit {options.time_limit_s:g} s; Ctrl-C keeps the best plan so far)",
+                  file=sys.stderr, flush=True)
+            return plan_placement(problem, method, options)
+        from rich.live import Live
+
+        with Live(view, console=err, transient=True, refresh_per_second=4, redirect_stdout=False,
+                  redirect_stderr=False):
+            return plan_placement(problem, method, options)
+    with err.status(f"placing layers with {method}…"):
+        return plan_placement(problem, method, options)
+
+
+# --- reporting -------------------------------------------------------------------------------------
+def summary_line(plan: Plan) -> str:
+    """One line for scripts and `--quiet`."""
+    text = f"objective {plan.objective_tokens_per_s:.3f} tokens/s"
+    if plan.bound_tokens_per_s is not None:
+        text += f" bound {plan.bound_tokens_per_s:.3f}"
+        if plan.gap is not None:
+            text += f" gap {plan.gap:.2%}"
+    return text + f" status {plan.status} method {plan.method} solve {plan.solve_seconds:.1f}s"
+
+
+def plan_rows(plan: Plan, inputs: Inputs) -> list[dict[str, Any]]:
+    """One row per cluster node: used nodes by layer range, then the unused ones in cluster order."""
+    from helix.simulator.flow import node_capacity
+
+    into = plan.flow_into()
+    assigned = {a.name: a for a in plan.nodes}
+    used: list[dict[str, Any]] = []
+    unused: list[dict[str, Any]] = []
+    for node in inputs.cluster.nodes:
+        a = assigned.get(node.name)
+        flow = into.get(node.name, 0.0)
+        row: dict[str, Any] = {"name": node.name, "gpu": node.gpu_type, "region": node.region, "start": None,
+                               "end": None, "layers": 0, "flow": flow, "capacity": 0.0, "utilization": None}
+        if a is not None:
+            capacity = node_capacity(node, a.num_layers, inputs.model, inputs.profiles)
+            row |= {"start": a.start_layer, "end": a.end_layer, "layers": a.num_layers, "capacity": capacity,
+                    "utilization": flow / capacity if capacity > 0 else None}
+        (used if flow > 1e-6 else unused).append(row)
+    used.sort(key=lambda r: (r["start"], r["end"], r["name"]))
+    return used + unused
+
+
+def print_plan(console: Console, plan: Plan, inputs: Inputs) -> None:
+    """The plan table and its summary (objective, bound, gap, method details)."""
+    from rich.table import Table
+
+    rows = plan_rows(plan, inputs)
+    regions = {n.region for n in inputs.cluster.nodes}
+    table = Table(title=f"{plan.model} on {plan.cluster} — {plan.method}", title_justify="left")
+    table.add_column("node", no_wrap=True)
+    table.add_column("GPU", no_wrap=True)
+    if len(regions) > 1:
+        table.add_column("region", no_wrap=True)
+    table.add_column("layers", justify="right", no_wrap=True)
+    table.add_column("#", justify="right")
+    table.add_column("flow in tok/s", justify="right")
+    table.add_column("util", justify="right")
+    for r in rows:
+        layers = f"[{r['start']}, {r['end']})" if r["start"] is not None else "—"
+        cells = [r["name"], r["gpu"]] + ([r["region"]] if len(regions) > 1 else [])
+        if r["flow"] > 1e-6:
+            util = "—" if r["utilization"] is None else f"{r['utilization']:.0%}"
+            cells += [layers, str(r["layers"]), f"{r['flow']:.1f}", util]
+            table.add_row(*cells)
+        else:
+            cells += [layers, str(r["layers"]) if r["layers"] else "—", "—", "unused"]
+            table.add_row(*cells, style="dim")
+    console.print(table)
+
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    for key, value in summary_items(plan, len(inputs.cluster.nodes), sum(1 for r in rows if r["flow"] > 1e-6)):
+        grid.add_row(key, value)
+    console.print(grid)
+
+
+def summary_items(plan: Plan, total_nodes: int, used_nodes: int) -> list[tuple[str, str]]:
+    """Objective, bound, gap and how the plan was found, as (label, text) pairs."""
+    items = [("objective", f"{plan.objective_tokens_per_s:.1f} tokens/s")]
+    if plan.bound_tokens_per_s is not None:
+        gap = "" if plan.gap is None else f" (gap {plan.gap:.2%})"
+        items.append(("bound", f"{plan.bound_tokens_per_s:.1f} tokens/s{gap}"))
+    if plan.compute_bound_tokens_per_s is not None:
+        items.append(("compute bound", f"{plan.compute_bound_tokens_per_s:.1f} tokens/s (network ignored)"))
+    items.append(("status", f"{plan.status}, {plan.solve_seconds:.1f} s"))
+    if plan.config.get("stopped_early"):
+        items.append(("stopped", "interrupted (Ctrl-C/SIGTERM): this is the best plan found so far"))
+    items.append(("nodes used", f"{used_nodes} of {total_nodes}"))
+    opts = plan.config.get("options", {})
+    if opts:
+        prune = opts.get("prune_keep")
+        parts = [f"partial inference {'on' if opts.get('partial_inference', True) else 'off'}",
+                 f"seed {opts.get('seed')}"]
+        if plan.method == "milp":
+            parts += [f"time limit {opts.get('time_limit_s'):g} s",
+                      f"warm start {'on' if opts.get('warm_start') else 'off'}",
+                      f"workers {opts.get('workers')}", f"prune keep {'default' if prune is None else prune}"]
+        items.append(("options", ", ".join(parts)))
+    prof = plan.config.get("profiles", {})
+    if prof:
+        text = str(prof.get("source", "?"))
+        if prof.get("mix"):
+            text += f", mix {prof['mix']}"
+        if prof.get("path"):
+            text += f" ({prof['path']})"
+        items.append(("profiles", text))
+    skip = {"method", "options", "profiles", "cluster_nodes", "stopped_early"}
+    for key, value in plan.config.items():
+        if key not in skip:
+            items.append((key.replace("_", " "), _format_detail(value)))
+    if plan.objective_tokens_per_s <= 0:
+        items.append(("warning", "[red]the plan carries no flow: no request can be served[/]"))
+    items.append(("validated", "[green]yes[/] (coverage, memory, links, capacities, flow conservation)"))
+    return items
+
+
+def _format_detail(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}".rstrip("0").rstrip(".")
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_format_detail(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(_format_detail(v) for v in value)
+    return str(value)
+
+
+def _report_bug(plan: Plan, problems: list[str]) -> None:
+    """A plan that fails the validator is a bug in a placement method: say so where it cannot be missed."""
+    lines = [f"BUG: the {plan.method!r} plan failed validation ({len(problems)} problem"
+             f"{'s' if len(problems) > 1 else ''}); it was not saved. Please report this with the command line:"]
+    lines += [f"  - {p}" for p in problems]
+    lines.append(f"  plan summary: {summary_line(plan)}")
+    lines.append(f"  plan config: {json.dumps(plan.config, default=str)}")
+    print("\n".join(lines), file=sys.stderr, flush=True)

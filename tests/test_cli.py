@@ -1,0 +1,399 @@
+"""The `helix` command line: plan, cluster generate/show, and one-line errors (exit 2) for bad input.
+
+Every run uses a small cluster with a fast method (greedy-flow, or the MILP with a 2-second limit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from helix.cli.app import app
+from helix.cli.inputs import connectivity_problems, load_cluster
+from helix.simulator.cluster import Cluster, GpuNode, Link, load_cluster_yaml
+from helix.simulator.model import resolve_model
+from helix.simulator.plan import load_plan
+from helix.simulator.profiles.loader import load_profiles
+from helix.simulator.validate import validate_plan
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_MIX = "A100-80G:2,L4:4,T4:4"  # 10 nodes, just enough VRAM for llama2-70b
+WIDE = {"COLUMNS": "200"}  # rich tables do not truncate node names
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, list(args), env=WIDE)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# --- top level -------------------------------------------------------------------------------------
+def test_version() -> None:
+    code, out, _ = run("--version")
+    assert code == 0
+    assert out.startswith("helix ")
+
+
+def test_help_lists_commands() -> None:
+    code, out, _ = run("--help")
+    assert code == 0
+    assert "plan" in out and "cluster" in out
+
+
+def test_plan_help_states_helix_units() -> None:
+    code, out, _ = run("plan", "--help")
+    assert code == 0
+    text = " ".join(out.replace("│", " ").split())
+    assert "8× a physical reading" in text and "reproducing its published objectives" in text
+
+
+def test_help_does_not_import_heavy_libraries() -> None:
+    """`helix --help` must stay instant: no matplotlib, OR-Tools or simulator at import time."""
+    heavy = "('matplotlib', 'ortools', 'networkx', 'helix.simulator.flow')"
+    code = f"import sys, helix.cli.app; print(sorted(m for m in {heavy} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"
+
+
+# --- helix plan ------------------------------------------------------------------------------------
+def test_plan_greedy_table_and_json(tmp_path: Path) -> None:
+    output = tmp_path / "plan.json"
+    code, out, err = run("plan", "--mix", SMALL_MIX, "--method", "greedy-flow", "--output", str(output))
+    assert code == 0, err
+    for text in ("node", "GPU", "layers", "flow in", "util", "objective", "compute bound", "validated",
+                 "a100-80g-0", "wrote plan to"):
+        assert text in out
+    plan = load_plan(output)
+    assert plan.method == "greedy-flow"
+    assert plan.objective_tokens_per_s > 0
+    assert f"{plan.objective_tokens_per_s:.1f}" in out
+    data = json.loads(output.read_text())
+    assert {"model", "num_layers", "method", "objective_tokens_per_s", "bound_tokens_per_s", "solve_seconds",
+            "nodes", "flows"} <= set(data)
+
+
+def test_plan_milp_short_limit_yaml_output(tmp_path: Path) -> None:
+    output = tmp_path / "plan.yaml"
+    code, out, err = run("plan", "--mix", SMALL_MIX, "--time-limit", "2", "--output", str(output))
+    assert code == 0, err
+    assert "bound" in out and "gap" in out and "warm start method" in out
+    plan = load_plan(output)
+    assert plan.method == "milp"
+    assert plan.bound_tokens_per_s is not None and plan.bound_tokens_per_s >= plan.objective_tokens_per_s - 1e-6
+    # off a terminal, MILP progress is plain lines on stderr
+    assert "milp" in err and "incumbent" in err
+    # the written plan validates against the same inputs, independently of the CLI
+    cluster, _ = load_cluster(mix=SMALL_MIX)
+    model = resolve_model("llama2-70b")
+    assert validate_plan(plan, cluster, model, load_profiles(model, cluster)) == []
+
+
+def test_plan_options_reach_the_plan(tmp_path: Path) -> None:
+    output = tmp_path / "plan.json"
+    code, _, err = run("plan", "--mix", SMALL_MIX, "--time-limit", "2", "--no-partial-inference",
+                       "--no-warm-start", "--prune-keep", "3", "--seed", "7", "--workers", "1", "--quiet",
+                       "--output", str(output))
+    assert code == 0, err
+    plan = load_plan(output)
+    assert plan.partial_inference is False
+    assert plan.config["options"]["seed"] == 7
+    assert plan.config["options"]["warm_start"] is False
+    assert plan.config["options"]["prune_keep"] == 3
+    assert plan.config["options"]["workers"] == 1
+    assert plan.config["options"]["time_limit_s"] == 2
+
+
+def test_plan_quiet_prints_one_line() -> None:
+    code, out, err = run("plan", "--mix", SMALL_MIX, "--method", "petals", "--quiet")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("objective ") and "method petals" in lines[0]
+    assert err == ""
+
+
+@pytest.mark.parametrize("method", ["petals", "swarm", "homogeneous", "separate", "sp-plus", "greedy-flow"])
+def test_plan_every_heuristic(method: str) -> None:
+    code, out, err = run("plan", "--mix", SMALL_MIX, "--method", method, "--quiet")
+    assert code == 0, err
+    assert f"method {method}" in out
+
+
+def test_plan_from_yaml_example_and_plot(tmp_path: Path) -> None:
+    picture = tmp_path / "plan.png"
+    code, out, err = run("plan", "--cluster", str(REPO / "examples" / "clusters" / "small.yaml"),
+                         "--model", "llama3.1-8b", "--method", "greedy-flow", "--plot", str(picture))
+    assert code == 0, err
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "wrote plot to" in out
+
+
+def test_plan_regions_shows_region_column() -> None:
+    code, out, err = run("plan", "--regions", "us:A100-40G:2;eu:L4:2,T4:2", "--model", "llama3.1-8b",
+                         "--method", "greedy-flow")
+    assert code == 0, err
+    assert "region" in out and "us-a100-40g-0" in out and "eu-l4-0" in out
+
+
+def test_plan_lists_unused_nodes() -> None:
+    # llama3.1-8b fits on one A100-80G many times over: some of 6 nodes may carry no flow, and every
+    # node appears in the table either way.
+    code, out, err = run("plan", "--mix", "A100-80G:1,T4:5", "--model", "llama3.1-8b", "--method", "homogeneous")
+    assert code == 0, err
+    for name in ("a100-80g-0", "t4-0", "t4-4"):
+        assert name in out
+
+
+def test_plan_model_from_config_json(tmp_path: Path) -> None:
+    config = {"num_hidden_layers": 8, "hidden_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 4,
+              "intermediate_size": 4096, "vocab_size": 32000, "torch_dtype": "bfloat16", "_name_or_path": "tiny"}
+    path = write(tmp_path / "config.json", json.dumps(config))
+    code, out, err = run("plan", "--mix", "T4:2", "--model", str(path), "--method", "greedy-flow", "--quiet")
+    assert code == 0, err
+    assert out.startswith("objective ")
+
+
+def test_invalid_plan_is_a_loud_bug(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import helix.simulator.validate as validate
+
+    monkeypatch.setattr(validate, "validate_plan", lambda *a, **k: ["node 'x' holds layers it cannot"])
+    output = tmp_path / "plan.json"
+    code, _, err = run("plan", "--mix", SMALL_MIX, "--method", "petals", "--output", str(output))
+    assert code == 1
+    assert "BUG" in err and "node 'x' holds layers it cannot" in err
+    assert not output.exists()
+
+
+def test_unexpected_errors_keep_their_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    import helix.simulator.placement.base as base
+
+    def boom(*_: object, **__: object) -> None:
+        raise RuntimeError("a bug, not bad input")
+
+    monkeypatch.setattr(base, "plan_placement", boom)
+    result = CliRunner().invoke(app, ["plan", "--mix", SMALL_MIX, "--method", "petals"])
+    assert isinstance(result.exception, RuntimeError)
+    assert result.exit_code != 2
+
+
+@pytest.mark.reference
+def test_plan_reference_single_cluster24(reference_dir: Path, tmp_path: Path) -> None:
+    output = tmp_path / "plan.json"
+    code, out, err = run("plan", "--cluster", str(reference_dir / "clusters" / "single-cluster24.ini"),
+                         "--profiles", str(reference_dir / "profiles" / "helix-profiles.json"),
+                         "--method", "greedy-flow", "--output", str(output))
+    assert code == 0, err
+    assert "ComputeNode-0" in out and "helix-reference" in out
+    assert load_plan(output).objective_tokens_per_s >= 1289
+
+
+@pytest.mark.reference
+def test_plan_reference_explicit_machine_profile(reference_dir: Path) -> None:
+    code, out, err = run("plan", "--cluster", str(reference_dir / "clusters" / "single-cluster24.ini"),
+                         "--machine-profile", str(reference_dir / "clusters" / "machine_profile.ini"),
+                         "--profiles", str(reference_dir / "profiles" / "helix-profiles.json"),
+                         "--profile-mix", "single_cluster_24", "--method", "petals", "--quiet")
+    assert code == 0, err
+    assert out.startswith("objective ")
+
+
+# --- bad input: one line on stderr, exit 2, no traceback -------------------------------------------
+BAD_YAML = {
+    "unknown-gpu.yaml": "nodes:\n  - {name: a, gpu: Z9000}\n",
+    "malformed.yaml": "nodes: [\n  - {name: a\n",
+    "negative-bw.yaml": "nodes:\n  - {name: a, gpu: A100}\nlinks:\n  - {from: coordinator, to: a, bandwidth_bps: -5}\n",
+    "unreached.yaml": ("nodes:\n  - {name: a, gpu: A100-80G}\n  - {name: b, gpu: A100-80G}\n"
+                       "links:\n  - {from: coordinator, to: a, bandwidth_bps: 10e9}\n"),
+    "no-way-back.yaml": ("nodes:\n  - {name: a, gpu: A100-80G}\nlinks:\n"
+                         "  - {from: coordinator, to: a, bandwidth_bps: 10e9, bidirectional: false}\n"),
+    "not-a-mapping.yaml": "- just\n- a list\n",
+}
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--cluster", "{tmp}/unknown-gpu.yaml"], "unknown GPU type 'Z9000'"),
+    (["--mix", "Z9000:4"], "unknown GPU type 'Z9000'"),
+    (["--mix", "T4:2"], "add about"),  # llama2-70b cannot fit: says how much VRAM is missing
+    (["--cluster", "{tmp}/unreached.yaml"], "disconnected cluster: 1 node (b) cannot be reached"),
+    (["--cluster", "{tmp}/no-way-back.yaml"], "disconnected cluster: no link leads back to the coordinator"),
+    (["--cluster", "{tmp}/malformed.yaml"], "malformed YAML"),
+    (["--cluster", "{tmp}/not-a-mapping.yaml"], "expected a mapping"),
+    (["--cluster", "{tmp}/missing.yaml"], "No such file or directory"),
+    (["--cluster", "{tmp}/missing.ini"], "No such file or directory"),
+    (["--cluster", "{tmp}/cluster.txt"], "unknown cluster file type"),
+    (["--cluster", "{tmp}/negative-bw.yaml"], "links.0.bandwidth_bps: Input should be greater than 0"),
+    (["--mix", SMALL_MIX, "--method", "simplex"], "unknown placement method 'simplex'"),
+    (["--mix", SMALL_MIX, "--model", "gpt-5"], "unknown model 'gpt-5'"),
+    (["--mix", "A100:four"], "bad GPU mix entry 'A100:four'"),
+    (["--mix", "A100-40G"], "bad GPU mix entry"),
+    (["--regions", "us:A100:4;eu"], "bad region entry 'eu'"),
+    ([], "give exactly one cluster source"),
+    (["--mix", SMALL_MIX, "--regions", "us:A100:4"], "give exactly one cluster source"),
+    (["--mix", SMALL_MIX, "--profiles", "{tmp}/missing.json"], "No such file or directory"),
+    (["--mix", SMALL_MIX, "--profile-mix", "single_cluster_24"], "--profile-mix"),
+    (["--mix", SMALL_MIX, "--machine-profile", "{tmp}/m.ini"], "only applies to a Helix .ini cluster file"),
+    (["--mix", SMALL_MIX, "--time-limit", "0"], "--time-limit: must be positive"),
+    (["--mix", SMALL_MIX, "--workers", "0"], "--workers"),
+    (["--mix", SMALL_MIX, "--prune-keep", "-1"], "--prune-keep"),
+    (["--mix", SMALL_MIX, "--output", "{tmp}/plan.txt"], "unknown file type '.txt'"),
+    (["--mix", SMALL_MIX, "--output", "{tmp}/no/such/dir/plan.json"], "does not exist"),
+    (["--mix", SMALL_MIX, "--plot", "{tmp}/plan.gif"], "unknown file type '.gif'"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str], expected: str) -> None:
+    for name, text in BAD_YAML.items():
+        write(tmp_path / name, text)
+    write(tmp_path / "cluster.txt", "nodes: []\n")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = CliRunner().invoke(app, ["plan", "--method", "greedy-flow", *args] if "--method" not in args
+                                else ["plan", *args], env=WIDE)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert expected in lines[0]
+    assert result.stdout == ""
+
+
+@pytest.mark.reference
+def test_bad_helix_ini_negative_bandwidth(reference_dir: Path, tmp_path: Path) -> None:
+    text = (reference_dir / "clusters" / "single-cluster24.ini").read_text()
+    start = text.index("\nbandwidth", text.index("[Link-"))  # the first link's bandwidth line
+    end = text.index("\n", start + 1)
+    broken = text[:start] + "\nbandwidth=-1 * gbps" + text[end:]
+    ini = write(tmp_path / "broken.ini", broken)
+    write(tmp_path / "machine_profile.ini", (reference_dir / "clusters" / "machine_profile.ini").read_text())
+    result = CliRunner().invoke(app, ["plan", "--cluster", str(ini), "--method", "greedy-flow"], env=WIDE)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.stderr.startswith("error: ") and "bandwidth must be positive" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+# --- connectivity ---------------------------------------------------------------------------------
+def _cluster(links: list[tuple[str, str, bool]], names: tuple[str, ...] = ("a", "b")) -> Cluster:
+    return Cluster(nodes=[GpuNode(name=n, gpu="A100-80G") for n in names],
+                   links=[Link.model_validate({"from": s, "to": d, "bandwidth_bps": 1e9, "bidirectional": both})
+                          for s, d, both in links])
+
+
+def test_connectivity_ok_through_a_chain() -> None:
+    cluster = _cluster([("coordinator", "a", False), ("a", "b", False), ("b", "coordinator", False)])
+    assert connectivity_problems(cluster) == []
+
+
+def test_connectivity_no_outgoing_coordinator_link() -> None:
+    cluster = _cluster([("a", "coordinator", False), ("a", "b", True)])
+    assert "no outgoing link" in connectivity_problems(cluster)[0]
+
+
+def test_connectivity_no_path_back() -> None:
+    cluster = _cluster([("coordinator", "a", False), ("b", "coordinator", False)])
+    assert "no path of links leads from the coordinator" in connectivity_problems(cluster)[0]
+
+
+def test_connectivity_names_stranded_nodes() -> None:
+    cluster = _cluster([("coordinator", "a", True), ("a", "b", False)], names=("a", "b", "c"))
+    problems = connectivity_problems(cluster)
+    assert any("(c) cannot be reached" in p for p in problems)
+    assert any("(b) has no path of links back" in p for p in problems)
+
+
+def test_examples_are_connected() -> None:
+    for path in sorted((REPO / "examples" / "clusters").glob("*.yaml")):
+        assert connectivity_problems(load_cluster_yaml(path)) == [], path
+
+
+# --- helix cluster ---------------------------------------------------------------------------------
+def test_cluster_generate_mix_round_trips(tmp_path: Path) -> None:
+    output = tmp_path / "c.yaml"
+    code, _, err = run("cluster", "generate", "--mix", "A100-40G:2,L4:3", "--name", "lab", "--output", str(output))
+    assert code == 0, err
+    cluster = load_cluster_yaml(output)
+    assert cluster.name == "lab"
+    assert cluster.gpu_type_counts == {"A100-40G": 2, "L4": 3}
+    code, _, err = run("plan", "--cluster", str(output), "--model", "llama3.1-8b", "--method", "greedy-flow",
+                       "--quiet")
+    assert code == 0, err
+
+
+def test_cluster_generate_regions_to_stdout_is_seeded() -> None:
+    code, first, _ = run("cluster", "generate", "--regions", "us:A100:2;eu:L4:2", "--seed", "5")
+    _, again, _ = run("cluster", "generate", "--regions", "us:A100:2;eu:L4:2", "--seed", "5")
+    _, other, _ = run("cluster", "generate", "--regions", "us:A100:2;eu:L4:2", "--seed", "6")
+    assert code == 0
+    assert first == again != other
+    data = yaml.safe_load(first)
+    assert {n["region"] for n in data["nodes"]} == {"us", "eu"}
+
+
+def test_cluster_generate_needs_a_source() -> None:
+    result = CliRunner().invoke(app, ["cluster", "generate"], env=WIDE)
+    assert result.exit_code == 2 and result.stderr.startswith("error: ")
+
+
+def test_cluster_show_summary() -> None:
+    code, out, err = run("cluster", "show", str(REPO / "examples" / "clusters" / "geo-3region.yaml"))
+    assert code == 0, err
+    for text in ("us-east", "eu-west", "A100-40G", "T4", "total", "544", "600 directed", "connected"):
+        assert text in out
+
+
+def test_cluster_show_disconnected_exits_2(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.yaml", BAD_YAML["unreached.yaml"])
+    result = CliRunner().invoke(app, ["cluster", "show", str(path)], env=WIDE)
+    assert result.exit_code == 2
+    assert "total" in result.stdout  # the summary still shows what was read
+    assert result.stderr.startswith("error: ") and "disconnected cluster" in result.stderr
+
+
+@pytest.mark.reference
+def test_cluster_show_helix_ini(reference_dir: Path) -> None:
+    code, out, err = run("cluster", "show", str(reference_dir / "clusters" / "hetero-cluster42.ini"))
+    assert code == 0, err
+    assert "42" in out and "8×" in out
+
+
+# --- Ctrl-C ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_ctrl_c_returns_best_plan_so_far(tmp_path: Path) -> None:
+    """SIGINT during the MILP search: the command prints and saves the best plan, exit 0, promptly."""
+    output = tmp_path / "plan.json"
+    cmd = [sys.executable, "-m", "helix.cli.app", "plan", "--mix", "A100-40G:4,L4:8,T4:12", "--time-limit", "15",
+           "--output", str(output)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env=os.environ | WIDE)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the first incumbent: the MILP's handler is installed by then
+            if "incumbent" in line:
+                break
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        signalled = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+        waited = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert waited < 5, f"the MILP ran on for {waited:.1f} s after Ctrl-C"
+    assert "objective" in out and "stopped" in out and output.exists()
+    plan = load_plan(output)
+    assert plan.objective_tokens_per_s > 0
+    assert plan.config["stopped_early"] is True

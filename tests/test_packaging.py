@@ -1,0 +1,26 @@
+"""The folder→package mapping in pyproject.toml must list every package, or installs lose modules."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_every_package_folder_is_listed() -> None:
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    roots = {folder: package for package, folder in config["package-dir"].items()}
+    found = set()
+    for folder, package in roots.items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(REPO / folder)
+            found.add(".".join([package, *rel.parts]))
+    assert found == listed
+
+
+def test_no_top_level_operator_module_is_installed() -> None:
+    import operator
+
+    assert not hasattr(operator, "__path__"), "the stdlib operator module is shadowed by a package"
