@@ -1,0 +1,221 @@
+"""What a scheduler may see: per node its layers, capacity, load and KV cache; per edge its flow.
+
+Two owners keep a `ClusterState` current — the simulator and the real router — and hand
+schedulers the read-only `ClusterView` protocol, so a scheduler cannot reach into either owner.
+The owner calls `admit` when a scheduler's route is accepted and `release` when the request ends;
+that keeps `in_flight` and the *expected* KV use (input + expected output tokens on every layer the
+route runs on a node, Helix's admission estimate) identical in simulation and in production.
+
+KV is counted in token×layer units: a 10-token sequence on 3 layers of a node uses 30.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+from helix.simulator.batching import batch_limits_for
+from helix.simulator.cluster import Cluster
+from helix.simulator.errors import HelixInputError
+from helix.simulator.flow import FlowResult, max_flow
+from helix.simulator.model import ModelSpec
+from helix.simulator.plan import Plan
+from helix.simulator.profiles.base import Profiles
+from helix.simulator.requests import Request
+
+_EPS = 1e-9
+
+
+class Hop(NamedTuple):
+    """One stage of a route: `node` runs layers [start_layer, end_layer). A tuple: routes hash fast."""
+
+    node: str
+    start_layer: int
+    end_layer: int
+
+    @property
+    def layers(self) -> int:
+        return self.end_layer - self.start_layer
+
+
+Route = tuple[Hop, ...]
+
+
+def route_edges(route: Route, coordinator: str) -> list[tuple[str, str]]:
+    """The directed edges a route uses, coordinator → first node … last node → coordinator."""
+    return list(itertools.pairwise([coordinator, *(h.node for h in route), coordinator]))
+
+
+def expected_kv(request: Request, hop: Hop) -> int:
+    """Token×layer units a request is expected to hold on one hop for its whole life."""
+    return (request.input_tokens + request.expected_output_tokens) * hop.layers
+
+
+class NodeView(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def start_layer(self) -> int: ...
+    @property
+    def end_layer(self) -> int: ...
+    @property
+    def capacity_tokens_per_s(self) -> float: ...
+    @property
+    def kv_capacity(self) -> int: ...
+    @property
+    def kv_used(self) -> int: ...
+    @property
+    def kv_expected(self) -> int: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def queue_length(self) -> int: ...
+    @property
+    def prompt_max_tokens(self) -> int: ...
+    @property
+    def up(self) -> bool: ...
+
+
+class ClusterView(Protocol):
+    """Read-only state handed to schedulers."""
+
+    @property
+    def coordinator(self) -> str: ...
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def now(self) -> float: ...
+    @property
+    def nodes(self) -> Mapping[str, NodeView]: ...
+    @property
+    def flows(self) -> Mapping[tuple[str, str], float]: ...
+
+    def successors(self, vertex: str) -> Sequence[str]: ...
+
+
+@dataclass(slots=True)
+class NodeState:
+    """Mutable per-node state, written only by the owner (simulator or router)."""
+
+    name: str
+    start_layer: int
+    end_layer: int
+    capacity_tokens_per_s: float
+    kv_capacity: int
+    prompt_max_tokens: int
+    kv_used: int = 0
+    kv_expected: int = 0
+    in_flight: int = 0
+    queue_length: int = 0
+    up: bool = True
+
+
+@dataclass
+class ClusterState:
+    """The owner's copy of the view; `flows` holds only edges that carry flow (the usable network)."""
+
+    coordinator: str
+    num_layers: int
+    partial_inference: bool
+    nodes: dict[str, NodeState]
+    flows: dict[tuple[str, str], float] = field(default_factory=dict)
+    now: float = 0.0
+    _successors: dict[str, list[str]] = field(default_factory=dict, repr=False)
+
+    def successors(self, vertex: str) -> Sequence[str]:
+        return self._successors.get(vertex, ())
+
+    def set_flows(self, edge_flows: Mapping[tuple[str, str], float]) -> None:
+        """Adopt new max-flow edge flows (after a node leaves or returns); down nodes get none."""
+        coord = self.coordinator
+        self.flows = {}
+        self._successors = {}
+        for (a, b), f in edge_flows.items():
+            if f <= _EPS or (a != coord and not self.nodes[a].up) or (b != coord and not self.nodes[b].up):
+                continue
+            self.flows[(a, b)] = f
+            self._successors.setdefault(a, []).append(b)
+
+    def recompute_flows(self, cluster: Cluster, model: ModelSpec, profiles: Profiles) -> FlowResult:
+        """Max flow over the nodes that are up, adopted as the new edge weights."""
+        ranges = {n.name: (n.start_layer, n.end_layer) for n in self.nodes.values() if n.up}
+        flow = max_flow(cluster, model, profiles, ranges, self.partial_inference)
+        self.set_flows(flow.edge_flows)
+        return flow
+
+    def admit(self, request: Request, route: Route) -> None:
+        for hop in route:
+            node = self.nodes[hop.node]
+            node.in_flight += 1
+            node.kv_expected += expected_kv(request, hop)
+
+    def release(self, request: Request, route: Route) -> None:
+        for hop in route:
+            node = self.nodes[hop.node]
+            node.in_flight -= 1
+            node.kv_expected -= expected_kv(request, hop)
+
+    def kv_expected_bottleneck(self) -> float:
+        """Highest per-layer share of expected KV use, summing over the up nodes that hold each layer."""
+        used = [0.0] * (self.num_layers + 1)
+        total = [0.0] * (self.num_layers + 1)
+        for node in self.nodes.values():
+            if node.up:
+                layers = node.end_layer - node.start_layer
+                for array, value in ((used, node.kv_expected / layers), (total, node.kv_capacity / layers)):
+                    array[node.start_layer] += value
+                    array[node.end_layer] -= value
+        worst = u = t = 0.0
+        for layer in range(self.num_layers):
+            u, t = u + used[layer], t + total[layer]
+            if t > 0:
+                worst = max(worst, u / t)
+        return worst
+
+    def check_route(self, route: Route) -> None:
+        """Raise if a route does not chain from layer 0 to the last layer along usable edges."""
+        layer, prev = 0, self.coordinator
+        for hop in route:
+            node = self.nodes.get(hop.node)
+            if (node is None or (prev, hop.node) not in self.flows or hop.start_layer != layer
+                    or not node.start_layer <= hop.start_layer < hop.end_layer <= node.end_layer):
+                raise ValueError(f"route breaks at {hop}: expected layer {layer} after {prev}")
+            layer, prev = hop.end_layer, hop.node
+        if layer != self.num_layers or (prev, self.coordinator) not in self.flows:
+            raise ValueError(f"route ends at layer {layer} on {prev}, not at {self.num_layers} → coordinator")
+
+
+def build_cluster_state(
+    cluster: Cluster,
+    model: ModelSpec,
+    profiles: Profiles,
+    plan: Plan,
+    kv_capacity_override: Mapping[str, int] | None = None,
+) -> tuple[ClusterState, FlowResult]:
+    """The state for serving `plan` on `cluster`: node capacities, KV capacities and max-flow weights."""
+    if plan.num_layers != model.num_layers:
+        raise HelixInputError(f"plan is for {plan.num_layers} layers but {model.name} has {model.num_layers}", "plan")
+    nodes: dict[str, NodeState] = {}
+    for a in plan.nodes:
+        node = cluster.node_map.get(a.name)
+        if node is None:
+            raise HelixInputError(f"plan node {a.name!r} is not in cluster {cluster.name!r}", "plan")
+        if a.end_layer > model.num_layers:
+            raise HelixInputError(f"{a.name} holds layer {a.end_layer - 1} but the model has {model.num_layers}",
+                                  "plan")
+        layers = a.end_layer - a.start_layer
+        if kv_capacity_override is not None and a.name in kv_capacity_override:
+            kv = int(kv_capacity_override[a.name])
+        else:
+            kv = profiles.kv_capacity_tokens(node, layers) * layers
+        nodes[a.name] = NodeState(a.name, a.start_layer, a.end_layer, 0.0, kv,
+                                  batch_limits_for(profiles, node, layers).prompt_max_tokens)
+    state = ClusterState(cluster.coordinator.name, model.num_layers, plan.partial_inference, nodes)
+    flow = state.recompute_flows(cluster, model, profiles)
+    if flow.value <= _EPS:
+        raise HelixInputError("the plan carries no flow: no chain of nodes covers every layer", "plan")
+    for name, cap in flow.node_capacities.items():
+        nodes[name].capacity_tokens_per_s = cap
+    return state, flow
