@@ -1,4 +1,9 @@
-"""Helix's placement MILP on OR-Tools CP-SAT.
+"""Helix's placement MILP on OR-Tools CP-SAT, run as: warm start → coverage bound → LNS → full solve.
+
+The warm start is `greedy-flow` (which already keeps the best of every baseline). The coverage model
+(coverage.py) gives a bound valid on any network and often proves the warm start optimal. Then our
+own large-neighbourhood search and a full solve work on the per-link model below. docs/placement.md
+explains the whole strategy.
 
 Per node: a start layer, a one-hot layer count, and so an end layer; per link: a flow and a
 Boolean "usable" that is only allowed when the two ranges chain. The objective is the flow out of
@@ -23,7 +28,7 @@ from dataclasses import dataclass, field
 from ortools.graph.python import max_flow as ortools_max_flow
 from ortools.sat.python import cp_model
 
-from helix.simulator.flow import compute_bound, link_capacity, max_flow, node_capacity
+from helix.simulator.flow import can_follow, compute_bound, link_capacity, max_flow, node_capacity
 from helix.simulator.placement.base import (
     PLACEMENT_METHODS,
     PlacementOptions,
@@ -40,7 +45,7 @@ from helix.simulator.plan import ProgressPoint
 SCALE = 10  # flow unit: 0.1 token/s
 DEFAULT_PRUNE_KEEP = 12
 COVERAGE_SHARE = 0.5  # of the time limit, for the coverage model (bound and candidates)
-WARM_START_METHODS = ("greedy-flow", "petals", "swarm", "sp-plus", "separate", "homogeneous")
+WARM_START_METHOD = "greedy-flow"
 
 
 @dataclass
@@ -193,7 +198,7 @@ class _Milp:
                 ok = a in ranges and ranges[a][1] == L
                 tail, head = ids.get(a + "/out"), 1
             else:
-                ok = a in ranges and b in ranges and _chains(ranges[a], ranges[b], self.options.partial_inference)
+                ok = a in ranges and b in ranges and can_follow(ranges[a], ranges[b], self.options.partial_inference)
                 tail, head = ids.get(a + "/out"), ids.get(b + "/in")
             if ok and tail is not None and head is not None:
                 arcs[(a, b)] = solver.add_arc_with_capacity(tail, head, cap)
@@ -208,10 +213,6 @@ class _Milp:
                 start = solver.value(start_var)
                 out[name] = (start, start + k)
         return out
-
-
-def _chains(first: tuple[int, int], second: tuple[int, int], partial: bool) -> bool:
-    return second[0] <= first[1] < second[1] if partial else second[0] == first[1]
 
 
 class _Progress:
@@ -268,21 +269,13 @@ class _Stopper:
                 signal.signal(sig, handler)
 
 
-def warm_start(problem: PlacementProblem, options: PlacementOptions,
-               stopper: _Stopper | None = None) -> tuple[str, Ranges, float]:
-    """The best heuristic placement by max flow: (method, ranges, objective)."""
-    best: tuple[str, Ranges, float] = ("none", {}, -1.0)
+def warm_start(problem: PlacementProblem, options: PlacementOptions) -> tuple[str, Ranges, float]:
+    """`greedy-flow`'s placement (the best of its own search and every baseline) and its max flow."""
     budget = PlacementOptions(partial_inference=options.partial_inference, seed=options.seed,
                               time_limit_s=max(1.0, options.time_limit_s * 0.1))
-    for name in WARM_START_METHODS:
-        method = PLACEMENT_METHODS.get(name)
-        if method is None or (stopper is not None and stopper.stopped and best[1]):
-            continue
-        ranges = method(problem, budget).ranges
-        value = max_flow(problem.cluster, problem.model, problem.profiles, ranges, options.partial_inference).value
-        if value > best[2]:
-            best = (name, ranges, value)
-    return best
+    ranges = PLACEMENT_METHODS[WARM_START_METHOD](problem, budget).ranges
+    value = max_flow(problem.cluster, problem.model, problem.profiles, ranges, options.partial_inference).value
+    return WARM_START_METHOD, ranges, value
 
 
 @dataclass
@@ -429,7 +422,7 @@ def milp(problem: PlacementProblem, options: PlacementOptions) -> PlacementResul
     with stopper.installed():
         seed_ranges: Ranges = {}
         if options.warm_start:
-            method, seed_ranges, value = warm_start(problem, options, stopper)
+            method, seed_ranges, value = warm_start(problem, options)
             details |= {"warm_start_method": method, "warm_start_tokens_per_s": round(value, 3)}
         keep = options.prune_keep if options.prune_keep is not None else DEFAULT_PRUNE_KEEP
         edges = prune_edges(problem.cluster, problem.model, keep)
