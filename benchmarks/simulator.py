@@ -1,49 +1,70 @@
-"""Simulator fidelity and speed against the Helix (ASPLOS'25) simulator on the same inputs.
+"""Simulator fidelity and speed against the Helix (ASPLOS'25) simulator on the same inputs, and scaling.
 
-Reads the Helix artifact's clusters, profile tables, placements, per-node KV capacities and
-Azure Conversation lengths from ../shared/reference (never copied into the project) and runs our
-simulator offline for 680 simulated seconds, measuring decode throughput over 80–680 s like the
-Helix tutorial (60 s warm-up after ~18 s of model loading, then 600 s). Targets:
+Fidelity: reads the Helix artifact's clusters, profile tables, placements, per-node KV capacities
+and Azure Conversation lengths from ../shared/reference (never copied into the project) and runs
+our simulator offline for 680 simulated seconds, measuring decode throughput over 80–680 s like
+the Helix tutorial (60 s warm-up after ~18 s of model loading, then 600 s). Targets:
 
 * tutorial layout (llama70b-single/ilp), maxflow: Helix prints 248.3 tokens/s;
-* same layout, swarm with 240 requests in flight (the tutorial's setting): 187.6 tokens/s.
+* same layout, swarm with 240 requests in flight (the tutorial's setting): 187.6 tokens/s;
+* that 680 s run took Helix's simulator 18.6 minutes and 14.9 GB; ours must take ≤ 60 s and ≤ 1 GB
+  (the "reference run" line: wall time of the maxflow row, the process's peak RSS after it).
 
 `--paper` adds the paper's simulator rows (single / geo / 42-node; the swarm rows use the Swarm
 placement and 180 requests in flight, the artifact's setting for LLaMA-2 70B). `--helix-links`
 restricts the network to the links Helix's simulator instantiated for the layout (its
-simulator_cluster.ini), whose max flow decomposes like Helix's; by default the plan's own max flow
-over the full cluster decides which links carry traffic.
+simulator_cluster.ini `[Links]`), whose max flow decomposes like Helix's; by default the plan's own
+max flow over the full cluster decides which links carry traffic.
 
-    python benchmarks/simulator.py                  # the two tutorial targets (~10 s)
-    python benchmarks/simulator.py --paper --seeds 3
+Scaling (after the fidelity rows, or alone with `--scaling`): generated clusters of 24, 100, 300 and
+1,000 nodes — the paper's 24-node mix (A100 : L4 : T4 = 1 : 2 : 3) scaled up, in one region and
+split over three regions joined by slow WAN links — with roofline profiles, a `greedy-flow`
+placement under a short time limit, then 120 simulated seconds offline with `maxflow`. Each size
+runs in a fresh subprocess, so its peak RSS (ru_maxrss) is its own; placement and simulation
+times are reported apart, as wall and CPU seconds (CPU time is steadier on a shared machine).
+
+    python benchmarks/simulator.py                  # fidelity rows, then scaling (~5 min on 2 cores)
+    python benchmarks/simulator.py --no-scaling     # the tutorial targets only (~10 s)
+    python benchmarks/simulator.py --scaling --scaling-sizes 24,100
+    python benchmarks/simulator.py --paper --seeds 3 --no-scaling
 """
 
 from __future__ import annotations
 
 import argparse
-import configparser
 import json
+import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from helix.simulator.cluster import COORDINATOR, Cluster, Link
+from helix.simulator.cluster import Cluster
+from helix.simulator.generators import multi_region, single_region
 from helix.simulator.helix_format import (
-    HELIX_NODE_OFFSET,
     load_helix_cluster,
     load_helix_simulator_cluster,
+    load_helix_simulator_links,
     load_helix_solution,
-    node_name,
+    restrict_links,
 )
 from helix.simulator.model import MODEL_CATALOG
-from helix.simulator.placement.base import PlacementOptions, PlacementProblem, PlacementResult, build_plan
+from helix.simulator.placement.base import (
+    PlacementOptions,
+    PlacementProblem,
+    PlacementResult,
+    build_plan,
+    plan_placement,
+)
 from helix.simulator.profiles.helix_reference import HelixReferenceProfiles
+from helix.simulator.profiles.roofline import RooflineProfiles
 from helix.simulator.requests import TraceLengths, Workload
 from helix.simulator.results import SimulationResult
 from helix.simulator.simulate import simulate
@@ -78,32 +99,14 @@ PAPER = (
 )
 
 
-def helix_links(cluster: Cluster, simulator_ini: Path) -> Cluster:
-    """The cluster with only the links listed in a Helix simulator_cluster.ini (one direction each)."""
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.read(simulator_ini)
-
-    def ours(name: str) -> str:
-        return COORDINATOR if name in ("source", "sink") else node_name(int(name.rsplit("_", 1)[1]) - HELIX_NODE_OFFSET)
-
-    links = []
-    for section in parser.sections():
-        if section.startswith("link_"):
-            src, dst = ours(parser[section]["in"]), ours(parser[section]["out"])
-            spec = cluster.link(src, dst)
-            assert spec is not None, f"{simulator_ini}: {section} is not a link of {cluster.name}"
-            links.append(Link.model_validate({"from": src, "to": dst, "bandwidth_bps": spec.bandwidth_bps,
-                                              "latency_s": spec.latency_s, "bidirectional": False}))
-    return Cluster(name=cluster.name, coordinator=cluster.coordinator, nodes=cluster.nodes, links=links)
-
-
 def run_case(case: Case, seed: int, duration_s: float, warmup_s: float, only_helix_links: bool) -> SimulationResult:
     model = MODEL_CATALOG["llama2-70b"]
     layout = REFERENCE / "layouts" / case.layout
     cluster = load_helix_cluster(REFERENCE / "clusters" / case.cluster_file,
                                  REFERENCE / "clusters" / "machine_profile.ini")
     if only_helix_links:
-        cluster = helix_links(cluster, layout / "simulator_cluster.ini")
+        sim_ini = layout / "simulator_cluster.ini"
+        cluster = restrict_links(cluster, load_helix_simulator_links(sim_ini), str(sim_ini))
     profiles = HelixReferenceProfiles(REFERENCE / "profiles" / "helix-profiles.json", model, cluster)
     problem = PlacementProblem(cluster, model, profiles)
     solution = next(layout.glob("*_sol.ini"))
@@ -116,25 +119,110 @@ def run_case(case: Case, seed: int, duration_s: float, warmup_s: float, only_hel
                     kv_capacity_override=load_helix_simulator_cluster(layout / "simulator_cluster.ini"))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--paper", action="store_true", help="also run the paper's single/geo/42-node rows")
-    parser.add_argument("--seeds", type=int, default=1, help="average decode throughput over this many seeds")
-    parser.add_argument("--duration", type=float, default=680.0)
-    parser.add_argument("--warmup", type=float, default=80.0)
-    parser.add_argument("--helix-links", action="store_true", help="only the links Helix's simulator had")
-    parser.add_argument("--json", type=Path, help="also write the rows as JSON")
-    args = parser.parse_args()
-    if not REFERENCE.is_dir():
-        print(f"reference data not found at {REFERENCE}", file=sys.stderr)
-        return 2
-    console = Console(width=160)
+# ---- scaling -----------------------------------------------------------------------------------
+SCALING_SIZES = (24, 100, 300, 1000)
+SCALING_TOPOLOGIES = ("single", "geo")
+#: The paper's 24-node cluster is 4 A100 + 8 L4 + 12 T4; larger clusters keep those proportions.
+MIX_SHARES = (("A100-40G", 1 / 6), ("L4", 2 / 6), ("T4", 3 / 6))
+GEO_REGIONS = 3
+
+
+def scaled_mix(nodes: int) -> dict[str, int]:
+    """`nodes` machines in the paper's A100 : L4 : T4 = 1 : 2 : 3 proportions (T4 takes the rounding)."""
+    mix = {gpu: round(nodes * share) for gpu, share in MIX_SHARES[:-1]}
+    mix[MIX_SHARES[-1][0]] = nodes - sum(mix.values())
+    return {gpu: n for gpu, n in mix.items() if n > 0}
+
+
+def scaling_cluster(nodes: int, topology: str) -> Cluster:
+    """One region (10 Gb/s mesh), or three regions joined by 100 Mb/s, 50±10 ms WAN links (seed 0)."""
+    if topology == "single":
+        return single_region(scaled_mix(nodes), name=f"single-{nodes}")
+    per_region = [nodes // GEO_REGIONS + (1 if i < nodes % GEO_REGIONS else 0) for i in range(GEO_REGIONS)]
+    return multi_region({f"r{i}": scaled_mix(n) for i, n in enumerate(per_region)}, name=f"geo-{nodes}")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def scaling_child(nodes: int, topology: str, duration_s: float, time_limit_s: float) -> dict[str, Any]:
+    """One size, measured inside a fresh process (run by `run_scaling` through `--scaling-child`)."""
+    rss_start = _peak_rss_mb()
+    model = MODEL_CATALOG["llama2-70b"]
+    t0 = time.monotonic()
+    cluster = scaling_cluster(nodes, topology)
+    _ = cluster.link_map  # built lazily; count it with the cluster, not with placement
+    t1, c1 = time.monotonic(), time.process_time()
+    profiles = RooflineProfiles(model)
+    plan = plan_placement(PlacementProblem(cluster, model, profiles), "greedy-flow",
+                          PlacementOptions(time_limit_s=time_limit_s))
+    t2, c2 = time.monotonic(), time.process_time()
+    rss_placed = _peak_rss_mb()
+    result = simulate(cluster, model, profiles, plan, scheduler="maxflow", mode="offline", duration_s=duration_s,
+                      warmup_s=duration_s / 4, seed=0, workload=Workload())
+    t3, c3 = time.monotonic(), time.process_time()
+    return {
+        "topology": topology, "nodes": nodes, "explicit_links": len(cluster.links),
+        "plan_nodes": len(plan.nodes), "plan_max_flow_tokens_per_s": plan.objective_tokens_per_s,
+        "cluster_s": round(t1 - t0, 3), "placement_wall_s": round(t2 - t1, 3), "placement_cpu_s": round(c2 - c1, 3),
+        "simulation_wall_s": round(t3 - t2, 3), "simulation_cpu_s": round(c3 - c2, 3),
+        "simulated_s": duration_s, "events": result.events,
+        "decode_tokens_per_s": result.decode_throughput_tokens_per_s,
+        "decode_tokens_total": result.decode_tokens_total,
+        # CPU per generated token: constant when the simulator's cost grows only with the work simulated
+        "cpu_us_per_decode_token": round(1e6 * (c3 - c2) / max(1, result.decode_tokens_total), 1),
+        "requests_admitted": result.requests_admitted,
+        "rss_after_imports_mb": round(rss_start, 1), "peak_rss_after_placement_mb": round(rss_placed, 1),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+    }
+
+
+def run_scaling(console: Console, sizes: list[int], topologies: list[str], duration_s: float,
+                time_limit_s: float) -> list[dict[str, Any]]:
+    """Each (topology, size) in its own subprocess, so peak RSS does not carry over between sizes."""
+    rows: list[dict[str, Any]] = []
+    for topology in topologies:
+        for nodes in sizes:
+            cmd = [sys.executable, __file__, "--scaling-child", str(nodes), "--scaling-topology", topology,
+                   "--scaling-duration", str(duration_s), "--scaling-time-limit", str(time_limit_s)]
+            started = time.monotonic()
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                console.print(f"[red]{topology} {nodes} nodes failed ({done.returncode}):[/red] "
+                              f"{done.stderr.strip().splitlines()[-1:] or done.stdout[-300:]}")
+                continue
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            row["process_wall_s"] = round(time.monotonic() - started, 2)
+            rows.append(row)
+            console.print(f"{topology} {nodes:>5} nodes: placement {row['placement_wall_s']:.1f} s, simulation "
+                          f"{row['simulation_wall_s']:.1f} s wall / {row['simulation_cpu_s']:.1f} s CPU, peak RSS "
+                          f"{row['peak_rss_mb']:.0f} MB", highlight=False)
+    table = Table(title=f"Scaling: LLaMA-2 70B, roofline profiles, greedy-flow ({time_limit_s:g} s limit), "
+                        f"maxflow, offline, {duration_s:g} simulated s; one fresh process per row")
+    for col in ("cluster", "nodes", "placement wall s", "placement CPU s", "sim wall s", "sim CPU s", "events",
+                "decode tok/s", "CPU µs/token", "RSS imports MB", "peak RSS placed MB", "peak RSS MB"):
+        table.add_column(col, justify="left" if col == "cluster" else "right")
+    for r in rows:
+        table.add_row(r["topology"], f"{r['nodes']:,}", f"{r['placement_wall_s']:.1f}",
+                      f"{r['placement_cpu_s']:.1f}", f"{r['simulation_wall_s']:.1f}", f"{r['simulation_cpu_s']:.1f}",
+                      f"{r['events']:,}", f"{r['decode_tokens_per_s']:,.0f}", f"{r['cpu_us_per_decode_token']:.0f}",
+                      f"{r['rss_after_imports_mb']:.0f}", f"{r['peak_rss_after_placement_mb']:.0f}",
+                      f"{r['peak_rss_mb']:.0f}")
+    console.print(table)
+    return rows
+
+
+# ---- fidelity ----------------------------------------------------------------------------------
+def run_fidelity(console: Console, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any], bool]:
+    """The tutorial (and with --paper, the paper's) rows; returns rows, the reference-run summary, pass/fail."""
     table = Table(title=f"Decode throughput, offline, {args.warmup:g}–{args.duration:g} s "
                         f"({args.seeds} seed{'s' if args.seeds > 1 else ''}), LLaMA-2 70B")
     for col in ("case", "scheduler", "ours tok/s", "Helix tok/s", "diff", "prompt p50 s", "decode p50 s",
                 "wall s", "peak RSS MB", "source"):
         table.add_column(col, justify="left" if col in ("case", "scheduler", "source") else "right")
-    rows, ok = [], True
+    rows: list[dict[str, Any]] = []
+    ok = True
     for case in TUTORIAL + (PAPER if args.paper else ()):
         results, walls = [], []
         for seed in range(args.seeds):
@@ -145,13 +233,13 @@ def main() -> int:
         diff = ours / case.helix_tokens_per_s - 1
         if case in TUTORIAL:
             ok &= abs(diff) <= TOLERANCE
-        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rss_mb = _peak_rss_mb()
         first = results[0]
         row = {"case": case.label, "scheduler": case.scheduler, "ours": round(ours, 1),
                "per_seed": [r.decode_throughput_tokens_per_s for r in results], "helix": case.helix_tokens_per_s,
                "diff": round(diff, 4), "prompt_p50_s": first.prompt_latency_s.p50,
                "decode_p50_s": first.decode_latency_s.p50, "wall_s": round(max(walls), 2),
-               "peak_rss_mb": round(rss_mb, 1), "source": case.source}
+               "first_seed_wall_s": round(walls[0], 2), "peak_rss_mb": round(rss_mb, 1), "source": case.source}
         rows.append(row)
         table.add_row(case.label, case.scheduler, f"{ours:.1f}", f"{case.helix_tokens_per_s:.1f}", f"{diff:+.1%}",
                       f"{first.prompt_latency_s.p50 or 0:.2f}", f"{first.decode_latency_s.p50 or 0:.2f}",
@@ -161,8 +249,76 @@ def main() -> int:
     console.print(table)
     console.print(f"Tutorial targets within ±{TOLERANCE:.0%}: {'yes' if ok else 'NO'}. Peak RSS is the process's "
                   "maximum so far (imports included).", highlight=False)
+    # The first row ran first in this process, so the peak RSS after it is that run's (plus imports).
+    ref = rows[0]
+    reference = {"simulated_s": args.duration, "wall_s": ref["first_seed_wall_s"], "peak_rss_mb": ref["peak_rss_mb"],
+                 "target_wall_s": 60.0, "target_peak_rss_mb": 1024.0,
+                 "helix_wall_s": 18.6 * 60, "helix_peak_rss_mb": 14.9 * 1024}
+    fast = reference["wall_s"] <= 60.0 and reference["peak_rss_mb"] <= 1024.0
+    console.print(f"Reference run ({args.duration:g} simulated s, 24 nodes, maxflow): {reference['wall_s']:.1f} s wall "
+                  f"(target ≤ 60 s; Helix 18.6 min), peak RSS {reference['peak_rss_mb']:.0f} MB (target ≤ 1,024 MB; "
+                  f"Helix 14.9 GB): {'within targets' if fast else 'OVER TARGET'}.", highlight=False)
+    return rows, reference, ok and fast
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected sizes like 24,100,300: {exc}") from exc
+    if not sizes or min(sizes) < 6:
+        raise argparse.ArgumentTypeError("sizes must be >= 6 (one A100, two L4, three T4)")
+    return sizes
+
+
+def _topologies(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names or any(n not in SCALING_TOPOLOGIES for n in names):
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(SCALING_TOPOLOGIES)}")
+    return names
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--paper", action="store_true", help="also run the paper's single/geo/42-node rows")
+    parser.add_argument("--seeds", type=int, default=1, help="average decode throughput over this many seeds")
+    parser.add_argument("--duration", type=float, default=680.0)
+    parser.add_argument("--warmup", type=float, default=80.0)
+    parser.add_argument("--helix-links", action="store_true", help="only the links Helix's simulator had")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--scaling", action="store_true", help="run only the scaling section")
+    only.add_argument("--no-scaling", action="store_true", help="skip the scaling section")
+    parser.add_argument("--scaling-sizes", type=_sizes, default=list(SCALING_SIZES), metavar="N,N,...",
+                        help="cluster sizes (default: 24,100,300,1000)")
+    parser.add_argument("--scaling-topologies", type=_topologies, default=list(SCALING_TOPOLOGIES),
+                        metavar="single,geo", help="generated cluster shapes (default: both)")
+    parser.add_argument("--scaling-duration", type=float, default=120.0, help="simulated seconds per size")
+    parser.add_argument("--scaling-time-limit", type=float, default=4.0, help="greedy-flow time limit, seconds")
+    parser.add_argument("--scaling-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--scaling-topology", choices=SCALING_TOPOLOGIES, default="single", help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, help="also write the results as JSON")
+    args = parser.parse_args()
+
+    if args.scaling_child is not None:
+        row = scaling_child(args.scaling_child, args.scaling_topology, args.scaling_duration, args.scaling_time_limit)
+        print(json.dumps(row))
+        return 0
+
+    console = Console(width=160)
+    out: dict[str, Any] = {}
+    ok = True
+    if not args.scaling:
+        if not REFERENCE.is_dir():
+            print(f"reference data not found at {REFERENCE}", file=sys.stderr)
+            return 2
+        out["fidelity"], out["reference_run"], ok = run_fidelity(console, args)
+    if not args.no_scaling:
+        out["scaling"] = run_scaling(console, args.scaling_sizes, args.scaling_topologies, args.scaling_duration,
+                                     args.scaling_time_limit)
+        ok &= len(out["scaling"]) == len(args.scaling_sizes) * len(args.scaling_topologies)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        out["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+        args.json.write_text(json.dumps(out, indent=2))
     return 0 if ok else 1
 
 

@@ -16,7 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
-from helix.simulator.batching import batch_limits_for
+import numpy as np
+
 from helix.simulator.cluster import Cluster
 from helix.simulator.errors import HelixInputError
 from helix.simulator.flow import FlowResult, max_flow
@@ -112,6 +113,51 @@ class NodeState:
     up: bool = True
 
 
+class _LayerShares:
+    """Per-layer expected-KV share, vectorized: the offline feeder asks before every admission.
+
+    It computes exactly what the per-node loop it replaced did, float operation for float
+    operation: per node `kv / layers` added at its first layer and subtracted at its end in node
+    order (`np.bincount` accumulates in input order), then a running sum over layers
+    (`np.cumsum` is sequential). The node set, ranges and capacities are cached and rebuilt when
+    a node's `up` flag changes.
+    """
+
+    __slots__ = ("_idx", "_key", "_layers", "_live", "_mask", "_total", "_weights")
+
+    def __init__(self) -> None:
+        self._key: list[bool] | None = None
+
+    def _rebuild(self, nodes: list[NodeState], up: list[bool], num_layers: int) -> None:
+        live = [n for n, is_up in zip(nodes, up, strict=True) if is_up]
+        self._live = live
+        self._idx = np.array([x for n in live for x in (n.start_layer, n.end_layer)], dtype=np.intp)
+        self._layers = np.array([n.end_layer - n.start_layer for n in live], dtype=np.float64)
+        self._weights = np.empty(2 * len(live))
+        total = self._prefix(np.array([n.kv_capacity for n in live], dtype=np.float64), num_layers)
+        self._mask = total > 0
+        self._total = total[self._mask]
+        self._key = up
+
+    def _prefix(self, per_node: np.ndarray, num_layers: int) -> np.ndarray:
+        """Running per-layer sum of `per_node / layers` over the nodes holding each layer."""
+        weights = self._weights
+        share = per_node / self._layers
+        weights[0::2] = share
+        weights[1::2] = -share
+        return np.cumsum(np.bincount(self._idx, weights=weights, minlength=num_layers + 1)[:num_layers])
+
+    def worst(self, nodes: dict[str, NodeState], num_layers: int) -> float:
+        node_list = list(nodes.values())
+        up = [n.up for n in node_list]
+        if up != self._key:
+            self._rebuild(node_list, up, num_layers)
+        if not self._total.size:
+            return 0.0
+        used = self._prefix(np.array([n.kv_expected for n in self._live], dtype=np.float64), num_layers)
+        return max(0.0, float((used[self._mask] / self._total).max()))
+
+
 @dataclass
 class ClusterState:
     """The owner's copy of the view; `flows` holds only edges that carry flow (the usable network)."""
@@ -123,6 +169,7 @@ class ClusterState:
     flows: dict[tuple[str, str], float] = field(default_factory=dict)
     now: float = 0.0
     _successors: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    _shares: _LayerShares = field(default_factory=_LayerShares, repr=False, compare=False)
 
     def successors(self, vertex: str) -> Sequence[str]:
         return self._successors.get(vertex, ())
@@ -158,21 +205,13 @@ class ClusterState:
             node.kv_expected -= expected_kv(request, hop)
 
     def kv_expected_bottleneck(self) -> float:
-        """Highest per-layer share of expected KV use, summing over the up nodes that hold each layer."""
-        used = [0.0] * (self.num_layers + 1)
-        total = [0.0] * (self.num_layers + 1)
-        for node in self.nodes.values():
-            if node.up:
-                layers = node.end_layer - node.start_layer
-                for array, value in ((used, node.kv_expected / layers), (total, node.kv_capacity / layers)):
-                    array[node.start_layer] += value
-                    array[node.end_layer] -= value
-        worst = u = t = 0.0
-        for layer in range(self.num_layers):
-            u, t = u + used[layer], t + total[layer]
-            if t > 0:
-                worst = max(worst, u / t)
-        return worst
+        """Highest per-layer share of expected KV use, summing over the up nodes that hold each layer.
+
+        For each layer: Σ kv_expected / layers over the up nodes holding it, divided by the same sum
+        of kv_capacity; layers no up node holds are skipped. Node capacities are read when the set
+        of up nodes changes (they do not change while serving).
+        """
+        return self._shares.worst(self.nodes, self.num_layers)
 
     def check_route(self, route: Route) -> None:
         """Raise if a route does not chain from layer 0 to the last layer along usable edges."""
@@ -211,7 +250,7 @@ def build_cluster_state(
         else:
             kv = profiles.kv_capacity_tokens(node, layers) * layers
         nodes[a.name] = NodeState(a.name, a.start_layer, a.end_layer, 0.0, kv,
-                                  batch_limits_for(profiles, node, layers).prompt_max_tokens)
+                                  profiles.batch_limits(node, layers).prompt_max_tokens)
     state = ClusterState(cluster.coordinator.name, model.num_layers, plan.partial_inference, nodes)
     flow = state.recompute_flows(cluster, model, profiles)
     if flow.value <= _EPS:

@@ -24,12 +24,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from helix.simulator.batching import BatchConventions, BatchLimits
 from helix.simulator.cluster import Cluster, GpuNode
 from helix.simulator.cluster_state import ClusterState, NodeState, Route, route_edges
 from helix.simulator.events import EventLoop
 from helix.simulator.model import ModelSpec
-from helix.simulator.profiles.base import Profiles
+from helix.simulator.profiles.base import BatchConventions, BatchLimits, Profiles
 from helix.simulator.requests import Request
 from helix.simulator.schedulers import Scheduler
 
@@ -159,20 +158,28 @@ class Engine:
 
     def _send(self, flight: Flight, now: float) -> None:
         """FIFO on the link: serialize after what is queued, then propagate."""
-        link = flight.links[flight.hop]
-        start = now if now > link.free_at else link.free_at
-        link.free_at = done = start + flight.tokens * link.seconds_per_token
-        arrival = done + link.latency_s
-        flight.sent_at = start
-        if flight.hop == len(flight.stages):
-            self.loop.at(arrival, self._at_coordinator, flight)
-            return
-        sim = flight.stages[flight.hop]
-        self._seq += 1
-        heapq.heappush(sim.inbox, (arrival, self._seq, flight))
-        sim.state.queue_length += 1
-        if not sim.busy:
-            self._wake_at(sim, arrival)
+        self._send_all((flight,), now)
+
+    def _send_all(self, flights: list[Flight] | tuple[Flight, ...], now: float) -> None:
+        """`_send` for each flight in order (one loop: this runs once per request per hop)."""
+        push = heapq.heappush
+        for flight in flights:
+            hop = flight.hop
+            link = flight.links[hop]
+            free = link.free_at
+            start = now if now > free else free
+            link.free_at = done = start + flight.tokens * link.seconds_per_token
+            arrival = done + link.latency_s
+            flight.sent_at = start
+            if hop == len(flight.stages):
+                self.loop.at(arrival, self._at_coordinator, flight)
+                continue
+            sim = flight.stages[hop]
+            self._seq += 1
+            push(sim.inbox, (arrival, self._seq, flight))
+            sim.state.queue_length += 1
+            if not sim.busy and arrival < sim.wake_at:
+                self._wake_at(sim, arrival)
 
     def _at_coordinator(self, flight: Flight) -> None:
         now = self.loop.now
@@ -225,10 +232,15 @@ class Engine:
         sim.wake_at = math.inf  # whatever wake-up is pending, the node looks now
         sim.wake_token += 1
         inbox, state = sim.inbox, sim.state
-        while inbox and inbox[0][0] <= now:
-            arrived, _, flight = heapq.heappop(inbox)
-            flight.arrived_at = arrived
-            (sim.prompts if flight.prompt else sim.decodes).append(flight)
+        if inbox and inbox[0][0] <= now:
+            pop, prompts, decodes = heapq.heappop, sim.prompts, sim.decodes
+            while inbox and inbox[0][0] <= now:
+                arrived, _, flight = pop(inbox)
+                flight.arrived_at = arrived
+                if flight.prompt:
+                    prompts.append(flight)
+                else:
+                    decodes.append(flight)
         batch = self._take(sim, now)
         if not batch:
             if inbox:
@@ -242,11 +254,13 @@ class Engine:
         stats.busy_s += max(0.0, min(now + duration, w1) - max(now, w0))
         stats.batches += 1
         if now >= w0:
+            delay_sum, delay_max = stats.queue_delay_sum_s, stats.queue_delay_max_s
             for flight in batch:
                 delay = now - flight.arrived_at
-                stats.queue_delay_sum_s += delay
-                if delay > stats.queue_delay_max_s:
-                    stats.queue_delay_max_s = delay
+                delay_sum += delay
+                if delay > delay_max:
+                    delay_max = delay
+            stats.queue_delay_sum_s, stats.queue_delay_max_s = delay_sum, delay_max
             stats.queued += len(batch)
         state.queue_length -= len(batch)
         self.loop.at(now + duration, self._batch_done, sim)
@@ -272,6 +286,17 @@ class Engine:
                     kept.append(flight)
             sim.prompts = kept
         decodes = sim.decodes
+        if decodes and len(decodes) <= limits.decode_max_tokens:
+            # Common case: every waiting decode fits; the FIFO loop below would take them all.
+            context = growth = 0
+            for flight in decodes:
+                context += flight.context
+                growth += flight.layers[flight.hop]
+            max_context = limits.decode_max_context
+            if max_context is None or context <= max_context:
+                batch.extend(decodes)
+                decodes.clear()
+                kv_growth += growth
         if decodes:
             max_context = limits.decode_max_context
             n = context = 0
@@ -297,6 +322,21 @@ class Engine:
     def _batch_time(self, sim: GpuSim, batch: list[Flight]) -> float:
         """Sum over the node's layers of the per-layer time of the requests running that layer."""
         node_end = sim.state.end_layer
+        tokens = prompt = decode = context = 0
+        first = batch[0].starts[batch[0].hop]
+        for flight in batch:
+            if flight.starts[flight.hop] != first:
+                break
+            if flight.prompt:
+                prompt += flight.tokens
+            else:
+                decode += 1
+                context += flight.context
+            tokens += flight.tokens
+        else:  # every request runs all the same layers (the common case): one group
+            sim.stats.tokens += tokens
+            return tokens * self._overhead_per_token + (node_end - first) * self._layer_time(
+                sim.node, prompt, decode, context)
         by_start: dict[int, list[int]] = {}
         tokens = 0
         for flight in batch:
@@ -331,14 +371,14 @@ class Engine:
     def _batch_done(self, sim: GpuSim) -> None:
         now = self.loop.now
         batch, sim.batch, sim.busy = sim.batch, [], False
-        feedback = self.scheduler.wants_hop_feedback
-        coord = self.state.coordinator
-        for flight in batch:
-            if feedback:
+        if self.scheduler.wants_hop_feedback:
+            coord, name, on_hop_done = self.state.coordinator, sim.state.name, self.scheduler.on_hop_done
+            for flight in batch:
                 src = flight.route[flight.hop - 1].node if flight.hop else coord
-                self.scheduler.on_hop_done(src, sim.state.name, now - flight.sent_at)
+                on_hop_done(src, name, now - flight.sent_at)
+        for flight in batch:
             flight.hop += 1
-            self._send(flight, now)
+        self._send_all(batch, now)
         self._start_batch(sim)
 
     def _kv_touch(self, sim: GpuSim, now: float) -> None:

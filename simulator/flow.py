@@ -76,8 +76,18 @@ def candidate_edges(
             edges.append((coord, name))
         if rng[1] == num_layers and cluster.link(name, coord):
             edges.append((name, coord))
+    # `can_follow` inlined: a full mesh of 1,000 nodes has a million links to look at, and the
+    # link map's order is kept (it decides which of several optimal flows the solver returns).
+    get = ranges.get
     for (a, b) in cluster.link_map:
-        if a in ranges and b in ranges and can_follow(ranges[a], ranges[b], partial_inference):
+        first = get(a)
+        if first is None:
+            continue
+        second = get(b)
+        if second is None:
+            continue
+        end = first[1]
+        if (second[0] <= end < second[1]) if partial_inference else second[0] == end:
             edges.append((a, b))
     return edges
 
@@ -91,6 +101,7 @@ def max_flow(
 ) -> FlowResult:
     """Max flow through a placement given as node → [start, end) layer ranges."""
     coord = cluster.coordinator.name
+    token_id_bytes, activation_bytes = model.token_id_bytes, model.activation_bytes
     ids: dict[str, int] = {SOURCE: 0, SINK: 1}
     for name in ranges:
         ids[f"{name}/in"] = len(ids)
@@ -104,8 +115,10 @@ def max_flow(
         cap = node_capacity(cluster.node_map[name], end - start, model, profiles)
         node_caps[name] = cap
         node_arcs[name] = solver.add_arc_with_capacity(ids[f"{name}/in"], ids[f"{name}/out"], int(cap * _SCALE))
+    links = cluster.link_map
     for a, b in candidate_edges(cluster, ranges, model.num_layers, partial_inference):
-        cap = link_capacity(cluster, a, b, model)
+        # link_capacity(), without re-deriving the model's byte counts for every edge
+        cap = links[(a, b)].bandwidth_bps / 8 / (token_id_bytes if coord in (a, b) else activation_bytes)
         caps[(a, b)] = cap
         tail = ids[SOURCE] if a == coord else ids[f"{a}/out"]
         head = ids[SINK] if b == coord else ids[f"{b}/in"]

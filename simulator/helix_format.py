@@ -2,9 +2,11 @@
 
 Helix describes a cluster with an `.ini` file (`[NodeNames]`, `[SourceNode]`/`[SinkNode]`,
 `[ComputeNode-i]`, `[Link-a-b]`) plus a machine profile `.ini` (VRAM and NIC speed per machine
-type), and a placement with a `*_sol.ini` file. Values are Python-style expressions such as
-`10 * gbps` or `1 * MilliSec`; we evaluate them with a small AST walker over a fixed unit table,
-never with `eval()`, because these files come from users.
+type), and a placement with a `*_sol.ini` file; its layout synthesizer also writes a
+`simulator_cluster.ini` per layout (per-node KV capacity, and the links its simulator used).
+Values are Python-style expressions such as `10 * gbps` or `1 * MilliSec`; we evaluate them with
+a small AST walker over a fixed unit table, never with `eval()`, because these files come from
+users.
 
 UNITS — Helix reads `10 * gbps` as 1e10 and divides BYTE counts by it (`Byte = 1`), so every
 bandwidth in a Helix file means bytes/s numerically: Helix's link and NIC capacities are 8x a
@@ -308,23 +310,66 @@ def plan_from_helix_solution(sol_ini: Path, problem: PlacementProblem, partial_i
     return build_plan(problem, result, "helix-import", options, 0.0)
 
 
+def _simulator_node(raw_name: object, where: str) -> str:
+    """`compute_node_<j>` (j >= 2) in a simulator_cluster.ini → our `ComputeNode-<j - 2>`."""
+    match = re.fullmatch(r"compute_node_(\d+)", str(raw_name))
+    if match is None or int(match.group(1)) < HELIX_NODE_OFFSET:
+        raise HelixInputError(f"bad node name {raw_name!r}; expected compute_node_<j>, j >= 2", where)
+    return node_name(int(match.group(1)) - HELIX_NODE_OFFSET)
+
+
 def load_helix_simulator_cluster(path: Path) -> dict[str, int]:
     """Per-node KV-cache capacity (token×layer units) from a Helix `simulator_cluster.ini`.
 
     Keys are our node names: `compute_node_<j>` → `ComputeNode-<j - 2>`. Units as in Helix: a
     10-token sequence on a node holding 3 layers uses 30.
     """
-    path = Path(path)
-    ini = _Ini(path, "Helix simulator cluster file")
-    names = ini.literal_list("ComputeNodes", "names")
+    ini = _Ini(Path(path), "Helix simulator cluster file")
     out: dict[str, int] = {}
-    for raw_name in names:
-        match = re.fullmatch(r"compute_node_(\d+)", str(raw_name))
-        if match is None or int(match.group(1)) < HELIX_NODE_OFFSET:
-            raise HelixInputError(f"bad node name {raw_name!r}; expected compute_node_<j>, j >= 2",
-                                  ini.where("ComputeNodes", "names"))
+    for raw_name in ini.literal_list("ComputeNodes", "names"):
+        name = _simulator_node(raw_name, ini.where("ComputeNodes", "names"))
         capacity = ini.integer(str(raw_name), "kv_cache_capacity")
         if capacity < 0:
             raise HelixInputError(f"negative KV capacity {capacity}", ini.where(str(raw_name), "kv_cache_capacity"))
-        out[node_name(int(match.group(1)) - HELIX_NODE_OFFSET)] = capacity
+        out[name] = capacity
     return out
+
+
+def load_helix_simulator_links(path: Path) -> list[tuple[str, str]]:
+    """The directed links Helix's simulator instantiated for a layout (`[Links] names`), in file order.
+
+    Each named section has `in` and `out` (`source`, `sink` or `compute_node_<j>`); the coordinator
+    is both source and sink. Bandwidth and latency are not returned: the cluster file is the truth
+    for those (the layout file repeats them in its own units); see `restrict_links`.
+    """
+    ini = _Ini(Path(path), "Helix simulator cluster file")
+    edges: list[tuple[str, str]] = []
+    for raw_name in ini.literal_list("Links", "names"):
+        section = str(raw_name)
+        ends = []
+        for key in ("in", "out"):
+            value = ini.raw(section, key).strip("'\"")
+            ends.append(COORDINATOR if value in ("source", "sink")
+                        else _simulator_node(value, ini.where(section, key)))
+        if ends[0] == ends[1]:
+            raise HelixInputError("link connects a vertex to itself", ini.where(section))
+        edges.append((ends[0], ends[1]))
+    if not edges:
+        raise HelixInputError("no links listed", ini.where("Links", "names"))
+    return edges
+
+
+def restrict_links(cluster: Cluster, edges: list[tuple[str, str]], where: str) -> Cluster:
+    """`cluster` with only the directed `edges` (each keeps the cluster's bandwidth and latency, one way).
+
+    Used to run a Helix layout on exactly the network Helix's simulator had; every edge must be a
+    link of the cluster.
+    """
+    links: list[Link] = []
+    for src, dst in edges:
+        spec = cluster.link(src, dst)
+        if spec is None:
+            raise HelixInputError(f"{src} → {dst} is not a link of cluster {cluster.name!r}", where)
+        links.append(Link.model_validate({"from": src, "to": dst, "bandwidth_bps": spec.bandwidth_bps,
+                                          "latency_s": spec.latency_s, "bidirectional": False}))
+    return Cluster(name=cluster.name, coordinator=cluster.coordinator, nodes=cluster.nodes, links=links)

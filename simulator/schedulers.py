@@ -109,7 +109,9 @@ class MaxFlowScheduler(Scheduler):
     """Helix: interleaved weighted round-robin over the max-flow edge flows, KV-aware admission.
 
     At each hop the candidate edges are those carrying at least `min_flow_share` of the vertex's
-    outgoing flow whose node accepts the prompt and still has expected KV room: its expected use
+    largest outgoing edge flow (a share of the largest, not of the total: with 30 equal pipelines
+    each carries 1/30 of the total, and none is negligible) whose node accepts the prompt and
+    still has expected KV room: its expected use
     plus this request's (input + expected output tokens on every layer of the node) must stay
     within `kv_hwm` of its capacity. Among them it picks the edge whose load after adding the
     request is smallest, load being tokens sent / edge flow (prompt tokens at admission, one token
@@ -128,6 +130,29 @@ class MaxFlowScheduler(Scheduler):
         self.min_flow_share = min_flow_share
         self._load: dict[tuple[str, str], float] = {}
         self._uncharged: dict[Route, int] = {}  # decode iterations per route, charged lazily
+        self._route_edges: dict[Route, list[tuple[str, str]]] = {}  # routes repeat; their edges do not change
+        # Per vertex, its out-edges that clear the flow floor when all its successors are up: a route
+        # is built hop by hop for every request, and a vertex may have hundreds of successors.
+        self._out: dict[str, list[tuple[str, tuple[str, str], float]]] = {}
+        self._out_flows: object = None  # the flows mapping `_out` was built from (owners replace it)
+
+    def _out_edges(self, vertex: str, candidates: Sequence[str]) -> list[tuple[str, tuple[str, str], float]]:
+        """(next vertex, edge, flow) for the candidates whose edge carries at least the floor, in order."""
+        flows = self.view.flows
+        if flows is not self._out_flows:
+            self._out.clear()
+            self._out_flows = flows
+        # Candidates are the successors that are up, in order: as many as successors means all of them.
+        every = len(candidates) == len(self.view.successors(vertex))
+        if every and vertex in self._out:
+            return self._out[vertex]
+        edges = [(vertex, d) for d in candidates]
+        flow = [flows[e] for e in edges]
+        floor = self.min_flow_share * max(flow)
+        out = [(d, e, f) for d, e, f in zip(candidates, edges, flow, strict=True) if not f < floor]
+        if every:
+            self._out[vertex] = out
+        return out
 
     def schedule(self, request: Request) -> Route | None:
         self._charge_iterations()
@@ -137,25 +162,24 @@ class MaxFlowScheduler(Scheduler):
         expected_tokens = request.input_tokens + request.expected_output_tokens
         taken: list[tuple[str, str]] = []
 
+        kv_hwm, load_get = self.kv_hwm, load.get
+
         def choose(vertex: str, candidates: Sequence[str]) -> str | None:
-            floor = self.min_flow_share * sum(flows[(vertex, d)] for d in candidates)
-            best, best_load = None, math.inf
-            for d in candidates:
-                flow = flows[(vertex, d)]
-                if flow < floor:
+            best, best_edge, best_load = None, None, math.inf
+            for d, edge, flow in self._out_edges(vertex, candidates):
+                after = load_get(edge, 0.0) + work / flow
+                if not after < best_load:
                     continue
-                if d != coord:
+                if d != coord:  # the admission filter, checked only where it could change the choice
                     node = nodes[d]
                     if work > node.prompt_max_tokens or (
                             node.kv_expected + expected_tokens * (node.end_layer - node.start_layer)
-                            > self.kv_hwm * node.kv_capacity):
+                            > kv_hwm * node.kv_capacity):
                         continue
-                after = load.get((vertex, d), 0.0) + work / flow
-                if after < best_load:
-                    best, best_load = d, after
-            if best is not None:
-                load[(vertex, best)] = best_load
-                taken.append((vertex, best))
+                best, best_edge, best_load = d, edge, after
+            if best_edge is not None:
+                load[best_edge] = best_load
+                taken.append(best_edge)
             return best
 
         route = build_route(view, choose)
@@ -168,9 +192,12 @@ class MaxFlowScheduler(Scheduler):
         self._uncharged[route] = self._uncharged.get(route, 0) + 1
 
     def _charge_iterations(self) -> None:
-        flows, load = self.view.flows, self._load
+        flows, load, cached = self.view.flows, self._load, self._route_edges
         for route, n in self._uncharged.items():
-            for edge in route_edges(route, self.view.coordinator):
+            edges = cached.get(route)
+            if edges is None:
+                edges = cached[route] = route_edges(route, self.view.coordinator)
+            for edge in edges:
                 flow = flows.get(edge)
                 if flow:
                     load[edge] = load.get(edge, 0.0) + n / flow
@@ -179,6 +206,7 @@ class MaxFlowScheduler(Scheduler):
     def _reset(self) -> None:
         self._load.clear()
         self._uncharged.clear()
+        self._out.clear()
 
     def on_node_down(self, name: str) -> None:
         self._reset()

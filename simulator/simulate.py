@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from helix.simulator.batching import BatchLimits, batch_limits_for, conventions_for
 from helix.simulator.cluster import Cluster
 from helix.simulator.cluster_state import build_cluster_state
 from helix.simulator.engine import Engine, Flight
@@ -31,7 +30,7 @@ from helix.simulator.events import EventLoop
 from helix.simulator.flow import compute_bound
 from helix.simulator.model import ModelSpec
 from helix.simulator.plan import Plan
-from helix.simulator.profiles.base import Profiles
+from helix.simulator.profiles.base import BatchLimits, Profiles
 from helix.simulator.requests import ArrivalProcess, PoissonArrivals, Request, Workload
 from helix.simulator.results import Recorder, SimulationResult
 from helix.simulator.schedulers import Scheduler, make_scheduler
@@ -194,13 +193,13 @@ def simulate(
     _check_inputs(mode, duration_s, warmup_s, workload, offline_kv_target)
     offline = mode == "offline"
     state, flow = build_cluster_state(cluster, model, profiles, plan, kv_capacity_override)
-    limits = {name: batch_limits_for(profiles, cluster.node_map[name], n.end_layer - n.start_layer)
+    limits = {name: profiles.batch_limits(cluster.node_map[name], n.end_layer - n.start_layer)
               for name, n in state.nodes.items()}
     limits.update(batch_limits or {})
     for name, lim in limits.items():
         state.nodes[name].prompt_max_tokens = lim.prompt_max_tokens
     sched = make_scheduler(scheduler, state, random.Random(f"{seed}-scheduler"), **(scheduler_options or {}))
-    conventions = conventions_for(profiles)
+    conventions = profiles.conventions
     recorder = Recorder((warmup_s, duration_s), duration_s, record_requests)
     loop = EventLoop()
     engine = Engine(loop, state, sched, cluster, model, profiles, limits, conventions, (warmup_s, duration_s))

@@ -7,11 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from helix.simulator.batching import batch_limits_for
 from helix.simulator.errors import HelixInputError
 from helix.simulator.events import EventLoop
-from helix.simulator.helix_format import load_helix_cluster
+from helix.simulator.helix_format import (
+    load_helix_cluster,
+    load_helix_simulator_links,
+    restrict_links,
+)
 from helix.simulator.model import MODEL_CATALOG
+from helix.simulator.profiles.base import BatchLimits
 from helix.simulator.profiles.helix_reference import HelixReferenceProfiles
 from helix.simulator.requests import (
     GammaArrivals,
@@ -163,6 +167,50 @@ def test_helix_profiles_carry_helix_batch_limits(reference_dir: Path) -> None:
     model = MODEL_CATALOG["llama2-70b"]
     cluster = load_helix_cluster(reference_dir / "clusters" / "single-cluster24.ini")
     profiles = HelixReferenceProfiles(reference_dir / "profiles" / "helix-profiles.json", model, cluster)
-    limits = {n.gpu_type: batch_limits_for(profiles, n, 4) for n in cluster.nodes}
+    limits = {n.gpu_type: profiles.batch_limits(n, 4) for n in cluster.nodes}
     assert limits["T4"].prompt_max_requests == 1 and limits["T4"].decode_max_tokens == 300
     assert limits["A100-40G"].prompt_max_tokens == 3 * 2048
+
+
+def test_default_batch_limits_are_vllm_like_and_capped_by_the_kv_cache() -> None:
+    node = make_cluster().node_map["l4-0"]
+    kv = PROFILES.kv_capacity_tokens(node, 4)
+    limits = PROFILES.batch_limits(node, 4)
+    assert limits == BatchLimits(prompt_max_requests=8, prompt_max_tokens=min(8192, kv),
+                                 decode_max_tokens=min(PROFILES.workload.max_batch_requests, kv),
+                                 decode_max_context=kv)
+    assert PROFILES.conventions.single_decode_factor == 1.0
+
+
+def test_maxflow_admits_with_many_parallel_pipelines() -> None:
+    """30 equal pipelines each carry 1/30 of the flow: none may be dropped as a 'negligible' edge."""
+    cluster = make_cluster({"A100-40G": 30})
+    ranges = {n.name: (0, MODEL.num_layers) for n in cluster.nodes}
+    kv = {name: 96 * 32 * 40 for name in ranges}
+    result = simulate(cluster, MODEL, PROFILES, make_plan(cluster, ranges), duration_s=1.0, warmup_s=0.2,
+                      workload=Workload(lengths=SHORT), kv_capacity_override=kv)
+    assert result.requests_admitted > 30
+    assert sum(n.batches > 0 for n in result.nodes) == 30
+
+
+def test_helix_simulator_links_bad_input(tmp_path: Path) -> None:
+    path = tmp_path / "simulator_cluster.ini"
+    path.write_text("[Links]\nnames=['link_a']\n\n[link_a]\nin=source\nout=compute_node_1\n")
+    with pytest.raises(HelixInputError, match="compute_node_<j>, j >= 2"):
+        load_helix_simulator_links(path)
+    path.write_text("[Links]\nnames=['link_a']\n")
+    with pytest.raises(HelixInputError, match=r"\[link_a\]"):
+        load_helix_simulator_links(path)
+
+
+@pytest.mark.reference
+def test_helix_simulator_links_restrict_the_cluster(reference_dir: Path) -> None:
+    cluster = load_helix_cluster(reference_dir / "clusters" / "single-cluster24.ini")
+    sim_ini = reference_dir / "layouts" / "llama70b-single" / "ilp" / "simulator_cluster.ini"
+    edges = load_helix_simulator_links(sim_ini)
+    assert len(edges) == 30 and edges[0] == ("coordinator", "ComputeNode-15")
+    restricted = restrict_links(cluster, edges, str(sim_ini))
+    assert set(restricted.link_map) == set(edges)
+    assert restricted.link(*edges[2]) == cluster.link(*edges[2])
+    with pytest.raises(HelixInputError, match="not a link"):
+        restrict_links(restricted, [("ComputeNode-0", "ComputeNode-0x")], "x")

@@ -15,7 +15,8 @@ import typer
 from helix import __version__
 
 #: Modules whose `register(app)` adds commands, in help order.
-COMMAND_MODULES: tuple[str, ...] = ("helix.cli.plan", "helix.cli.cluster")
+COMMAND_MODULES: tuple[str, ...] = ("helix.cli.plan", "helix.cli.simulate", "helix.cli.compare", "helix.cli.worker",
+                                     "helix.cli.router", "helix.cli.serve", "helix.cli.cluster")
 
 app = typer.Typer(
     name="helix",

@@ -1,7 +1,9 @@
 """The one interface every profile source implements, bound to one model.
 
 The planner needs per node type a layer-count → tokens/s table and the largest layer count that
-fits; the simulator needs per-layer batch times and KV capacity. Sources that only know batch
+fits; the simulator needs per-layer batch times, KV capacity, and the engine's per-iteration batch
+bounds and timing conventions (they belong to the source: Helix's file records the bounds its
+simulator ran with; a measured file describes one engine configuration). Sources that only know batch
 times (roofline, measured files) derive the throughput table from a typical steady-state batch,
 the way Helix's model manager does, so all sources feed the planner the same kind of number.
 """
@@ -31,6 +33,35 @@ class WorkloadAssumptions:
     max_weight_fraction: float = 0.5
 
 
+@dataclass(frozen=True)
+class BatchLimits:
+    """Per-iteration bounds on a node: prompts (requests, tokens) and decodes (sequences, context).
+
+    A real engine bounds a batch (vLLM's max_num_seqs / max_num_batched_tokens); the bounds shape
+    throughput as much as the per-layer times do, because a node that may start only one prompt per
+    iteration serves prompts one at a time.
+    """
+
+    prompt_max_requests: int = 8
+    prompt_max_tokens: int = 8192
+    decode_max_tokens: int = 256
+    decode_max_context: int | None = None
+
+
+@dataclass(frozen=True)
+class BatchConventions:
+    """Batch-time details that belong to how a profile was measured, not to the engine.
+
+    Helix's decode tables start at batch 2 and interpolate to 0 at batch 0, so its simulator
+    doubles a one-sequence decode (`single_decode_factor` 2 for its profiles); every node also pays
+    a host-side concat and copy of the activations it received before its first layer
+    (1/4 GB/s + 1/5 GB/s per byte in Helix).
+    """
+
+    single_decode_factor: float = 1.0
+    activation_overhead_s_per_byte: float = 1 / 4e9 + 1 / 5e9
+
+
 class Profiles(ABC):
     """Performance of `model` on each node type. Subclasses key their data by `node.gpu_type`."""
 
@@ -38,6 +69,8 @@ class Profiles(ABC):
     # False for tables (Helix's) whose layer limits come from their own weight model: then a plan
     # check must not re-derive memory fit from `model.layer_weight_bytes`.
     uses_model_weights: ClassVar[bool] = True
+    #: How the simulator reads this source's batch times (see BatchConventions).
+    conventions: ClassVar[BatchConventions] = BatchConventions()
 
     def __init__(self, model: ModelSpec, workload: WorkloadAssumptions | None = None) -> None:
         self.model = model
@@ -59,6 +92,25 @@ class Profiles(ABC):
     @abstractmethod
     def decode_layer_time(self, node: GpuNode, batch: int, context_tokens: int) -> float:
         """Seconds for ONE layer to decode one token for each of `batch` sequences."""
+
+    def batch_limits(self, node: GpuNode, layers: int) -> BatchLimits:
+        """Per-iteration batch bounds of `node` holding `layers` layers.
+
+        Default: vLLM-like bounds (8 prompts and 8,192 prompt tokens per iteration, at most the
+        workload's `max_batch_requests` decode sequences), capped by what the node's KV cache can
+        hold per layer: a prompt batch or a decode batch's total context larger than the cache could
+        never run, so a scheduler must not send one there.
+        """
+        default = BatchLimits()
+        kv_tokens = self.kv_capacity_tokens(node, layers)
+        if kv_tokens < 1:
+            return BatchLimits(decode_max_tokens=self.workload.max_batch_requests)
+        return BatchLimits(
+            prompt_max_requests=default.prompt_max_requests,
+            prompt_max_tokens=min(default.prompt_max_tokens, kv_tokens),
+            decode_max_tokens=min(self.workload.max_batch_requests, kv_tokens),
+            decode_max_context=kv_tokens,
+        )
 
     def throughput(self, node: GpuNode, layers: int) -> float:
         """Tokens/s (prompt + decode) the node pushes through all `layers` layers; 0 if it cannot hold them."""

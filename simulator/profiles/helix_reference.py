@@ -5,6 +5,11 @@ The planner's per-layer-count throughputs are taken verbatim from the table Heli
 whole machine mix with its own fixed-point iteration, so only the table reproduces its objectives.
 The raw per-layer batch times are kept for the simulator. Which mix's table applies depends on the
 cluster's GPU counts; pick it automatically, or name it (`--profile-mix NAME`).
+
+The file also records the batch bounds Helix's simulator ran each machine type with
+(`inference_settings` per layer count) and implies its batch-time conventions (a one-sequence
+decode counts twice); both are exposed through the Profiles interface so the simulator
+reproduces Helix without knowing which source it was given.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from helix.simulator.cluster import Cluster, GpuNode
 from helix.simulator.errors import HelixInputError
 from helix.simulator.generators import split_machine_type
 from helix.simulator.model import ModelSpec
-from helix.simulator.profiles.base import Profiles
+from helix.simulator.profiles.base import BatchConventions, BatchLimits, Profiles
 
 #: Our catalog name → the file's model key.
 HELIX_MODEL_KEYS: dict[str, str] = {"llama2-70b": "llama2_70b", "llama-30b": "llama1_30b"}
@@ -70,6 +75,23 @@ class _TypeTables:
     max_layers: int
     prompt: _Curve
     decode: _Curve
+    limits: dict[int, BatchLimits]
+
+
+def _inference_settings(table: dict[str, Any], where: str) -> dict[int, BatchLimits]:
+    """`inference_settings` (layer count → Helix's InferenceSettings) as BatchLimits; absent: empty."""
+    settings = table.get("inference_settings") or {}
+    if not isinstance(settings, dict):
+        raise HelixInputError("inference_settings must be an object keyed by layer count", where)
+    out: dict[int, BatchLimits] = {}
+    for layers, s in settings.items():
+        try:
+            out[int(layers)] = BatchLimits(
+                prompt_max_requests=int(s["prompt_max_requests"]), prompt_max_tokens=int(s["prompt_max_tokens"]),
+                decode_max_tokens=int(s["decode_max_tokens"]), decode_max_context=int(s["decode_max_context"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise HelixInputError(f"bad inference_settings for {layers} layers: {exc!r}", where) from exc
+    return out
 
 
 class HelixReferenceProfiles(Profiles):
@@ -78,6 +100,8 @@ class HelixReferenceProfiles(Profiles):
     source = "helix-reference"
     #: Max layers come from the table (Helix's own weight model), so ModelSpec.layer_weight_bytes is unused.
     uses_model_weights: ClassVar[bool] = False
+    #: Helix's decode tables start at batch 2; its simulator doubles a one-sequence decode.
+    conventions: ClassVar[BatchConventions] = BatchConventions(single_decode_factor=2.0)
 
     def __init__(self, path: Path, model: ModelSpec, cluster: Cluster, mix: str | None = None) -> None:
         super().__init__(model)
@@ -131,6 +155,7 @@ class HelixReferenceProfiles(Profiles):
                 helix_type=helix_type, throughput=throughput, kv_tokens=kv_tokens,
                 max_layers=max(throughput, default=0),
                 prompt=curves["prompt_bs2time_s"], decode=curves["decode_bs2time_s"],
+                limits=_inference_settings(t, type_where),
             )
         for node in cluster.nodes:
             self._for(node)  # fail now, not in the middle of a solve
@@ -167,6 +192,11 @@ class HelixReferenceProfiles(Profiles):
 
     def kv_capacity_tokens(self, node: GpuNode, layers: int) -> int:
         return self._for(node).kv_tokens.get(layers, 0)
+
+    def batch_limits(self, node: GpuNode, layers: int) -> BatchLimits:
+        """The bounds Helix's simulator used for this machine type and layer count (default if absent)."""
+        found = self._for(node).limits.get(layers)
+        return found if found is not None else super().batch_limits(node, layers)
 
     def prompt_layer_time(self, node: GpuNode, tokens: int) -> float:
         return self._for(node).prompt(tokens)

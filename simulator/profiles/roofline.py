@@ -60,6 +60,20 @@ class RooflineProfiles(Profiles):
         self.tp_scaling_exponent = tp_scaling_exponent
         self.layer_overhead_s = layer_overhead_s
         self.gpu_memory_utilization = gpu_memory_utilization
+        # The simulator asks for layer times millions of times: keep the per-machine rates and the
+        # model's per-layer constants (the model is frozen) instead of re-deriving them per call.
+        self._rates: dict[tuple[str, int], tuple[float, float]] = {}
+        m = model
+        kv_dim = m.num_key_value_heads * m.resolved_head_dim
+        self._q_dim = m.num_attention_heads * m.resolved_head_dim
+        self._layer_params = m.layer_params
+        self._layer_weight_bytes = m.layer_weight_bytes
+        self._kv_bytes_per_token = m.kv_bytes_per_token_per_layer
+        #: Bytes each token's activations move through HBM in one layer: every GEMM reads its input
+        #: and writes its output (QKV, O, gate+up, down).
+        self._activation_io_per_token = float(
+            ((m.hidden_size + self._q_dim + 2 * kv_dim) + (self._q_dim + m.hidden_size)
+             + (m.hidden_size + 2 * m.intermediate_size) + (m.intermediate_size + m.hidden_size)) * m.dtype_bytes)
 
     # --- hardware -------------------------------------------------------------------------------
     def _scale(self, node: GpuNode) -> float:
@@ -75,22 +89,12 @@ class RooflineProfiles(Profiles):
         return resolve_gpu(node.gpu).mem_bandwidth_bytes_per_s * self.memory_efficiency * self._scale(node)
 
     # --- model arithmetic -----------------------------------------------------------------------
-    @property
-    def _q_dim(self) -> int:
-        return self.model.num_attention_heads * self.model.resolved_head_dim
-
-    @property
-    def _activation_io_per_token(self) -> float:
-        """Bytes each token's activations move through HBM in one layer: every GEMM reads its input
-        and writes its output (QKV, O, gate+up, down)."""
-        m = self.model
-        kv_dim = m.num_key_value_heads * m.resolved_head_dim
-        elems = ((m.hidden_size + self._q_dim + 2 * kv_dim) + (self._q_dim + m.hidden_size)
-                 + (m.hidden_size + 2 * m.intermediate_size) + (m.intermediate_size + m.hidden_size))
-        return float(elems * m.dtype_bytes)
-
     def _layer_time(self, node: GpuNode, flops: float, nbytes: float) -> float:
-        return max(flops / self.flops_per_s(node), nbytes / self.bytes_per_s(node)) + self.layer_overhead_s
+        key = (node.gpu, node.gpu_count)
+        rates = self._rates.get(key)
+        if rates is None:
+            rates = self._rates[key] = (self.flops_per_s(node), self.bytes_per_s(node))
+        return max(flops / rates[0], nbytes / rates[1]) + self.layer_overhead_s
 
     # --- Profiles interface ---------------------------------------------------------------------
     def max_layers(self, node: GpuNode) -> int:
@@ -111,22 +115,20 @@ class RooflineProfiles(Profiles):
         """
         if tokens <= 0:
             return 0.0
-        m = self.model
         prompt_len = min(tokens, self.workload.avg_input_tokens)
         avg_context = prompt_len / 2
-        flops = 2.0 * m.layer_params * tokens + 4.0 * tokens * avg_context * self._q_dim
-        nbytes = (m.layer_weight_bytes + tokens * self._activation_io_per_token
-                  + tokens * m.kv_bytes_per_token_per_layer)  # the new KV entries are written
+        flops = 2.0 * self._layer_params * tokens + 4.0 * tokens * avg_context * self._q_dim
+        nbytes = (self._layer_weight_bytes + tokens * self._activation_io_per_token
+                  + tokens * self._kv_bytes_per_token)  # the new KV entries are written
         return self._layer_time(node, flops, nbytes)
 
     def decode_layer_time(self, node: GpuNode, batch: int, context_tokens: int) -> float:
         """One new token for each of `batch` sequences whose contexts total `context_tokens`."""
         if batch <= 0:
             return 0.0
-        m = self.model
         context_tokens = max(0, context_tokens)
-        flops = 2.0 * m.layer_params * batch + 4.0 * context_tokens * self._q_dim
-        nbytes = (m.layer_weight_bytes + context_tokens * m.kv_bytes_per_token_per_layer
+        flops = 2.0 * self._layer_params * batch + 4.0 * context_tokens * self._q_dim
+        nbytes = (self._layer_weight_bytes + context_tokens * self._kv_bytes_per_token
                   + batch * self._activation_io_per_token)
         return self._layer_time(node, flops, nbytes)
 

@@ -176,7 +176,9 @@ class _BatchCache:
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rows = key_states.shape[0]
-        if rows == 1:
+        # One row whose context is the batch's longest: attend to its buffer directly. (One active row
+        # of a mixed-start batch may be shorter than kv_len; the mask then has kv_len columns: pad.)
+        if rows == 1 and self.past[0] + self.new[0] == self.kv_len:
             kv, p, n = self.kvs[0], self.past[0], self.new[0]
             layer = kv.data[layer_idx - kv.run_from_layer]
             layer[0, :, p : p + n] = key_states[0, :, :n]

@@ -1,0 +1,547 @@
+"""`helix serve --local`: a router and its workers as separate processes on loopback; `helix report`.
+
+`serve --local` is the one-command way to see the data plane work on a laptop:
+
+1. the model: `--model DIR`, or a tiny random-weight LLaMA-style model written to a temporary folder;
+2. the plan: `--plan FILE`, or `local_plan` — `--workers N` identical CPU workers in two lanes of even
+   layer splits, the second lane shifted one layer so the lanes overlap (with partial inference a
+   request can cross lanes at every cut, and losing any one worker leaves a complete route). The
+   local plan is built directly, not placed by the MILP: CPU workers have no GPU profile, and with
+   identical workers the placement question is only which redundancy to keep;
+3. one `helix worker` process per plan node (ZeroMQ on 127.0.0.1, ports chosen by the workers and
+   read from their `listening` line), then one `helix router` process;
+4. it waits for /healthz, prints the endpoint, the processes and a curl example, plus one
+   machine-readable line `serving {json}` (url, pids) for scripts and tests;
+5. it supervises: a worker that exits is restarted on the same address (`--no-restart` to keep it
+   down), and the router, seeing it answer again, routes through it again;
+6. Ctrl-C or SIGTERM stops the router, then the workers (SIGTERM, then SIGKILL after a grace period),
+   and removes the temporary folder. Children also get SIGTERM from the kernel if this process dies
+   without cleaning up (Linux PR_SET_PDEATHSIG), so nothing is left behind.
+
+`helix report --route-log FILE` turns a router's route log into the simulator's results table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from helix.cli.errors import EXIT_BUG, handle_errors
+
+if TYPE_CHECKING:
+    from helix.simulator.plan import Plan
+    from helix.simulator.results import SimulationResult
+
+DEFAULT_WORKERS = 3
+STARTUP_TIMEOUT_S = 180.0
+STOP_GRACE_S = 5.0
+RESTART_DELAY_S = 0.5
+LOG_TAIL_LINES = 15
+EXIT_STARTUP = 1
+EXIT_INTERRUPTED = 130
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve_command)
+    app.command("report")(report_command)
+
+
+# ---------------------------------------------------------------------------------------------
+# Child processes
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when the parent dies (Linux), so no child outlives serve."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: rely on the orderly shutdown
+        pass
+
+
+@dataclass
+class Child:
+    """One supervised process: its command, its stdout lines and where its stderr goes."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    process: asyncio.subprocess.Process | None = None
+    lines: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+    reader: asyncio.Task[None] | None = None
+    pids: list[int] = field(default_factory=list)
+    restarts: int = 0
+
+    async def start(self, env: dict[str, str]) -> None:
+        self.lines = asyncio.Queue()
+        with self.log_path.open("ab") as err:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=err, env=env,
+                start_new_session=True,  # Ctrl-C reaches serve only; serve stops the children in order
+                preexec_fn=_die_with_parent)
+        self.pids.append(self.process.pid)
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        async for raw in self.process.stdout:
+            self.lines.put_nowait(raw.decode(errors="replace").rstrip("\n"))
+
+    async def expect(self, prefix: str, timeout_s: float) -> dict[str, Any]:
+        """The JSON of the first stdout line `prefix {json}`; fails if the process exits first."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StartupError(f"{self.name} did not report '{prefix}' within {timeout_s:g} s", self)
+            getter = asyncio.create_task(self.lines.get())
+            waiter = asyncio.create_task(self.process.wait())
+            done, _ = await asyncio.wait({getter, waiter}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if getter in done:
+                line = getter.result()
+                if line.startswith(prefix + " "):
+                    return dict(json.loads(line[len(prefix) + 1:]))
+                continue
+            getter.cancel()
+            if waiter in done:
+                raise StartupError(f"{self.name} exited with code {self.process.returncode} while starting", self)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """SIGTERM, then SIGKILL after `grace_s`; waits until it is gone."""
+        proc = self.process
+        if proc is None:
+            return
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), grace_s)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if self.reader is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self.reader, 1.0)
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            with self.log_path.open(errors="replace") as handle:
+                return "".join(deque(handle, maxlen=lines))
+        except OSError:
+            return ""
+
+
+class StartupError(Exception):
+    def __init__(self, message: str, child: Child | None = None) -> None:
+        super().__init__(message)
+        self.child = child
+
+
+# ---------------------------------------------------------------------------------------------
+# serve
+
+
+def _python() -> list[str]:
+    """How to run `helix` in a child: this interpreter, so the children use the same install."""
+    return [sys.executable, "-m", "helix.cli.app"]
+
+
+def _model_layers(model_dir: Path) -> tuple[int, str]:
+    from helix.simulator.errors import HelixInputError
+
+    config = model_dir / "config.json"
+    if not config.is_file():
+        raise HelixInputError(f"{model_dir}: not a model folder (no config.json)", "--model")
+    try:
+        data = json.loads(config.read_text())
+        return int(data["num_hidden_layers"]), model_dir.name
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise HelixInputError(f"{config}: cannot read num_hidden_layers: {exc}", "--model") from exc
+
+
+@dataclass
+class ServeConfig:
+    model_dir: Path
+    plan: Plan
+    plan_path: Path
+    host: str
+    port: int
+    scheduler: str
+    route_log: Path | None
+    dtype: str | None
+    threads: int
+    restart: bool
+    max_queue: int
+    request_timeout: float
+    kv_capacity_tokens: int | None
+    log_dir: Path
+    quiet: bool
+
+
+@handle_errors
+def serve_command(
+    local: Annotated[bool, typer.Option("--local", help="Run everything on this machine (loopback).")] = False,
+    model: Annotated[Path | None, typer.Option(
+        "--model", metavar="DIR", show_default=False,
+        help="Model folder (default: a tiny random-weight LLaMA-style model created in a temporary folder).")] = None,
+    plan: Annotated[Path | None, typer.Option(
+        "--plan", metavar="plan.json", show_default=False,
+        help="Plan to serve (default: --workers CPU workers in two overlapping lanes).")] = None,
+    workers: Annotated[int, typer.Option("--workers", metavar="N",
+                                         help="Workers of the default plan.")] = DEFAULT_WORKERS,
+    port: Annotated[int, typer.Option("--port", help="HTTP port of the router (0: any free port).")] = 8000,
+    host: Annotated[str, typer.Option("--host", help="HTTP address of the router.")] = "127.0.0.1",
+    scheduler: Annotated[str, typer.Option(
+        "--scheduler", metavar="NAME", help="maxflow, swarm, random or shortest-queue.")] = "maxflow",
+    route_log: Annotated[Path | None, typer.Option(
+        "--route-log", metavar="FILE", show_default=False,
+        help="The router's route log (helix report --route-log FILE).")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", metavar="DTYPE", show_default=False,
+                                              help="Worker dtype (default: float32 on CPU).")] = None,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", metavar="N", show_default=False,
+        help="torch threads per worker (default: the cores shared out among the workers).")] = None,
+    kv_capacity_tokens: Annotated[int | None, typer.Option(
+        "--kv-capacity-tokens", metavar="N", show_default=False, help="KV cache tokens per worker layer.")] = None,
+    restart: Annotated[bool, typer.Option("--restart/--no-restart",
+                                          help="Restart a worker that exits, on the same address.")] = True,
+    max_queue: Annotated[int, typer.Option("--max-queue", metavar="N",
+                                           help="Requests that may wait for capacity before 429.")] = 64,
+    request_timeout: Annotated[float, typer.Option("--request-timeout", metavar="SECONDS",
+                                                   help="Requests running longer fail (504).")] = 300.0,
+    log_dir: Annotated[Path | None, typer.Option(
+        "--log-dir", metavar="DIR", show_default=False,
+        help="Where the processes' logs go (default: the temporary folder, removed on exit).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the machine-readable lines.")] = False,
+) -> None:
+    """Start a router and workers as separate processes on loopback, serving an OpenAI-compatible API.
+
+    Example: helix serve --local   (then: curl http://127.0.0.1:8000/v1/completions -d '{"prompt": "Hi"}' ...)
+    """
+    from helix.simulator.errors import HelixInputError
+    from helix.simulator.schedulers import SCHEDULERS
+
+    if not local:
+        raise HelixInputError("only --local is implemented here; on Kubernetes the operator starts the workers "
+                              "and the router", "serve")
+    if workers < 1:
+        raise HelixInputError(f"must be at least 1, got {workers}", "--workers")
+    if not 0 <= port <= 65535:
+        raise HelixInputError(f"must be in 0..65535, got {port}", "--port")
+    if scheduler not in SCHEDULERS:
+        raise HelixInputError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}",
+                              "--scheduler")
+    for option, value in (("--threads", threads), ("--kv-capacity-tokens", kv_capacity_tokens)):
+        if value is not None and value < 1:
+            raise HelixInputError(f"must be at least 1, got {value}", option)
+    if route_log is not None and not route_log.parent.is_dir():
+        raise HelixInputError(f"folder {route_log.parent} does not exist", "--route-log")
+    if model is not None:
+        _model_layers(model)
+    if plan is not None:
+        from helix.simulator.plan import load_plan
+
+        load_plan(plan)
+
+    tmp = Path(tempfile.mkdtemp(prefix="helix-serve-"))
+    try:
+        code = asyncio.run(_serve(tmp, model, plan, workers, host, port, scheduler, route_log, dtype, threads,
+                                  kv_capacity_tokens, restart, max_queue, request_timeout, log_dir, quiet))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if code:
+        raise typer.Exit(code)
+
+
+async def _serve(tmp: Path, model: Path | None, plan_path: Path | None, workers: int, host: str, port: int,
+                 scheduler: str, route_log: Path | None, dtype: str | None, threads: int | None,
+                 kv_capacity_tokens: int | None, restart: bool, max_queue: int, request_timeout: float,
+                 log_dir: Path | None, quiet: bool) -> int:
+    say = (lambda *_a: None) if quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    if model is None:
+        model = tmp / "tiny-llama"
+        say(f"creating a tiny random-weight LLaMA-style model in {model} …")
+        from helix.worker.tiny_model import create_tiny_model
+
+        await asyncio.to_thread(create_tiny_model, model)
+    num_layers, model_name = _model_layers(model)
+    plan = _resolve_plan(plan_path, num_layers, workers, model_name)
+    plan_file = tmp / "plan.json"
+    plan.save(plan_file)
+    logs = log_dir or tmp / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    per_worker = threads or max(1, (os.cpu_count() or 2) // max(1, len(plan.nodes)))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(per_worker),
+           "TOKENIZERS_PARALLELISM": "false"}
+
+    children: dict[str, Child] = {}
+    addresses: dict[str, str] = {}
+
+    async def start_all() -> str:
+        addresses.update(await _start_workers(plan, model, children, logs, env, dtype, per_worker,
+                                              kv_capacity_tokens))
+        router = Child("router", [*_python(), "router", "--plan", str(plan_file), "--model", str(model), "--workers",
+                                  ",".join(f"{n}={a}" for n, a in addresses.items()), "--port", str(port),
+                                  "--host", host, "--scheduler", scheduler, "--max-queue", str(max_queue),
+                                  "--request-timeout", str(request_timeout),
+                                  *(["--route-log", str(route_log)] if route_log else [])],
+                       logs / "router.log")
+        children["router"] = router
+        await router.start(env)
+        ready = await router.expect("ready", STARTUP_TIMEOUT_S)
+        await _wait_healthy(str(ready["url"]), children, STARTUP_TIMEOUT_S)
+        return str(ready["url"])
+
+    starting = asyncio.create_task(start_all())
+    interrupted = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({starting, interrupted}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # Ctrl-C while starting: stop what is up, leave like any interrupted command
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            say("interrupted while starting; stopping …")
+            await _stop_all(children)
+            return EXIT_INTERRUPTED
+        url = starting.result()
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        if exc.child is not None:
+            tail = exc.child.log_tail()
+            if tail:
+                print(f"--- last lines of {exc.child.log_path} ---\n{tail}", file=sys.stderr, flush=True)
+        await _stop_all(children)
+        return EXIT_STARTUP
+    except BaseException:
+        await _stop_all(children)
+        raise
+    finally:
+        interrupted.cancel()
+
+    _announce(url, plan, children, addresses, model_name, logs, say)
+    router_died = False
+    try:
+        router_died = await _supervise(children, addresses, env, restart, stop, say)
+    finally:
+        say("stopping …")
+        await _stop_all(children)
+        say("stopped")
+    return EXIT_BUG if router_died else 0
+
+
+def _resolve_plan(plan_path: Path | None, num_layers: int, workers: int, model_name: str) -> Plan:
+    from helix.simulator.errors import HelixInputError
+    from helix.simulator.plan import load_plan
+    from helix.worker.router import local_plan
+
+    if plan_path is None:
+        return local_plan(num_layers, workers, model_name)
+    plan = load_plan(plan_path)
+    if plan.num_layers != num_layers:
+        raise HelixInputError(f"the plan is for {plan.num_layers} layers but the model has {num_layers}",
+                              str(plan_path))
+    return plan
+
+
+def _worker_argv(node: Any, model: Path, listen: str, dtype: str | None, threads: int,
+                 kv_capacity_tokens: int | None) -> list[str]:
+    return [*_python(), "worker", "--model", str(model), "--layers", f"{node.start_layer}:{node.end_layer}",
+            "--listen", listen, "--name", node.name, "--threads", str(threads),
+            *(["--dtype", dtype] if dtype else []),
+            *(["--kv-capacity-tokens", str(kv_capacity_tokens)] if kv_capacity_tokens else [])]
+
+
+async def _start_workers(plan: Plan, model: Path, children: dict[str, Child], logs: Path, env: dict[str, str],
+                         dtype: str | None, threads: int, kv_capacity_tokens: int | None) -> dict[str, str]:
+    """Start every worker on an ephemeral port; their `listening` lines give the addresses."""
+    for node in plan.nodes:
+        child = Child(node.name, _worker_argv(node, model, "tcp://127.0.0.1:*", dtype, threads, kv_capacity_tokens),
+                      logs / f"{node.name}.log")
+        children[node.name] = child
+        await child.start(env)
+    addresses: dict[str, str] = {}
+    for node in plan.nodes:
+        info = await children[node.name].expect("listening", STARTUP_TIMEOUT_S)
+        addresses[node.name] = str(info["address"])
+        # Restarts must come back where the router looks for this worker.
+        children[node.name].argv = _worker_argv(node, model, addresses[node.name], dtype, threads, kv_capacity_tokens)
+    return addresses
+
+
+async def _wait_healthy(url: str, children: dict[str, Child], timeout_s: float) -> None:
+    """Poll /healthz until every worker is up (a route alone is not enough: show the whole plan serving)."""
+    import aiohttp
+
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            for child in children.values():
+                if not child.running:
+                    code = child.process.returncode if child.process else None
+                    raise StartupError(f"{child.name} exited with code {code} while starting", child)
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.get(f"{url}/healthz", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                    body = await resp.json()
+                    if resp.status == 200 and all(w.get("up") for w in body.get("workers", {}).values()):
+                        return
+            await asyncio.sleep(0.2)
+    raise StartupError(f"the router at {url} did not become healthy within {timeout_s:g} s", children.get("router"))
+
+
+def _announce(url: str, plan: Plan, children: dict[str, Child], addresses: dict[str, str], model_name: str,
+              logs: Path, say: Any) -> None:
+    router = children["router"]
+    assert router.process is not None
+    nodes = {n.name: n for n in plan.nodes}
+    say(f"\nHelix is serving {model_name} at {url}/v1  ({len(nodes)} workers, plan max flow "
+        f"{plan.objective_tokens_per_s:g} tokens/s{' in relative units' if plan.method == 'local' else ''})")
+    say(f"  router  pid {router.process.pid}  {url}  (health {url}/healthz, metrics {url}/metrics)")
+    for name, address in addresses.items():
+        proc = children[name].process
+        n = nodes[name]
+        say(f"  {name:<6}  pid {proc.pid if proc else '?'}  layers [{n.start_layer}, {n.end_layer})  {address}")
+    body = json.dumps({"model": model_name, "prompt": "The capital of France is", "max_tokens": 16})
+    say(f"logs in {logs}\n\nTry:\n  curl {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'\n"
+        f"\nCtrl-C stops everything.")
+    pids = {name: c.process.pid for name, c in children.items() if c.process is not None}
+    print("serving " + json.dumps({"url": url, "model": model_name, "pids": pids, "workers": addresses,
+                                   "logs": str(logs)}), flush=True)
+
+
+async def _supervise(children: dict[str, Child], addresses: dict[str, str], env: dict[str, str], restart: bool,
+                     stop: asyncio.Event, say: Any) -> bool:
+    """Until a signal: restart workers that exit; a router that exits ends serve (True)."""
+    while not stop.is_set():
+        waits = {asyncio.create_task(c.process.wait()): c for c in children.values()
+                 if c.process is not None and c.process.returncode is None}
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({stopper, *waits}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (stopper, *waits):
+            task.cancel()
+        if stop.is_set():
+            return False
+        for task in done:
+            child = waits.get(task)
+            if child is None or child.process is None:
+                continue
+            code = child.process.returncode
+            if child.name == "router":
+                say(f"the router exited with code {code}; stopping\n{child.log_tail()}")
+                return True
+            if not restart:
+                say(f"worker {child.name} exited with code {code}; not restarting (--no-restart)")
+                continue
+            say(f"worker {child.name} exited with code {code}; restarting on {addresses[child.name]} in "
+                f"{RESTART_DELAY_S:g} s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RESTART_DELAY_S)
+            if stop.is_set():
+                return False
+            child.restarts += 1
+            await child.start(env)
+            assert child.process is not None
+            print("restarted " + json.dumps({"node": child.name, "pid": child.process.pid,
+                                             "address": addresses[child.name]}), flush=True)
+    return False
+
+
+async def _stop_all(children: dict[str, Child]) -> None:
+    """The router first (it releases its requests' KV on the workers), then every worker at once."""
+    router = children.get("router")
+    if router is not None:
+        await router.stop()
+    await asyncio.gather(*(c.stop() for name, c in children.items() if name != "router"))
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+@handle_errors
+def report_command(
+    route_log: Annotated[Path, typer.Option("--route-log", metavar="FILE", show_default=False,
+                                            help="A route log written by helix router / helix serve.")],
+    warmup: Annotated[float, typer.Option("--warmup", metavar="SECONDS",
+                                          help="Leave out the first seconds of the run.")] = 0.0,
+    output: Annotated[Path | None, typer.Option("--output", "-o", metavar="results.json", show_default=False,
+                                                help="Also write the results as JSON (the simulator's format).")]
+        = None,
+) -> None:
+    """Print the simulator's results table for a real run, from the router's route log.
+
+    Example: helix report --route-log routes.jsonl
+    """
+    from helix.simulator.errors import HelixInputError
+    from helix.worker.route_log import summarize
+
+    if not warmup >= 0:
+        raise HelixInputError(f"must be 0 or more, got {warmup:g}", "--warmup")
+    if output is not None and (output.suffix != ".json" or not output.parent.is_dir()):
+        raise HelixInputError("must be a .json file in an existing folder", "--output")
+    result = summarize(route_log, warmup_s=warmup)
+    if warmup >= result.simulated_s > 0:
+        raise HelixInputError(f"the log spans {result.simulated_s:.1f} s; nothing is left after the warm-up",
+                              "--warmup")
+    print_report(result)
+    if output is not None:
+        output.write_text(result.to_json())
+
+
+def print_report(result: SimulationResult) -> None:
+    """The simulator's tables (throughput, latency percentiles, nodes) for a real run."""
+    from rich.table import Table
+
+    from helix.cli.simulate import latency_table, node_table, stdout_console
+
+    console = stdout_console()
+    c = result.config
+    w0, w1 = result.window_s
+    w = c.get("workload", {})
+    plan = c.get("plan") or {}
+    statuses = c.get("requests_by_status") or {}
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("decode throughput", f"{result.decode_throughput_tokens_per_s:,.1f} tokens/s over {w0:g}–{w1:g} s")
+    grid.add_row("total throughput", f"{result.total_throughput_tokens_per_s:,.1f} tokens/s (prompt + decode tokens)")
+    grid.add_row("max flow", f"{result.max_flow_tokens_per_s:,.1f} tokens/s (the plan's)")
+    grid.add_row("requests", f"{result.requests_admitted:,} admitted, {result.requests_finished:,} finished, "
+                             f"{c.get('requests_dropped', 0):,} refused, {c.get('reroutes', 0):,} re-routed"
+                 + (f"; by status: {', '.join(f'{k} {v}' for k, v in sorted(statuses.items()))}" if statuses else ""))
+    scheduler = c.get("scheduler") or {}
+    grid.add_row("served", f"{c.get('model')} ({len(result.nodes)} nodes), plan {plan.get('method', '?')}, "
+                           f"scheduler {scheduler.get('scheduler', '?') if isinstance(scheduler, dict) else scheduler}")
+    grid.add_row("workload", f"observed: {w.get('requests', 0)} requests, mean {w.get('input_mean', 0):g} in / "
+                             f"{w.get('output_mean', 0):g} out")
+    grid.add_row("run", f"{result.simulated_s:,.1f} s of route log ({result.events:,} events)")
+    console.print(f"[bold]{c.get('model')} — real run from {c.get('path') or 'a route log'}[/]")
+    console.print(grid)
+    console.print(latency_table(result))
+    console.print(node_table(result))

@@ -1,0 +1,304 @@
+"""`helix serve --local` end to end: a real router and real workers as processes on loopback.
+
+One serve process for the module (three workers: w0 [0, 4) → w1 [4, 8) and w2 [0, 8)). Greedy
+answers must equal the whole tiny model run in this process; killing a worker mid-generation must
+not lose a request (the router re-routes and re-prefills), and its restart must bring it back into
+the flows; garbage sent to the router's ports must not hurt it; stopping serve must leave no
+process behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import aiohttp  # noqa: E402
+import zmq  # noqa: E402
+
+from helix.worker.metrics import METRIC_NAMES  # noqa: E402
+from helix.worker.route_log import summarize  # noqa: E402
+from helix.worker.tiny_model import create_tiny_model  # noqa: E402
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+STARTUP_S = 150.0
+
+
+@dataclass
+class Serve:
+    proc: subprocess.Popen[str]
+    stderr: Path
+    route_log: Path
+    lines: queue.Queue[str] = field(default_factory=queue.Queue)
+    seen: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    pids: set[int] = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        return str(self.info["url"])
+
+    def expect(self, prefix: str, timeout_s: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or (self.proc.poll() is not None and self.lines.empty()):
+                raise AssertionError(f"no {prefix!r} line from helix serve (rc={self.proc.poll()}):\n"
+                                     f"{self.stderr.read_text()[-3000:]}")
+            try:
+                line = self.lines.get(timeout=min(left, 0.2))
+            except queue.Empty:
+                continue
+            if line.startswith(prefix + " "):
+                data = json.loads(line[len(prefix) + 1:])
+                self.pids.update(int(p) for p in data.get("pids", {}).values())
+                if "pid" in data:
+                    self.pids.add(int(data["pid"]))
+                return dict(data)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return create_tiny_model(tmp_path_factory.mktemp("e2e") / "tiny", seed=5, num_layers=8)
+
+
+@pytest.fixture(scope="module")
+def greedy(model_dir: Path) -> Any:
+    """The whole model in this process, greedy (plain argmax, EOS included): the ground truth."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    memo: dict[tuple[int, ...], list[int]] = {}
+
+    def run(prompt: Sequence[int], n: int) -> list[int]:
+        key = tuple(prompt)
+        if len(memo.get(key, ())) < n:
+            out: list[int] = []
+            with torch.no_grad():
+                step = model(torch.tensor([list(prompt)]), use_cache=True)
+                while True:
+                    out.append(int(step.logits[0, -1].argmax()))
+                    if len(out) == n:
+                        break
+                    step = model(torch.tensor([[out[-1]]]), past_key_values=step.past_key_values, use_cache=True)
+            memo[key] = out
+        return memo[key][:n]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir: Path) -> Any:
+    return transformers.AutoTokenizer.from_pretrained(str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def serve(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
+    tmp = tmp_path_factory.mktemp("serve")
+    stderr = tmp / "serve.err"
+    cmd = [sys.executable, "-m", "helix.cli.app", "serve", "--local", "--model", str(model_dir), "--port", "0",
+           "--workers", "3", "--threads", "1", "--route-log", str(tmp / "routes.jsonl"), "--log-dir", str(tmp)]
+    with stderr.open("w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+    s = Serve(proc, stderr, tmp / "routes.jsonl")
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            s.seen.append(line)
+            s.lines.put(line.rstrip("\n"))
+
+    threading.Thread(target=read, daemon=True).start()
+    s.pids.add(proc.pid)
+    try:
+        s.info = s.expect("serving", STARTUP_S)
+        yield s
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for pid in s.pids:  # a test failed before checking: do not leave anything running
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def complete(session: aiohttp.ClientSession, url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async with session.post(url + path, json=body) as resp:
+        data = await resp.json()
+        assert resp.status == 200, data
+        return dict(data)
+
+
+async def stream(session: aiohttp.ClientSession, url: str, path: str, body: dict[str, Any],
+                 progress: list[int] | None = None) -> tuple[str, str | None]:
+    """The streamed text and finish reason; `progress[0]` counts content chunks as they arrive."""
+    text, finish = [], None
+    async with session.post(url + path, json={**body, "stream": True}) as resp:
+        assert resp.status == 200
+        async for raw in resp.content:
+            line = raw.decode().rstrip("\n")
+            if not line:
+                continue
+            assert line.startswith("data: ")
+            if line == "data: [DONE]":
+                break
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            choice = event["choices"][0]
+            piece = choice["delta"].get("content") if "delta" in choice else choice["text"]
+            if piece:
+                text.append(piece)
+                if progress is not None:
+                    progress[0] += 1
+            finish = choice["finish_reason"] or finish
+    return "".join(text), finish
+
+
+PROMPTS = ["The capital of France is", "def fib(n):", "1, 2, 3,"]
+
+
+def test_greedy_completions_and_chat_equal_the_whole_model(serve: Serve, greedy: Any, tokenizer: Any) -> None:
+    async def test() -> None:
+        async with aiohttp.ClientSession() as session:
+            for prompt in PROMPTS:
+                ids = tokenizer(prompt)["input_ids"]
+                want = tokenizer.decode(greedy(ids, 12), skip_special_tokens=True)
+                body = {"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+                got = await complete(session, serve.url, "/v1/completions", body)
+                assert got["choices"][0]["text"] == want and got["usage"]["completion_tokens"] == 12
+                assert await stream(session, serve.url, "/v1/completions", body) == (want, "length")
+            messages = [{"role": "user", "content": "Say hi"}]
+            rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+            want = tokenizer.decode(greedy(ids, 10), skip_special_tokens=True)
+            body = {"messages": messages, "max_tokens": 10, "temperature": 0, "ignore_eos": True}
+            got = await complete(session, serve.url, "/v1/chat/completions", body)
+            assert got["choices"][0]["message"]["content"] == want
+            assert await stream(session, serve.url, "/v1/chat/completions", body) == (want, "length")
+            # concurrent requests batch on the workers and still match
+            results = await asyncio.gather(*(complete(session, serve.url, "/v1/completions", {
+                "prompt": p, "max_tokens": 12, "temperature": 0, "ignore_eos": True}) for p in PROMPTS))
+            for p, r in zip(PROMPTS, results, strict=True):
+                assert r["choices"][0]["text"] == tokenizer.decode(greedy(tokenizer(p)["input_ids"], 12),
+                                                                   skip_special_tokens=True)
+
+    asyncio.run(asyncio.wait_for(test(), 60))
+
+
+def test_killed_worker_loses_no_request_and_its_restart_restores_it(serve: Serve, greedy: Any,
+                                                                    tokenizer: Any) -> None:
+    victim = "w0"  # [0, 4): on the plan's main path (w0 → w1), so requests are routed through it
+    n_tokens = 80
+
+    async def test() -> None:
+        async with aiohttp.ClientSession() as session:
+            prompts = [f"request {i}:" for i in range(4)]
+            progress = [[0] for _ in prompts]
+            body = {"max_tokens": n_tokens, "temperature": 0, "ignore_eos": True}
+            tasks = [asyncio.create_task(stream(session, serve.url, "/v1/completions", {**body, "prompt": p}, prog))
+                     for p, prog in zip(prompts, progress, strict=True)]
+            deadline = time.monotonic() + 30
+            while not all(p[0] >= 3 for p in progress):
+                assert time.monotonic() < deadline, progress
+                await asyncio.sleep(0.01)
+            os.kill(serve.info["pids"][victim], signal.SIGKILL)
+            results = await asyncio.gather(*tasks)
+            for prompt, (text, finish) in zip(prompts, results, strict=True):
+                want = tokenizer.decode(greedy(tokenizer(prompt)["input_ids"], n_tokens), skip_special_tokens=True)
+                assert (text, finish) == (want, "length")
+            async with session.get(serve.url + "/metrics") as resp:
+                metrics = await resp.text()
+            assert f'helix_worker_down_total{{worker="{victim}"}} 0.0' not in metrics
+            rerouted = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                           if line.startswith("helix_reroutes_total{"))
+            assert rerouted >= 1
+
+            serve.expect("restarted", 60)  # serve brings the process back on the same address ...
+            deadline = time.monotonic() + 60
+            while True:  # ... and the router, hearing from it, puts it back into the flows
+                async with session.get(serve.url + "/healthz") as resp:
+                    health = await resp.json()
+                if health["workers"][victim]["up"]:
+                    break
+                assert time.monotonic() < deadline, health
+                await asyncio.sleep(0.2)
+            assert health["max_flow_tokens_per_s"] == health["planned_max_flow_tokens_per_s"]
+            got = await complete(session, serve.url, "/v1/completions", {**body, "prompt": prompts[0],
+                                                                          "max_tokens": 8})
+            assert got["choices"][0]["text"] == tokenizer.decode(greedy(tokenizer(prompts[0])["input_ids"], 8),
+                                                                 skip_special_tokens=True)
+
+    asyncio.run(asyncio.wait_for(test(), 120))
+    events = [json.loads(line) for line in serve.route_log.read_text().splitlines() if line.strip()]
+    assert [e["up"] for e in events if e["event"] == "node" and e["node"] == victim][:3] == [True, False, True]
+
+
+def test_garbage_on_the_router_ports_does_not_hurt(serve: Serve) -> None:
+    async def test() -> None:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(serve.url + "/healthz") as resp:
+                receiver = (await resp.json())["receiver"]
+            ctx = zmq.Context()
+            sock = ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.connect(receiver)
+            for frames in ([b"\x00\xff junk"], [b"\x82\xa1v\x01\xa4kind\xa5token", b"\x01" * 64], [b""] * 3):
+                sock.send_multipart(frames)
+            sock.close()
+            ctx.term()
+            host, port = receiver.removeprefix("tcp://").rsplit(":", 1)
+            http_host, http_port = serve.url.removeprefix("http://").rsplit(":", 1)
+            for h, p in ((host, int(port)), (http_host, int(http_port))):
+                with socket.create_connection((h, p), timeout=2) as raw:  # not ZMTP, not HTTP
+                    raw.sendall(os.urandom(4096))
+            await asyncio.sleep(0.3)
+            got = await complete(session, serve.url, "/v1/completions", {"prompt": "still here", "max_tokens": 4})
+            assert got["usage"]["completion_tokens"] == 4
+            async with session.get(serve.url + "/metrics") as resp:
+                metrics = await resp.text()
+            dropped = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                          if line.startswith("helix_router_messages_dropped_total{"))
+            assert dropped >= 3
+            for name in METRIC_NAMES:
+                assert f"# TYPE {name} " in metrics, name
+
+    asyncio.run(asyncio.wait_for(test(), 30))
+
+
+def test_stop_leaves_no_process_and_the_route_log_reports(serve: Serve) -> None:
+    assert serve.proc.poll() is None
+    children = set(serve.pids) - {serve.proc.pid}
+    assert len(children) >= 4 and all(_alive(p) for p in children if p != serve.info["pids"]["w0"])
+    serve.proc.send_signal(signal.SIGTERM)
+    assert serve.proc.wait(30) == 0, serve.stderr.read_text()[-2000:]
+    time.sleep(0.2)
+    assert not [p for p in serve.pids if _alive(p)]
+    result = summarize(serve.route_log)
+    assert result.requests_finished >= 10 and result.config["reroutes"] >= 1
+    assert {n.name for n in result.nodes} == {"w0", "w1", "w2"}
