@@ -80,7 +80,11 @@ class NodeView(Protocol):
 
 
 class ClusterView(Protocol):
-    """Read-only state handed to schedulers."""
+    """Read-only state handed to schedulers.
+
+    Owners replace `flows` (a new mapping) whenever they adopt new flows, and never mutate it in
+    place: schedulers cache what they derive from one flows object (MaxFlowScheduler does).
+    """
 
     @property
     def coordinator(self) -> str: ...

@@ -162,7 +162,7 @@ class Engine:
 
     def _send_all(self, flights: list[Flight] | tuple[Flight, ...], now: float) -> None:
         """`_send` for each flight in order (one loop: this runs once per request per hop)."""
-        push = heapq.heappush
+        push, seq = heapq.heappush, self._seq
         for flight in flights:
             hop = flight.hop
             link = flight.links[hop]
@@ -171,15 +171,17 @@ class Engine:
             link.free_at = done = start + flight.tokens * link.seconds_per_token
             arrival = done + link.latency_s
             flight.sent_at = start
-            if hop == len(flight.stages):
+            stages = flight.stages
+            if hop == len(stages):
                 self.loop.at(arrival, self._at_coordinator, flight)
                 continue
-            sim = flight.stages[hop]
-            self._seq += 1
-            push(sim.inbox, (arrival, self._seq, flight))
+            sim = stages[hop]
+            seq += 1
+            push(sim.inbox, (arrival, seq, flight))
             sim.state.queue_length += 1
             if not sim.busy and arrival < sim.wake_at:
-                self._wake_at(sim, arrival)
+                self._wake_at(sim, arrival)  # uses the loop's sequence, not `seq`
+        self._seq = seq
 
     def _at_coordinator(self, flight: Flight) -> None:
         now = self.loop.now

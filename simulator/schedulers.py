@@ -130,31 +130,39 @@ class MaxFlowScheduler(Scheduler):
         self.min_flow_share = min_flow_share
         self._load: dict[tuple[str, str], float] = {}
         self._uncharged: dict[Route, int] = {}  # decode iterations per route, charged lazily
-        self._route_edges: dict[Route, list[tuple[str, str]]] = {}  # routes repeat; their edges do not change
-        # Per vertex, its out-edges that clear the flow floor when all its successors are up: a route
-        # is built hop by hop for every request, and a vertex may have hundreds of successors.
-        self._out: dict[str, list[tuple[str, tuple[str, str], float]]] = {}
-        self._out_flows: object = None  # the flows mapping `_out` was built from (owners replace it)
+        # Derived from one flows mapping (`_flows_seen`; owners replace it when flows change):
+        # per route, its edges that carry flow, with the flow (routes repeat, one charge per decode
+        # iteration); per vertex, its out-edges that clear the flow floor when all its successors
+        # are up (a route is built hop by hop for every request; a vertex may have hundreds).
+        self._route_flows: dict[Route, tuple[tuple[tuple[str, str], ...], tuple[float, ...]]] = {}
+        self._out: dict[str, tuple[int, list[tuple[str, tuple[str, str], float]]]] = {}
+        self._flows_seen: object = None
+
+    def _check_flows(self) -> None:
+        """Drop what was derived from an older flows mapping."""
+        if self.view.flows is not self._flows_seen:
+            self._route_flows.clear()
+            self._out.clear()
+            self._flows_seen = self.view.flows
 
     def _out_edges(self, vertex: str, candidates: Sequence[str]) -> list[tuple[str, tuple[str, str], float]]:
         """(next vertex, edge, flow) for the candidates whose edge carries at least the floor, in order."""
         flows = self.view.flows
-        if flows is not self._out_flows:
-            self._out.clear()
-            self._out_flows = flows
         # Candidates are the successors that are up, in order: as many as successors means all of them.
-        every = len(candidates) == len(self.view.successors(vertex))
-        if every and vertex in self._out:
-            return self._out[vertex]
+        cached = self._out.get(vertex)
+        if cached is not None and len(candidates) == cached[0]:
+            return cached[1]
         edges = [(vertex, d) for d in candidates]
         flow = [flows[e] for e in edges]
         floor = self.min_flow_share * max(flow)
         out = [(d, e, f) for d, e, f in zip(candidates, edges, flow, strict=True) if not f < floor]
-        if every:
-            self._out[vertex] = out
+        successors = len(self.view.successors(vertex))
+        if len(candidates) == successors:
+            self._out[vertex] = (successors, out)
         return out
 
     def schedule(self, request: Request) -> Route | None:
+        self._check_flows()
         self._charge_iterations()
         view, load, flows = self.view, self._load, self.view.flows
         coord, nodes = view.coordinator, view.nodes
@@ -192,20 +200,20 @@ class MaxFlowScheduler(Scheduler):
         self._uncharged[route] = self._uncharged.get(route, 0) + 1
 
     def _charge_iterations(self) -> None:
-        flows, load, cached = self.view.flows, self._load, self._route_edges
+        flows, load, cached = self.view.flows, self._load, self._route_flows
         for route, n in self._uncharged.items():
-            edges = cached.get(route)
-            if edges is None:
-                edges = cached[route] = route_edges(route, self.view.coordinator)
-            for edge in edges:
-                flow = flows.get(edge)
-                if flow:
-                    load[edge] = load.get(edge, 0.0) + n / flow
+            found = cached.get(route)
+            if found is None:  # two flat tuples: there is one entry per distinct route, many thousands
+                edges = [e for e in route_edges(route, self.view.coordinator) if flows.get(e)]
+                found = cached[route] = (tuple(edges), tuple(flows[e] for e in edges))
+            for edge, flow in zip(*found, strict=True):
+                load[edge] = load.get(edge, 0.0) + n / flow
         self._uncharged.clear()
 
     def _reset(self) -> None:
         self._load.clear()
         self._uncharged.clear()
+        self._route_flows.clear()
         self._out.clear()
 
     def on_node_down(self, name: str) -> None:

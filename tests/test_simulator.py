@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from helix.simulator.cluster import GpuNode
 from helix.simulator.errors import HelixInputError
 from helix.simulator.events import EventLoop
 from helix.simulator.helix_format import (
@@ -17,6 +18,7 @@ from helix.simulator.helix_format import (
 from helix.simulator.model import MODEL_CATALOG
 from helix.simulator.profiles.base import BatchLimits
 from helix.simulator.profiles.helix_reference import HelixReferenceProfiles
+from helix.simulator.profiles.roofline import RooflineProfiles
 from helix.simulator.requests import (
     GammaArrivals,
     ParametricLengths,
@@ -174,12 +176,18 @@ def test_helix_profiles_carry_helix_batch_limits(reference_dir: Path) -> None:
 
 def test_default_batch_limits_are_vllm_like_and_capped_by_the_kv_cache() -> None:
     node = make_cluster().node_map["l4-0"]
-    kv = PROFILES.kv_capacity_tokens(node, 4)
-    limits = PROFILES.batch_limits(node, 4)
-    assert limits == BatchLimits(prompt_max_requests=8, prompt_max_tokens=min(8192, kv),
-                                 decode_max_tokens=min(PROFILES.workload.max_batch_requests, kv),
-                                 decode_max_context=kv)
+    assert PROFILES.batch_limits(node, 4) == BatchLimits(
+        prompt_max_requests=8, prompt_max_tokens=8192, decode_max_tokens=PROFILES.workload.max_batch_requests)
     assert PROFILES.conventions.single_decode_factor == 1.0
+
+    class Tiny(RooflineProfiles):
+        """A cache of 1,000 tokens per layer: a 5,000-token prompt never fits on one layer."""
+
+        def kv_capacity_tokens(self, node: GpuNode, layers: int) -> int:
+            return 1000
+
+    assert Tiny(MODEL).batch_limits(node, 1).prompt_max_tokens == 1000
+    assert Tiny(MODEL).batch_limits(node, 4).prompt_max_tokens == 4000
 
 
 def test_maxflow_admits_with_many_parallel_pipelines() -> None:

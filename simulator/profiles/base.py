@@ -96,21 +96,19 @@ class Profiles(ABC):
     def batch_limits(self, node: GpuNode, layers: int) -> BatchLimits:
         """Per-iteration batch bounds of `node` holding `layers` layers.
 
-        Default: vLLM-like bounds (8 prompts and 8,192 prompt tokens per iteration, at most the
-        workload's `max_batch_requests` decode sequences), capped by what the node's KV cache can
-        hold per layer: a prompt batch or a decode batch's total context larger than the cache could
-        never run, so a scheduler must not send one there.
+        Default: vLLM-like bounds — 8 prompts and 8,192 prompt tokens per iteration, at most the
+        workload's `max_batch_requests` decode sequences — with the prompt-token bound lowered to
+        what the node's whole KV cache holds (tokens × layers): a longer prompt could never start
+        there (the engine admits a prompt only when its KV fits), so a scheduler must not send it.
+        Only that cap is derived from the cache: a per-layer cap would be wrong under partial
+        inference, where a request runs (and caches on) only some of the node's layers.
         """
         default = BatchLimits()
-        kv_tokens = self.kv_capacity_tokens(node, layers)
-        if kv_tokens < 1:
-            return BatchLimits(decode_max_tokens=self.workload.max_batch_requests)
-        return BatchLimits(
-            prompt_max_requests=default.prompt_max_requests,
-            prompt_max_tokens=min(default.prompt_max_tokens, kv_tokens),
-            decode_max_tokens=min(self.workload.max_batch_requests, kv_tokens),
-            decode_max_context=kv_tokens,
-        )
+        kv_total = self.kv_capacity_tokens(node, layers) * layers
+        return BatchLimits(prompt_max_requests=default.prompt_max_requests,
+                           prompt_max_tokens=min(default.prompt_max_tokens, kv_total) if kv_total > 0
+                           else default.prompt_max_tokens,
+                           decode_max_tokens=self.workload.max_batch_requests)
 
     def throughput(self, node: GpuNode, layers: int) -> float:
         """Tokens/s (prompt + decode) the node pushes through all `layers` layers; 0 if it cannot hold them."""
