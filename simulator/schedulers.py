@@ -130,18 +130,15 @@ class MaxFlowScheduler(Scheduler):
         self.min_flow_share = min_flow_share
         self._load: dict[tuple[str, str], float] = {}
         self._uncharged: dict[Route, int] = {}  # decode iterations per route, charged lazily
-        # Derived from one flows mapping (`_flows_seen`; owners replace it when flows change):
-        # per route, its edges that carry flow, with the flow (routes repeat, one charge per decode
-        # iteration); per vertex, its out-edges that clear the flow floor when all its successors
-        # are up (a route is built hop by hop for every request; a vertex may have hundreds).
-        self._route_flows: dict[Route, tuple[tuple[tuple[str, str], ...], tuple[float, ...]]] = {}
+        # Per vertex, its out-edges that clear the flow floor when all its successors are up (a route
+        # is built hop by hop for every request; a vertex may have hundreds of successors), derived
+        # from one flows mapping (`_flows_seen`; owners replace it when flows change).
         self._out: dict[str, tuple[int, list[tuple[str, tuple[str, str], float]]]] = {}
         self._flows_seen: object = None
 
     def _check_flows(self) -> None:
         """Drop what was derived from an older flows mapping."""
         if self.view.flows is not self._flows_seen:
-            self._route_flows.clear()
             self._out.clear()
             self._flows_seen = self.view.flows
 
@@ -200,20 +197,17 @@ class MaxFlowScheduler(Scheduler):
         self._uncharged[route] = self._uncharged.get(route, 0) + 1
 
     def _charge_iterations(self) -> None:
-        flows, load, cached = self.view.flows, self._load, self._route_flows
+        flows, load = self.view.flows, self._load
         for route, n in self._uncharged.items():
-            found = cached.get(route)
-            if found is None:  # two flat tuples: there is one entry per distinct route, many thousands
-                edges = [e for e in route_edges(route, self.view.coordinator) if flows.get(e)]
-                found = cached[route] = (tuple(edges), tuple(flows[e] for e in edges))
-            for edge, flow in zip(*found, strict=True):
-                load[edge] = load.get(edge, 0.0) + n / flow
+            for edge in route_edges(route, self.view.coordinator):
+                flow = flows.get(edge)
+                if flow:
+                    load[edge] = load.get(edge, 0.0) + n / flow
         self._uncharged.clear()
 
     def _reset(self) -> None:
         self._load.clear()
         self._uncharged.clear()
-        self._route_flows.clear()
         self._out.clear()
 
     def on_node_down(self, name: str) -> None:
