@@ -203,15 +203,10 @@ def test_profile_errors(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- solutions
 
-SOL_INI = """
-[Settings]
-offset=2
-
-[Solution]
-compute_node_2=[0, 1]
-compute_node_3=[3, 1, 2]
-compute_node_4=[2, 3]
-"""
+# A hand-made three-node solution in Helix's `*_sol.ini` syntax (built, not copied from the artifact).
+_SOLUTION_LAYERS = {2: "[0, 1]", 3: "[3, 1, 2]", 4: "[2, 3]"}
+SOL_INI = "\n[Settings]\noffset=2\n\n[Solution]\n" + "".join(
+    f"compute_node_{j}={layers}\n" for j, layers in _SOLUTION_LAYERS.items())
 
 
 def solution(tmp_path: Path, text: str = SOL_INI) -> Path:
