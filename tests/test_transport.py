@@ -367,3 +367,11 @@ def test_closing_a_sender_wakes_a_blocked_send(tmp_path: Path) -> None:
             await pending
 
     run(go)
+
+
+def test_a_bad_address_raises_and_leaves_no_socket_behind() -> None:
+    ctx = zmq.asyncio.Context()
+    with pytest.raises(zmq.ZMQError):
+        Sender("tcp://no-port-here", ctx=ctx)
+    # term() blocks while any socket of the context is open: it returns only if the failed one was closed.
+    ctx.term()

@@ -281,10 +281,15 @@ class Sender:
         self._closed = False
         ctx = ctx or _default_context()
         sock = ctx.socket(zmq.PUSH)
-        self.options.apply_common(sock)
-        sock.setsockopt(zmq.SNDHWM, self.options.sndhwm)
-        sock.setsockopt(zmq.IMMEDIATE, int(self.options.immediate))
-        sock.connect(address)
+        try:
+            self.options.apply_common(sock)
+            sock.setsockopt(zmq.SNDHWM, self.options.sndhwm)
+            sock.setsockopt(zmq.IMMEDIATE, int(self.options.immediate))
+            sock.connect(address)
+        except zmq.ZMQError:
+            # A bad address must not leak the socket: the context would then hang on term().
+            sock.close(linger=0)
+            raise
         self._sock = sock
 
     async def send(self, msg: Message, *, timeout_s: float | None = None) -> None:
