@@ -24,3 +24,12 @@ def test_no_top_level_operator_module_is_installed() -> None:
     import operator
 
     assert not hasattr(operator, "__path__"), "the stdlib operator module is shadowed by a package"
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    readme = (REPO / "README.md").read_text()
+    marker = "Set up and run the tests"
+    block = readme[readme.index(marker):].split("```bash\n", 1)[1].split("```", 1)[0].strip()
+    ci_lines = [line for line in (REPO / ".ci" / "run").read_text().splitlines()
+                if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    assert ci_lines == [block]
