@@ -82,13 +82,39 @@ class Coordinator(BaseModel):
     nic_out_bps: float = Field(default=10e9, gt=0)
 
 
+class RegionLink(LinkSpec):
+    """The mesh's link between two regions, overriding `inter_region` for that pair of regions."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    src_region: str = Field(alias="from", min_length=1)
+    dst_region: str = Field(alias="to", min_length=1)
+    bidirectional: bool = True
+
+
 class MeshDefaults(BaseModel):
-    """Links for every pair without an explicit one (coordinator included)."""
+    """Links for every pair without an explicit one (coordinator included).
+
+    Region links give measured numbers per pair of regions (a WAN is rarely uniform) without
+    listing a link per pair of nodes; like explicit links, a listed direction wins over the
+    reverse of a bidirectional entry.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     intra_region: LinkSpec = LinkSpec(bandwidth_bps=10e9, latency_s=0.001)
     inter_region: LinkSpec = LinkSpec(bandwidth_bps=100e6, latency_s=0.05)
+    region_links: tuple[RegionLink, ...] = ()
+
+    def between(self) -> dict[tuple[str, str], LinkSpec]:
+        """Directed region pair → link, from `region_links` (explicit directions first)."""
+        out: dict[tuple[str, str], LinkSpec] = {}
+        for rl in self.region_links:
+            out[(rl.src_region, rl.dst_region)] = LinkSpec(bandwidth_bps=rl.bandwidth_bps, latency_s=rl.latency_s)
+        for rl in self.region_links:
+            if rl.bidirectional:
+                out.setdefault((rl.dst_region, rl.src_region), out[(rl.src_region, rl.dst_region)])
+        return out
 
 
 class Cluster(BaseModel):
@@ -143,11 +169,13 @@ class Cluster(BaseModel):
         if self.mesh is not None:
             regions = {n.name: n.region for n in self.nodes} | {self.coordinator.name: self.coordinator.region}
             names = list(regions)
+            between = self.mesh.between()
             for a in names:
                 for b in names:
                     if a != b and (a, b) not in out:
-                        same = regions[a] == regions[b]
-                        out[(a, b)] = self.mesh.intra_region if same else self.mesh.inter_region
+                        ra, rb = regions[a], regions[b]
+                        out[(a, b)] = (self.mesh.intra_region if ra == rb
+                                       else between.get((ra, rb), self.mesh.inter_region))
         return out
 
     def link(self, src: str, dst: str) -> LinkSpec | None:

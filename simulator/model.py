@@ -105,16 +105,21 @@ def model_from_hf_config(path: Path) -> ModelSpec:
         cfg = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise HelixInputError(f"cannot read model config: {exc}", str(path)) from exc
+    return model_from_hf_dict(cfg, str(path), default_name=path.parent.name or "model")
+
+
+def model_from_hf_dict(cfg: object, where: str, default_name: str = "model") -> ModelSpec:
+    """A decoder from the contents of a `config.json` (a file, or an object inlined in a HelixCluster spec)."""
     if not isinstance(cfg, dict):
-        raise HelixInputError("expected a JSON object (a Hugging Face config.json)", str(path))
+        raise HelixInputError("expected a JSON object (a Hugging Face config.json)", where)
     missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
                            "vocab_size") if k not in cfg]
     if missing:
-        raise HelixInputError(f"not a decoder config.json: missing {', '.join(missing)}", str(path))
+        raise HelixInputError(f"not a decoder config.json: missing {', '.join(missing)}", where)
     dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
     try:
         return ModelSpec(
-            name=str(cfg.get("_name_or_path") or path.parent.name or "model"),
+            name=str(cfg.get("_name_or_path") or default_name),
             num_layers=cfg["num_hidden_layers"],
             hidden_size=cfg["hidden_size"],
             num_attention_heads=cfg["num_attention_heads"],
@@ -125,14 +130,20 @@ def model_from_hf_config(path: Path) -> ModelSpec:
             head_dim=cfg.get("head_dim"),
         )
     except ValidationError as exc:
-        raise HelixInputError(pydantic_message(exc), str(path)) from exc
+        raise HelixInputError(pydantic_message(exc), where) from exc
+
+
+def catalog_model(name: str) -> ModelSpec | None:
+    """The catalog entry for a name or alias (case ignored), or None."""
+    key = MODEL_ALIASES.get(name.lower(), name.lower())
+    return MODEL_CATALOG.get(key)
 
 
 def resolve_model(name_or_path: str) -> ModelSpec:
     """A catalog name, or a path to a config.json (or a folder holding one)."""
-    key = MODEL_ALIASES.get(name_or_path.lower(), name_or_path.lower())
-    if key in MODEL_CATALOG:
-        return MODEL_CATALOG[key]
+    spec = catalog_model(name_or_path)
+    if spec is not None:
+        return spec
     path = Path(name_or_path)
     if path.is_dir():
         path = path / "config.json"

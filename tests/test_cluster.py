@@ -89,6 +89,26 @@ links:
     assert cluster.link("b", "a") == LinkSpec(bandwidth_bps=1e8)
 
 
+def test_region_links_override_the_inter_region_default(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+nodes: [{name: a, gpu: T4, region: us}, {name: b, gpu: T4, region: eu}, {name: c, gpu: L4, region: ap}]
+coordinator: {region: us}
+mesh:
+  inter_region: {bandwidth_bps: 1e8, latency_s: 0.05}
+  region_links:
+    - {from: us, to: eu, bandwidth_bps: 1e9, latency_s: 0.04}
+    - {from: eu, to: us, bandwidth_bps: 5e8, latency_s: 0.04, bidirectional: false}
+    - {from: ap, to: eu, bandwidth_bps: 2e8}
+""")
+    cluster = load_cluster_yaml(path)
+    assert cluster.link("a", "b") == cluster.link(COORDINATOR, "b") == LinkSpec(bandwidth_bps=1e9, latency_s=0.04)
+    assert cluster.link("b", "a") == LinkSpec(bandwidth_bps=5e8, latency_s=0.04)  # the listed direction wins
+    assert cluster.link("b", "c") == cluster.link("c", "b") == LinkSpec(bandwidth_bps=2e8)
+    assert cluster.link("a", "c") == LinkSpec(bandwidth_bps=1e8, latency_s=0.05)
+    again = load_cluster_yaml(write(tmp_path, dump_cluster_yaml(cluster), "again.yaml"))
+    assert again.link_map == cluster.link_map
+
+
 def test_dump_round_trips(tmp_path: Path) -> None:
     cluster = load_cluster_yaml(write(tmp_path, TWO_REGIONS + "links:\n  - {from: a, to: c, bandwidth_bps: 1e9}\n"))
     again = load_cluster_yaml(write(tmp_path, dump_cluster_yaml(cluster), "again.yaml"))

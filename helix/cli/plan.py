@@ -17,6 +17,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from helix.cli.dry_run import (
+    AddOption,
+    FileOption,
+    ManifestsOption,
+    NodesOption,
+    PreviousOption,
+    RemoveOption,
+    dry_run_only,
+    refuse_explicit,
+)
 from helix.cli.errors import EXIT_BUG, handle_errors
 from helix.cli.inputs import (
     DEFAULT_MODEL,
@@ -51,6 +61,7 @@ def register(app: typer.Typer) -> None:
 
 @handle_errors
 def plan_command(
+    ctx: typer.Context,
     cluster: ClusterOption = None,
     machine_profile: MachineProfileOption = None,
     mix: MixOption = None,
@@ -86,13 +97,28 @@ def plan_command(
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", rich_help_panel=OUTPUT_PANEL,
         help="No progress and no table: print one summary line.")] = False,
+    filename: FileOption = None,
+    nodes: NodesOption = None,
+    add: AddOption = None,
+    remove: RemoveOption = None,
+    previous: PreviousOption = None,
+    manifests: ManifestsOption = None,
 ) -> None:
     """Place the model's layers on the cluster to maximize serving throughput (the max flow).
 
-    Example: helix plan --cluster examples/clusters/single-24.yaml --time-limit 30 -o plan.json
+    Examples: helix plan --cluster examples/clusters/single-24.yaml --time-limit 30 -o plan.json;
+    helix plan -f examples/helixcluster.yaml --nodes examples/nodes.yaml --add 4xL4 (what the operator would do)
     """
     from helix.simulator.errors import HelixInputError
     from helix.simulator.placement.base import PlacementOptions, PlacementProblem
+
+    if filename is not None:
+        refuse_explicit(ctx, SPEC_DECIDES)
+        _check_target(output, PLAN_SUFFIXES, "--output")
+        _check_target(plot, PLOT_SUFFIXES, "--plot")
+        raise typer.Exit(plan_dry_run(filename, nodes, add, remove, previous, manifests, output, plot, quiet))
+    dry_run_only({"--nodes": nodes, "--add": add, "--remove": remove, "--previous": previous,
+                  "--manifests": manifests})
 
     # Check every option before loading or solving: a typo must not cost a ten-minute solve.
     if method not in known_methods():
@@ -142,6 +168,41 @@ def plan_command(
         plot_plan(plan, plot, inputs.cluster)
         if not quiet:
             out.print(f"wrote plot to [bold]{plot}[/]")
+
+
+#: `helix plan` options the HelixCluster spec decides in a dry run (-f).
+SPEC_DECIDES = ("cluster", "machine_profile", "mix", "regions", "model", "profiles", "profile_mix", "method",
+                "time_limit", "partial_inference", "prune_keep", "warm_start", "seed", "workers")
+
+
+def plan_dry_run(filename: Path, nodes: Path | None, add: list[str] | None, remove: list[str] | None,
+                 previous: Path | None, manifests: Path | None, output: Path | None, plot: Path | None,
+                 quiet: bool) -> int:
+    """`helix plan -f`: the operator's decision, its plan saved and drawn like any plan; returns the exit code."""
+    from helix.cli.dry_run import exit_code, print_dry_run, run_dry, summary_line
+
+    dry = run_dry(filename, nodes, add, remove, previous, manifests, quiet)
+    out = _console()
+    if quiet:
+        print(summary_line(dry))
+    else:
+        print_dry_run(out, dry, nodes or filename)
+    plan, cluster = dry.outcome.plan, dry.outcome.cluster
+    if plan is None or cluster is None:
+        if output is not None or plot is not None:
+            print("error: no plan written or drawn: the operator would serve none", file=sys.stderr, flush=True)
+        return exit_code(dry)
+    if output is not None:
+        plan.save(output)
+        if not quiet:
+            out.print(f"wrote plan to [bold]{output}[/]")
+    if plot is not None:
+        from helix.simulator.plotting import plot_plan
+
+        plot_plan(plan, plot, cluster)
+        if not quiet:
+            out.print(f"wrote plot to [bold]{plot}[/]")
+    return exit_code(dry)
 
 
 def known_methods() -> list[str]:

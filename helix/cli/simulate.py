@@ -25,6 +25,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from helix.cli.dry_run import (
+    AddOption,
+    FileOption,
+    ManifestsOption,
+    NodesOption,
+    PreviousOption,
+    RemoveOption,
+    dry_run_only,
+    refuse_explicit,
+)
 from helix.cli.errors import EXIT_BUG, handle_errors
 from helix.cli.inputs import (
     DEFAULT_MODEL,
@@ -146,6 +156,7 @@ QuietOption = Annotated[bool, typer.Option(
 
 @handle_errors
 def simulate_command(
+    ctx: typer.Context,
     cluster: ClusterOption = None,
     machine_profile: MachineProfileOption = None,
     mix: MixOption = None,
@@ -190,13 +201,27 @@ def simulate_command(
         "--plots", metavar="DIR", show_default=False, rich_help_panel=OUTPUT_PANEL,
         help="Write PNGs: decode throughput over time, latency CDFs, the placement.")] = None,
     quiet: QuietOption = False,
+    filename: FileOption = None,
+    nodes: NodesOption = None,
+    add: AddOption = None,
+    remove: RemoveOption = None,
+    previous: PreviousOption = None,
+    manifests: ManifestsOption = None,
 ) -> None:
     """Simulate serving a plan; with no arguments, the paper's 24-node example beside Swarm and Petals.
 
     Examples: helix simulate; helix simulate --mix A100-40G:2,L4:4 --method greedy-flow --duration 600;
-    helix simulate --cluster c.yaml --plan plan.json --scheduler swarm --mode online --rate 2 -o r.json
+    helix simulate --cluster c.yaml --plan plan.json --scheduler swarm --mode online --rate 2 -o r.json;
+    helix simulate -f examples/helixcluster.yaml --nodes examples/nodes.yaml (the operator's rollout gate)
     """
     from helix.simulator.errors import HelixInputError
+
+    if filename is not None:
+        refuse_explicit(ctx, [p.name for p in ctx.command.params if p.name and p.name not in DRY_RUN_OWN])
+        check_output(output, (".json",), "--output")
+        raise typer.Exit(simulate_dry_run(filename, nodes, add, remove, previous, manifests, output, quiet))
+    dry_run_only({"--nodes": nodes, "--add": add, "--remove": remove, "--previous": previous,
+                  "--manifests": manifests})
 
     # Every option is checked before anything is loaded, placed or simulated.
     if plan is not None and method is not None:
@@ -269,6 +294,36 @@ def simulate_command(
         _wrote(out, quiet, "requests", requests_csv)
     if plots is not None:
         _write_plots(out, quiet, plots, [run], inputs)
+
+
+#: `helix simulate` options that still apply with -f: the rest are the HelixCluster spec's to decide.
+DRY_RUN_OWN = ("filename", "nodes", "add", "remove", "previous", "manifests", "output", "quiet")
+
+
+def simulate_dry_run(filename: Path, nodes: Path | None, add: list[str] | None, remove: list[str] | None,
+                     previous: Path | None, manifests: Path | None, output: Path | None, quiet: bool) -> int:
+    """`helix simulate -f`: the operator's decision, then the gate's simulation in full; returns the exit code."""
+    from helix.cli.dry_run import exit_code, print_dry_run, run_dry
+    from helix.cli.dry_run import summary_line as dry_run_line
+
+    dry = run_dry(filename, nodes, add, remove, previous, manifests, quiet)
+    o, out = dry.outcome, stdout_console()
+    if quiet:
+        print(dry_run_line(dry))
+    else:
+        print_dry_run(out, dry, nodes or filename)
+    if o.judged is None or o.simulation is None or o.cluster is None or o.model is None or o.profiles is None:
+        if output is not None:
+            print("error: no results written: the operator simulated no plan", file=sys.stderr, flush=True)
+        return exit_code(dry)
+    scheduler = dry.cluster.spec.scheduling.method
+    if not quiet:
+        inputs = Inputs(o.cluster, o.model, o.profiles, str(nodes or filename))
+        print_result(out, Run(o.judged.method, o.judged.method, scheduler, o.judged, o.simulation), inputs)
+    if output is not None:
+        output.write_text(o.simulation.to_json())
+        _wrote(out, quiet, "results", output)
+    return exit_code(dry)
 
 
 # --- checking options ------------------------------------------------------------------------------

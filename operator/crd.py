@@ -1,0 +1,410 @@
+"""The HelixCluster custom resource, defined once: pydantic models for spec and status, and the CRD.
+
+The models are the single source of truth. `crd_manifest()` derives the apiextensions.k8s.io/v1
+CustomResourceDefinition from them (a structural OpenAPI v3 schema with descriptions, enums,
+bounds and defaults), so the API server rejects what the operator would reject, and `helix crd`
+prints it; the committed copies in `crds/` and the chart are tested against it. Field names are
+snake_case in Python and camelCase on the wire (`alias_generator=to_camel`).
+
+Checks the schema cannot express (a catalog model name, a registered placement method, a profile
+file) happen when planning and become an `InvalidSpec` condition.
+"""
+
+from __future__ import annotations
+
+import copy
+from enum import StrEnum
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "helix.ai"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "HelixCluster"
+PLURAL = "helixclusters"
+SINGULAR = "helixcluster"
+SHORT_NAMES = ("hxc",)
+CRD_NAME = f"{PLURAL}.{GROUP}"
+
+#: On a HelixCluster: "true" stops reconciling it (the runtime reports phase Paused).
+PAUSED_ANNOTATION = f"{GROUP}/paused"
+DEFAULT_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
+
+Phase = Literal["Pending", "Planning", "Rolling", "Ready", "Degraded", "Failed", "Paused"]
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+class ConditionType(StrEnum):
+    PLACEMENT_SOLVED = "PlacementSolved"
+    PLAN_VALIDATED = "PlanValidated"
+    WORKERS_READY = "WorkersReady"
+    ROUTER_READY = "RouterReady"
+    READY = "Ready"
+
+
+class Reason(StrEnum):
+    """Condition reasons: one CamelCase word a dashboard or an alert can match on."""
+
+    SOLVED = "Solved"
+    VALIDATED = "Validated"
+    SLO_MET = "SLOMet"
+    INSUFFICIENT_CAPACITY = "InsufficientCapacity"
+    SLO_NOT_MET = "SLONotMet"
+    NO_GPU_NODES = "NoGPUNodes"
+    INVALID_SPEC = "InvalidSpec"
+    VALIDATION_FAILED = "ValidationFailed"
+    GAIN_BELOW_THRESHOLD = "GainBelowThreshold"
+    PAUSED = "Paused"
+    PODS_PENDING = "PodsPending"
+    PODS_READY = "PodsReady"
+
+
+class CrdModel(BaseModel):
+    """Base of every CRD model: camelCase on the wire, unknown fields rejected (as the schema does)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    def wire(self) -> dict[str, Any]:
+        """The object as the API server stores it: camelCase keys, unset optional fields left out."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# --- spec ------------------------------------------------------------------------------------------
+class ModelSource(CrdModel):
+    """The model to serve: a catalog name or a Hugging Face config, and where workers read its weights."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "has(self.name) != has(self.config)", "message": "give exactly one of name and config"}]})
+
+    name: str | None = Field(None, min_length=1, description=(
+        "Model catalog name, e.g. llama2-70b, llama3.1-70b, qwen2.5-72b (`helix plan --help` lists the catalog). "
+        "Exactly one of name and config."))
+    config: dict[str, Any] | None = Field(None, description=(
+        "A Hugging Face config.json as an object (num_hidden_layers, hidden_size, num_attention_heads, "
+        "num_key_value_heads, intermediate_size, vocab_size), for a model outside the catalog."))
+    weights: str = Field(min_length=1, description=(
+        "Where worker pods read the weights: a path in the worker image or a mounted volume "
+        "(/models/llama-2-70b), or a URI (pvc://models/llama-2-70b)."))
+    dtype: Literal["float16", "bfloat16", "float32"] = Field("bfloat16", description=(
+        "Weight and KV-cache data type; sets the bytes per parameter the planner budgets."))
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSource:
+        if (self.name is None) == (self.config is None):
+            raise ValueError("give exactly one of model.name and model.config")
+        return self
+
+
+class NodeSelection(CrdModel):
+    """Which Kubernetes nodes the cluster may use."""
+
+    selector: dict[str, str] = Field(DEFAULT_NODE_SELECTOR, description=(
+        "matchLabels: a node is used only when it carries all of these labels."))
+    names: list[str] | None = Field(None, description=(
+        "Only these nodes (still filtered by the selector); default: every node the selector matches."))
+
+
+class IntraRegionNetwork(CrdModel):
+    """Links between two vertices (nodes, router) in the same region."""
+
+    bandwidth_gbps: float = Field(10.0, gt=0, description="Bandwidth in Gbit/s.")
+    latency_ms: float = Field(1.0, ge=0, description="One-way latency in milliseconds.")
+
+
+class InterRegionNetwork(CrdModel):
+    """Links between vertices in different regions, unless regionLinks names the pair (the paper's geo setup)."""
+
+    bandwidth_gbps: float = Field(0.1, gt=0, description="Bandwidth in Gbit/s.")
+    latency_ms: float = Field(50.0, ge=0, description="One-way latency in milliseconds.")
+
+
+class RegionLink(CrdModel):
+    """The link between two regions, in both directions (give the reverse pair too for asymmetric links)."""
+
+    from_region: str = Field(alias="from", min_length=1, description="Region name.")
+    to_region: str = Field(alias="to", min_length=1, description="Region name.")
+    bandwidth_gbps: float = Field(gt=0, description="Bandwidth in Gbit/s.")
+    latency_ms: float = Field(ge=0, description="One-way latency in milliseconds.")
+
+
+class NetworkSpec(CrdModel):
+    """What labels cannot say about the network: NIC speed and region-to-region links."""
+
+    nic_bandwidth_gbps: float = Field(10.0, gt=0, description=(
+        "NIC bandwidth in Gbit/s of nodes without the helix.ai/nic-bandwidth-gbps annotation, and of the router."))
+    coordinator_region: str | None = Field(None, min_length=1, description=(
+        "Region the router runs in (requests enter and tokens leave there). Default: the region with the most "
+        "GPU memory."))
+    intra_region: IntraRegionNetwork = Field(IntraRegionNetwork(), description=(
+        "Links inside a region."))
+    inter_region: InterRegionNetwork = Field(InterRegionNetwork(), description=(
+        "Links across regions not named in regionLinks."))
+    region_links: list[RegionLink] = Field([], description="Measured links between pairs of regions.")
+
+
+class PlacementSpec(CrdModel):
+    """How layers are placed (the max-flow MILP by default)."""
+
+    method: str = Field("milp", pattern=r"^[a-z][a-z0-9-]*$", description=(
+        "Placement method: milp, or a heuristic (greedy-flow, petals, swarm, homogeneous, separate, sp-plus)."))
+    time_limit_seconds: float = Field(60.0, gt=0, description="Wall-clock budget of the solver.")
+    partial_inference: bool = Field(True, description="Let a node run only a suffix of its layers.")
+    pruning: int | None = Field(None, ge=0, description=(
+        "MILP: network links kept per node after pruning (0: no pruning). Default: the solver's."))
+    profiles: str = Field("roofline", min_length=1, description=(
+        "GPU throughput profiles: roofline (analytic, from GPU datasheets) or the path of a profile JSON file "
+        "in the operator's container (docs/profile-format.md)."))
+
+
+class SchedulingSpec(CrdModel):
+    """How the router picks each request's pipeline."""
+
+    method: Literal["maxflow", "swarm", "random", "shortest-queue"] = Field("maxflow", description=(
+        "maxflow: Helix's weighted round-robin over the max-flow edge flows with KV-cache admission."))
+
+
+class RouterSpec(CrdModel):
+    """The router Deployment and its Service (the cluster's endpoint)."""
+
+    replicas: int = Field(1, ge=1, description="Router pods.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible API.")
+    max_queue: int = Field(64, ge=0, description="Requests that may wait for capacity; beyond it: HTTP 429.")
+    request_timeout_seconds: float = Field(300.0, gt=0, description="A request not finished by then fails (504).")
+
+
+class WorkerResources(CrdModel):
+    """Extra container resources of worker pods; nvidia.com/gpu is set from the node's GPU count."""
+
+    requests: dict[str, int | str] = Field(default_factory=dict, description="Resource requests, e.g. cpu: 8.")
+    limits: dict[str, int | str] = Field(default_factory=dict, description="Resource limits, e.g. memory: 200Gi.")
+
+
+class WorkersSpec(CrdModel):
+    """The worker pods: one per used GPU node, each serving its layer range."""
+
+    image: str | None = Field(None, min_length=1, description=(
+        "Worker container image. Default: the operator's configured worker image."))
+    engine: Literal["vllm", "torch"] = Field("vllm", description="Layer-shard engine.")
+    port: int = Field(5555, ge=1, le=65535, description="ZeroMQ port of each worker.")
+    resources: WorkerResources | None = Field(None, description="Extra requests and limits.")
+
+
+class SloSpec(CrdModel):
+    """The rollout gate: a plan is rolled out only when it meets every target given here."""
+
+    min_tokens_per_second: float | None = Field(None, ge=0, description=(
+        "The plan's max flow (planned tokens/s) must reach this."))
+    max_p95_ttft_seconds: float | None = Field(None, gt=0, description=(
+        "Simulated p95 time to first token must stay at or below this."))
+    max_p95_inter_token_seconds: float | None = Field(None, gt=0, description=(
+        "Simulated p95 time between two output tokens must stay at or below this."))
+    simulation_seconds: float = Field(300.0, gt=0, description=(
+        "Simulated seconds of the gate's simulation (the first seventh is warm-up). Requests through a long pipeline "
+        "take minutes: much shorter runs measure mostly prompt passes."))
+    requests_per_second: float | None = Field(None, gt=0, description=(
+        "Simulate Poisson arrivals at this rate. Default: offline, the cluster kept full (latencies at saturation)."))
+
+
+class ReplanSpec(CrdModel):
+    """When a running cluster gets a new plan."""
+
+    min_gain_percent: float = Field(10.0, ge=0, description=(
+        "Roll out a new plan only when its planned tokens/s beat the current plan's (on the current nodes) by "
+        "this much; otherwise keep the current plan (reason GainBelowThreshold)."))
+    on_node_change: bool = Field(True, description="Re-plan when selected nodes join, leave or change.")
+
+
+class HelixClusterSpec(CrdModel):
+    """One LLM served across every selected GPU node, placed by max flow."""
+
+    model: ModelSource = Field(description="The model to serve.")
+    nodes: NodeSelection = Field(NodeSelection(), description="Which nodes to use.")
+    network: NetworkSpec = Field(NetworkSpec(), description="Network facts and defaults.")
+    placement: PlacementSpec = Field(PlacementSpec(), description="Layer placement.")
+    scheduling: SchedulingSpec = Field(SchedulingSpec(), description="Request scheduling.")
+    router: RouterSpec = Field(RouterSpec(), description="The router.")
+    workers: WorkersSpec = Field(WorkersSpec(), description="The worker pods.")
+    slo: SloSpec = Field(SloSpec(), description="Service-level targets a plan must meet before rollout.")
+    replan: ReplanSpec = Field(ReplanSpec(), description="Re-planning policy.")
+
+
+# --- status ----------------------------------------------------------------------------------------
+class Condition(CrdModel):
+    """A standard Kubernetes condition (metav1.Condition)."""
+
+    type: str = Field(min_length=1, max_length=316, description=(
+        "PlacementSolved, PlanValidated, WorkersReady, RouterReady or Ready."))
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str = Field(min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
+                        description="Why, in one CamelCase word (e.g. InsufficientCapacity).")
+    message: str = Field("", max_length=32768, description="What happened, with numbers.")
+    last_transition_time: str = Field(json_schema_extra={"format": "date-time"}, description=(
+        "When the status last changed (RFC 3339)."))
+    observed_generation: int | None = Field(None, ge=0, description="The spec generation this was computed for.")
+
+
+class LayerRange(CrdModel):
+    """The decoder layers [start, end) one node holds."""
+
+    node: str = Field(description="Kubernetes node name.")
+    start: int = Field(ge=0, description="First layer.")
+    end: int = Field(ge=1, description="One past the last layer.")
+
+
+class HelixClusterStatus(CrdModel):
+    """What the operator decided and observed."""
+
+    phase: Phase | None = Field(None, description="Pending, Planning, Rolling, Ready, Degraded, Failed or Paused.")
+    observed_generation: int | None = Field(None, ge=0, description="The spec generation last reconciled.")
+    conditions: list[Condition] = Field(default_factory=list, description="Standard conditions.", json_schema_extra={
+        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
+    layers: list[LayerRange] = Field(default_factory=list, description="The plan's layer map.")
+    planned_tokens_per_second: float | None = Field(None, ge=0, description="The plan's max flow.")
+    simulated_tokens_per_second: float | None = Field(None, ge=0, description=(
+        "Decode tokens/s the gate's simulation achieved."))
+    simulated_p95_ttft_seconds: float | None = Field(None, ge=0, description="Simulated p95 time to first token.")
+    simulated_p95_inter_token_seconds: float | None = Field(None, ge=0, description=(
+        "Simulated p95 time between output tokens."))
+    nodes_used: int | None = Field(None, ge=0, description="GPU nodes holding layers.")
+    plan_hash: str | None = Field(None, description="Identifies the plan (layers and flows) the router serves.")
+    endpoint: str | None = Field(None, description="The router Service URL.")
+    message: str | None = Field(None, description="One line on the current state.")
+
+
+class HelixCluster(CrdModel):
+    """A whole HelixCluster object as `kubectl get hxc NAME -o yaml` prints it."""
+
+    api_version: Literal["helix.ai/v1alpha1"] = Field("helix.ai/v1alpha1", alias="apiVersion")
+    kind: Literal["HelixCluster"] = "HelixCluster"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: HelixClusterSpec
+    status: HelixClusterStatus | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("name") or SINGULAR)
+
+    @property
+    def namespace(self) -> str:
+        return str(self.metadata.get("namespace") or "default")
+
+
+# --- the CRD ---------------------------------------------------------------------------------------
+def crd_manifest() -> dict[str, Any]:
+    """The apiextensions.k8s.io/v1 CustomResourceDefinition of HelixCluster, generated from the models."""
+    schema = {
+        "type": "object",
+        "description": "Serves one LLM across a heterogeneous GPU cluster at max-flow throughput (Helix, ASPLOS'25).",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": openapi_schema(HelixClusterSpec),
+            "status": openapi_schema(HelixClusterStatus),
+        },
+    }
+    columns = [
+        ("Phase", "string", ".status.phase"),
+        ("Nodes", "integer", ".status.nodesUsed"),
+        ("Planned tok/s", "number", ".status.plannedTokensPerSecond"),
+        ("Simulated tok/s", "number", ".status.simulatedTokensPerSecond"),
+        ("Endpoint", "string", ".status.endpoint"),
+        ("Age", "date", ".metadata.creationTimestamp"),
+    ]
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": CRD_NAME, "labels": {"app.kubernetes.io/name": "helix"}},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {"kind": KIND, "listKind": f"{KIND}List", "plural": PLURAL, "singular": SINGULAR,
+                      "shortNames": list(SHORT_NAMES)},
+            "versions": [{
+                "name": VERSION,
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": [{"name": n, "type": t, "jsonPath": p} for n, t, p in columns],
+                "schema": {"openAPIV3Schema": schema},
+            }],
+        },
+    }
+
+
+CRD_HEADER = "# Generated from helix.operator.crd by `helix crd`; do not edit (a test keeps it in sync).\n"
+
+
+def crd_yaml() -> str:
+    """The CRD as committed in crds/ and the chart: a header line, then the manifest."""
+    return CRD_HEADER + yaml.safe_dump(crd_manifest(), sort_keys=False, width=120)
+
+
+def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's JSON schema rewritten as a structural OpenAPI v3 schema the API server accepts.
+
+    pydantic writes JSON Schema 2020-12; Kubernetes wants OpenAPI 3.0 without references: `$ref`s are
+    inlined, `X | None` becomes X (absent means unset), numeric exclusive bounds become the boolean
+    form, `int | str` becomes int-or-string, free-form objects preserve unknown fields, and titles
+    and `additionalProperties: false` (not allowed in v1 CRDs; pruning does that job) are dropped.
+    """
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    defs = raw.pop("$defs", {})
+    return _convert(raw, defs)
+
+
+def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    node = copy.deepcopy(node)
+    if "$ref" in node:
+        target = defs[node.pop("$ref").rsplit("/", 1)[-1]]
+        node = {**target, **node}  # the field's own description and default win over the model's
+    if "anyOf" in node:
+        options = [o for o in node.pop("anyOf") if o != {"type": "null"}]
+        if node.get("default", ...) is None:
+            del node["default"]
+        if sorted(o.get("type", "") for o in options) == ["integer", "string"]:
+            node.update({"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]})
+        elif len(options) == 1:
+            node = {**_convert(options[0], defs), **node}
+        else:
+            raise ValueError(f"cannot express the union {options} in a structural schema")
+    node.pop("title", None)
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(node.get(bound), int | float) and not isinstance(node[bound], bool):
+            node[plain] = node[bound]
+            node[bound] = True
+    if "enum" in node and "type" not in node:
+        node["type"] = "string"
+    if node.get("type") == "object":
+        extra = node.pop("additionalProperties", None)
+        if "properties" in node:
+            node["properties"] = {k: _convert(v, defs) for k, v in node["properties"].items()}
+        elif extra is True or extra == {}:
+            node["x-kubernetes-preserve-unknown-fields"] = True
+        elif isinstance(extra, dict):
+            node["additionalProperties"] = _convert(extra, defs)
+    if node.get("type") == "array":
+        node["items"] = _convert(node["items"], defs)
+    if "required" in node and not node["required"]:
+        del node["required"]
+    if "default" in node:
+        node["default"] = _without_nulls(node["default"])
+    first = [k for k in _KEY_ORDER if k in node]
+    return {k: node[k] for k in [*first, *sorted(set(node) - set(first))]}
+
+
+#: Keys a reader looks for first; the rest follow alphabetically.
+_KEY_ORDER = ("type", "description", "default", "enum", "required", "properties", "items")
+
+
+def _without_nulls(value: Any) -> Any:
+    """A default as the API server must see it: unset optional fields are absent, not null."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    return value

@@ -1,0 +1,388 @@
+"""`plan_for`: every planning decision the operator makes, as a pure function of spec, nodes and the current plan.
+
+Discover nodes → resolve model and profiles → check the model fits → place (time-limited) →
+re-plan policy against the current plan → validate → simulate against the SLO. Each step that
+fails ends in a condition with a reason and a message with numbers, never an exception, so the
+runtime only patches status and applies (or not) the plan, and `helix plan -f` shows the very same
+decision without a cluster. No Kubernetes API is touched here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from helix.operator.crd import Condition, ConditionStatus, ConditionType, HelixClusterSpec, LayerRange, Phase, Reason
+from helix.operator.discovery import Discovery, discover
+from helix.operator.replan import kept_plan, layers_moved, least_movement, without_idle_nodes
+from helix.operator.slo import GateResult, run_gate
+from helix.simulator.cluster import Cluster
+from helix.simulator.errors import HelixInputError
+from helix.simulator.model import MODEL_CATALOG, ModelSpec, catalog_model, model_from_hf_dict
+from helix.simulator.placement.base import PLACEMENT_METHODS, PlacementOptions, PlacementProblem, plan_placement
+from helix.simulator.placement.heuristics import check_fits
+from helix.simulator.plan import Plan
+from helix.simulator.profiles.base import Profiles
+from helix.simulator.profiles.loader import load_profiles
+from helix.simulator.results import SimulationResult
+from helix.simulator.validate import validate_plan
+
+SEED = 0
+SOLVER_WORKERS = 2
+
+
+class PreviousPlan(BaseModel):
+    """The plan being served, as read back from the plan ConfigMap."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    plan: Plan
+    planned_tokens_per_second: float = Field(ge=0)
+
+
+class Decision(StrEnum):
+    NEW = "new"  # no usable current plan: roll out the placement
+    REPLAN = "replan"  # the placement beats the current plan by the threshold
+    KEEP = "keep"  # the current plan's ranges stay (gain below the threshold)
+    SLO_REPLAN = "slo-replan"  # kept ranges miss the SLO, the placement meets it
+    NONE = "none"  # nothing to roll out
+
+
+class PlanningOutcome(BaseModel):
+    """What the operator should do, and why.
+
+    `plan` is the plan to serve after this decision: the new one when `rollout`, the current one
+    (on the current nodes) when it stays, None when nothing can serve or the current plan could
+    not be evaluated (an invalid spec: it keeps serving as it is, phase Degraded). `rollout` is
+    True whenever the plan the router serves changes — also with zero layers moved, when a node
+    left or the links changed the flows; workers whose layer range is unchanged need no restart.
+    `status` holds the status fields planning owns, camelCase, None meaning "clear"; its
+    `conditions` are planning's only (merge them into the object's with
+    `helix.operator.status.merge_conditions`).
+    """
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    plan: Plan | None
+    cluster: Cluster | None
+    conditions: list[Condition]
+    phase: Phase
+    rollout: bool
+    status: dict[str, Any]
+    summary: list[str]
+    decision: Decision
+    discovery: Discovery | None = None
+    model: ModelSpec | None = None
+    candidate: Plan | None = Field(None, description="the placement found this time, rolled out or not")
+    judged: Plan | None = Field(None, description="the plan validated and simulated (rolled out or not)")
+    simulation: SimulationResult | None = Field(None, description="the gate's simulation of `judged`")
+    layers_moved: int | None = None
+    nodes_moved: int | None = None
+    gain_percent: float | None = None
+    profiles: Profiles | None = Field(None, exclude=True)
+
+
+def plan_for(spec: HelixClusterSpec, nodes: Sequence[Mapping[str, Any]], previous: PreviousPlan | None,
+             *, name: str = "helixcluster") -> PlanningOutcome:
+    """Decide what to serve on `nodes` (Node objects as dicts) given the plan served now (or None)."""
+    return _Planning(spec, previous, name).run(nodes)
+
+
+def plan_hash(plan: Plan) -> str:
+    """Identifies what the router serves: model, layer ranges and flows (not timing or solver details)."""
+    body = {"model": plan.model, "num_layers": plan.num_layers, "partial_inference": plan.partial_inference,
+            "nodes": sorted((a.name, a.start_layer, a.end_layer) for a in plan.nodes),
+            "flows": sorted((f.src, f.dst, round(f.tokens_per_s, 3)) for f in plan.flows)}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def spec_model(spec: HelixClusterSpec) -> ModelSpec:
+    """The model the spec names or describes, in the spec's dtype."""
+    source = spec.model
+    if source.name is not None:
+        model = catalog_model(source.name)
+        if model is None:
+            raise HelixInputError(f"unknown model {source.name!r}: not in the catalog ({', '.join(MODEL_CATALOG)}); "
+                                  "describe other models with spec.model.config", "spec.model.name")
+    else:
+        default_name = source.weights.rstrip("/").rsplit("/", 1)[-1] or "model"
+        model = model_from_hf_dict(source.config, "spec.model.config", default_name=default_name)
+    return model.model_copy(update={"dtype": source.dtype})
+
+
+def spec_profiles(spec: HelixClusterSpec, model: ModelSpec, cluster: Cluster) -> Profiles:
+    source = spec.placement.profiles
+    try:
+        return load_profiles(model, cluster, None if source == "roofline" else Path(source))
+    except HelixInputError as exc:
+        raise HelixInputError(str(exc), "spec.placement.profiles") from exc
+
+
+def placement_options(spec: HelixClusterSpec) -> PlacementOptions:
+    p = spec.placement
+    return PlacementOptions(partial_inference=p.partial_inference, time_limit_s=p.time_limit_seconds, seed=SEED,
+                            prune_keep=p.pruning, workers=SOLVER_WORKERS)
+
+
+def check_method(spec: HelixClusterSpec) -> None:
+    from helix.simulator.placement import milp  # noqa: F401  (importing registers the method)
+
+    if spec.placement.method not in PLACEMENT_METHODS:
+        raise HelixInputError(f"unknown placement method {spec.placement.method!r}; choose one of "
+                              f"{', '.join(PLACEMENT_METHODS)}", "spec.placement.method")
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _message(exc: HelixInputError) -> str:
+    return " ".join(str(exc).split())
+
+
+def _plan_text(plan: Plan) -> str:
+    text = f"{plan.objective_tokens_per_s:,.1f} tokens/s on {len(plan.nodes)} nodes ({plan.status}"
+    if plan.gap is not None and plan.gap > 0:
+        text += f", gap {plan.gap:.1%}"
+    return text + f", {plan.solve_seconds:.1f} s)"
+
+
+class _Planning:
+    """One planning pass; collects summary lines and conditions on the way."""
+
+    def __init__(self, spec: HelixClusterSpec, previous: PreviousPlan | None, name: str) -> None:
+        self.spec, self.previous, self.name = spec, previous, name
+        self.summary: list[str] = []
+        self.now = _now()
+        self.discovery: Discovery | None = None
+        self.cluster: Cluster | None = None
+        self.model: ModelSpec | None = None
+        self.profiles: Profiles | None = None
+        self.candidate: Plan | None = None
+        self.current: Plan | None = None  # the previous plan, when it is for this model
+        self.kept: Plan | None = None  # its ranges on the nodes still here
+
+    # --- the pass ----------------------------------------------------------------------------------
+    def run(self, nodes: Sequence[Mapping[str, Any]]) -> PlanningOutcome:
+        spec = self.spec
+        self.discovery = discovery = discover(spec, nodes, self.name)
+        self.summary += discovery_lines(discovery)
+        if discovery.cluster is None:
+            return self.fail(Reason.NO_GPU_NODES, no_gpu_message(discovery, len(nodes)), serving=False)
+        self.cluster = cluster = discovery.cluster
+        try:
+            self.model = model = spec_model(spec)
+            self.profiles = profiles = spec_profiles(spec, model, cluster)
+            check_method(spec)
+        except HelixInputError as exc:
+            return self.fail(Reason.INVALID_SPEC, _message(exc))
+        self.summary.append(f"model {model.name}: {model.num_layers} layers, "
+                            f"{model.total_weight_bytes / 1e9:,.0f} GB of weights in {model.dtype}; "
+                            f"profiles {profiles.describe().get('source', spec.placement.profiles)}")
+        problem = PlacementProblem(cluster, model, profiles)
+        options = placement_options(spec)
+        lost = self.keep_current(problem, options)
+        try:
+            check_fits(problem)
+            candidate = plan_placement(problem, spec.placement.method, options)
+        except HelixInputError as exc:
+            return self.fail(Reason.INSUFFICIENT_CAPACITY, _message(exc))
+        if candidate.objective_tokens_per_s <= 0:
+            return self.fail(Reason.INSUFFICIENT_CAPACITY, "no placement carries any flow: no route of links crosses "
+                             f"all {model.num_layers} layers from the router and back")
+        self.candidate = candidate = without_idle_nodes(problem, candidate, options)
+        self.summary.append(f"placement {candidate.method}: {_plan_text(candidate)}")
+        return self.decide(problem, options, candidate, lost)
+
+    def keep_current(self, problem: PlacementProblem, options: PlacementOptions) -> list[str]:
+        """Find the current plan's worth on the current nodes; returns the nodes it lost."""
+        prev = self.previous
+        if prev is None:
+            return []
+        if (prev.plan.model, prev.plan.num_layers) != (problem.model.name, problem.num_layers):
+            self.summary.append(f"current plan is for {prev.plan.model} ({prev.plan.num_layers} layers): planning "
+                                "from scratch")
+            return []
+        self.current = prev.plan
+        kept, lost = kept_plan(problem, prev.plan, options)
+        self.kept = kept  # idle nodes stay: dropping one would delete a worker for nothing gained
+        text = (f"current plan: {prev.planned_tokens_per_second:,.1f} tokens/s planned, "
+                f"{self.kept_value:,.1f} on the current nodes")
+        self.summary.append(text + (f" (lost: {', '.join(lost)})" if lost else ""))
+        return lost
+
+    @property
+    def kept_value(self) -> float:
+        return self.kept.objective_tokens_per_s if self.kept is not None else 0.0
+
+    def decide(self, problem: PlacementProblem, options: PlacementOptions, candidate: Plan,
+               lost: list[str]) -> PlanningOutcome:
+        threshold = self.spec.replan.min_gain_percent / 100
+        new_value, kept, current = candidate.objective_tokens_per_s, self.kept, self.current
+        gain = new_value / self.kept_value - 1 if self.kept_value > 0 else None
+        if current is None:
+            decision, chosen = Decision.NEW, candidate
+        elif kept is not None and gain is not None and gain < threshold:
+            decision, chosen = Decision.KEEP, kept
+            self.summary.append(f"re-plan gains {gain:+.1%} < {threshold:.0%}: the current layer ranges stay")
+        else:
+            # A plan within the threshold of the best is as good by the policy's own measure, and the
+            # rollout must still beat the current plan by the threshold.
+            floor = min(new_value, max(new_value / (1 + threshold), self.kept_value * (1 + threshold)))
+            decision, chosen = Decision.REPLAN, least_movement(problem, candidate, current, floor, options)
+            why = "the current plan cannot serve" if gain is None else f"re-plan gains {gain:+.1%}"
+            self.summary.append(f"{why} (threshold {threshold:.0%}): rolling out {chosen.objective_tokens_per_s:,.1f} "
+                                f"tokens/s, held ranges kept where the value stays ≥ {floor:,.1f}")
+        gate, problems = self.check(problem, chosen)
+        if not problems and not gate.met and decision is Decision.KEEP and current is not None:
+            alternative = least_movement(problem, candidate, current, new_value / (1 + threshold), options)
+            alt_gate, alt_problems = self.check(problem, alternative)
+            if not alt_problems and alt_gate.met:
+                self.summary.append("the current ranges miss the SLO but a re-plan meets it: rolling out")
+                decision, chosen, gate = Decision.SLO_REPLAN, alternative, alt_gate
+        if problems:
+            return self.fail(Reason.VALIDATION_FAILED, "the plan failed validation (a planner bug, please report): "
+                             + "; ".join(problems), stage=ConditionType.PLAN_VALIDATED, judged=chosen)
+        self.summary.append(gate.description)
+        if not gate.met:
+            return self.fail(Reason.SLO_NOT_MET, "; ".join(gate.failures), stage=ConditionType.PLAN_VALIDATED,
+                             simulation=gate.simulation, judged=chosen)
+        return self.succeed(decision, chosen, gate, gain)
+
+    def check(self, problem: PlacementProblem, plan: Plan) -> tuple[GateResult, list[str]]:
+        """Validate, then (when valid) simulate against the SLO."""
+        problems = validate_plan(plan, problem.cluster, problem.model, problem.profiles)
+        if problems:
+            return GateResult(simulation=None, failures=problems, description="not simulated: invalid plan"), problems
+        return run_gate(problem, plan, self.spec), []
+
+    # --- outcomes ----------------------------------------------------------------------------------
+    def succeed(self, decision: Decision, plan: Plan, gate: GateResult, gain: float | None) -> PlanningOutcome:
+        current = self.current
+        moved = None if current is None else layers_moved(plan, current.ranges)
+        rollout = current is None or plan_hash(plan) != plan_hash(current)
+        if decision is Decision.KEEP:
+            solved = (Reason.GAIN_BELOW_THRESHOLD,
+                      f"a re-plan would gain {gain or 0:+.1%}, below replan.minGainPercent "
+                      f"{self.spec.replan.min_gain_percent:g}%; the current layer ranges stay "
+                      f"({plan.objective_tokens_per_s:,.1f} tokens/s)")
+        else:
+            solved = (Reason.SOLVED, f"{plan.method} placed {plan.num_layers} layers: {_plan_text(plan)}")
+        targets = "SLO met" if self.has_targets() else "no SLO targets set"
+        conditions = [self.condition(ConditionType.PLACEMENT_SOLVED, "True", *solved),
+                      self.condition(ConditionType.PLAN_VALIDATED, "True", Reason.SLO_MET,
+                                     f"validated; {gate.description}; {targets}")]
+        if moved is not None:
+            self.summary.append(f"layers moved: {moved[0]} on {moved[1]} node{'s' if moved[1] != 1 else ''}")
+        phase: Phase = "Rolling" if rollout else "Ready"
+        self.summary.append(f"decision: {'roll out' if rollout else 'nothing to roll out'} ({decision.value}), "
+                            f"phase {phase}")
+        sim = gate.simulation
+        message = (f"{plan.objective_tokens_per_s:,.1f} tokens/s planned on {len(plan.nodes)} nodes"
+                   + (f", {sim.decode_throughput_tokens_per_s:,.1f} simulated" if sim is not None else ""))
+        return self.outcome(plan=plan, conditions=conditions, phase=phase, rollout=rollout, decision=decision,
+                            status=self.plan_status(plan, sim) | {"message": message}, simulation=sim, judged=plan,
+                            moved=moved, gain=gain)
+
+    def fail(self, reason: Reason, message: str, *, serving: bool | None = None,
+             stage: ConditionType = ConditionType.PLACEMENT_SOLVED, simulation: SimulationResult | None = None,
+             judged: Plan | None = None) -> PlanningOutcome:
+        """Nothing new to roll out. A current plan that still serves stays (Degraded); otherwise Failed.
+
+        `serving` None: from the current plan's value on the current nodes; a current plan that
+        could not be evaluated (the spec is invalid, or names another model) is assumed to serve.
+        """
+        if serving is None:
+            serving = self.kept_value > 0 if self.current is not None else self.previous is not None
+        if stage is ConditionType.PLACEMENT_SOLVED:
+            conditions = [self.condition(ConditionType.PLACEMENT_SOLVED, "False", reason, message),
+                          self.condition(ConditionType.PLAN_VALIDATED, "Unknown", reason, "no plan to validate")]
+        else:
+            placed = f"{self.candidate.method}: {_plan_text(self.candidate)}" if self.candidate else "placed"
+            conditions = [self.condition(ConditionType.PLACEMENT_SOLVED, "True", Reason.SOLVED, placed),
+                          self.condition(ConditionType.PLAN_VALIDATED, "False", reason, message)]
+        phase: Phase = "Degraded" if serving else "Failed"
+        self.summary.append(f"{reason.value}: {message}")
+        self.summary.append("decision: nothing to roll out; "
+                            + ("the current plan keeps serving, " if serving else "") + f"phase {phase}")
+        status: dict[str, Any] = {"message": f"{reason.value}: {message}"}
+        if not serving:
+            status |= self.plan_status(None, None)
+        return self.outcome(plan=self.kept if serving else None, conditions=conditions, phase=phase, rollout=False,
+                            decision=Decision.NONE, status=status, simulation=simulation, judged=judged)
+
+    def outcome(self, *, plan: Plan | None, conditions: list[Condition], phase: Phase, rollout: bool,
+                decision: Decision, status: dict[str, Any], simulation: SimulationResult | None,
+                judged: Plan | None = None, moved: tuple[int, int] | None = None,
+                gain: float | None = None) -> PlanningOutcome:
+        status = {"phase": phase, "conditions": [c.wire() for c in conditions]} | status
+        return PlanningOutcome(
+            plan=plan, cluster=self.cluster, conditions=conditions, phase=phase, rollout=rollout, status=status,
+            summary=self.summary, decision=decision, discovery=self.discovery, model=self.model,
+            candidate=self.candidate, judged=judged, simulation=simulation,
+            layers_moved=None if moved is None else moved[0], nodes_moved=None if moved is None else moved[1],
+            gain_percent=None if gain is None else gain * 100, profiles=self.profiles)
+
+    def condition(self, kind: ConditionType, status: ConditionStatus, reason: Reason, message: str) -> Condition:
+        return Condition(type=kind.value, status=status, reason=reason.value, message=message,
+                         last_transition_time=self.now)
+
+    def has_targets(self) -> bool:
+        slo = self.spec.slo
+        return any(v is not None for v in (slo.min_tokens_per_second, slo.max_p95_ttft_seconds,
+                                           slo.max_p95_inter_token_seconds))
+
+    @staticmethod
+    def plan_status(plan: Plan | None, simulation: SimulationResult | None) -> dict[str, Any]:
+        """The plan's status fields; all None (clear) without a plan."""
+        sim = simulation
+        return {
+            "layers": [] if plan is None else [LayerRange(node=a.name, start=a.start_layer, end=a.end_layer).wire()
+                                               for a in sorted(plan.nodes, key=lambda a: (a.start_layer, a.name))],
+            "plannedTokensPerSecond": None if plan is None else round(plan.objective_tokens_per_s, 3),
+            "simulatedTokensPerSecond": None if sim is None else round(sim.decode_throughput_tokens_per_s, 3),
+            "simulatedP95TtftSeconds": None if sim is None else sim.prompt_latency_s.p95,
+            "simulatedP95InterTokenSeconds": None if sim is None else sim.decode_latency_s.p95,
+            "nodesUsed": None if plan is None else len(plan.nodes),
+            "planHash": None if plan is None else plan_hash(plan),
+        }
+
+
+def discovery_lines(discovery: Discovery) -> list[str]:
+    """Who is in and who is out, in a line or two."""
+    lines = []
+    if discovery.cluster is not None:
+        counts: dict[str, int] = {}
+        regions: dict[str, int] = {}
+        for n in sorted(discovery.cluster.nodes, key=lambda n: (-n.total_vram_bytes, n.gpu_type)):
+            counts[n.gpu_type] = counts.get(n.gpu_type, 0) + 1
+            regions[n.region] = regions.get(n.region, 0) + 1
+        lines.append(f"nodes: {len(discovery.nodes)} usable ({', '.join(f'{v} {k}' for k, v in counts.items())}; "
+                     f"regions {', '.join(f'{k} {v}' for k, v in sorted(regions.items()))}; router in "
+                     f"{discovery.cluster.coordinator.region})")
+    problems = discovery.problems
+    if problems:
+        lines.append(f"skipped {len(problems)} node{'s' if len(problems) > 1 else ''}: "
+                     + "; ".join(f"{s.name} ({s.reason.value}: {s.message})" for s in problems))
+    return lines
+
+
+def no_gpu_message(discovery: Discovery, total: int) -> str:
+    if not discovery.skipped:
+        return "the node list is empty"
+    problems = discovery.problems
+    if not problems:
+        return f"none of the {total} nodes matches spec.nodes (selector and names)"
+    by_reason: dict[str, int] = {}
+    for s in problems:
+        by_reason[s.reason.value] = by_reason.get(s.reason.value, 0) + 1
+    return (f"no usable GPU node: {len(problems)} selected node{'s' if len(problems) > 1 else ''} skipped ("
+            + ", ".join(f"{n} {r}" for r, n in by_reason.items())
+            + f"), e.g. {problems[0].name}: {problems[0].message}")

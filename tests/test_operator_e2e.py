@@ -1,0 +1,579 @@
+"""The operator end to end: kopf's own runner against KMock, kopf's Kubernetes API mock, over HTTP on loopback.
+
+The operator runs exactly as in a cluster (`kopf run -m helix.operator.main`, credentials from a
+kubeconfig, our settings from HELIX_OPERATOR_* variables); the test plays the user (kubectl) and the
+kubelet (pod and Deployment status) through the same HTTP API. KMock stores and streams objects;
+`ApiServerEmulator` adds the fields a real API server stamps (uid, resourceVersion, generation,
+creationTimestamp), which kopf relies on to tell its own writes from stale events. Nothing here is a
+controller manager: no garbage collection, no ReplicaSets. KMock cannot list namespaces, so the
+operator runs with --all-namespaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import kmock
+import pytest
+from kopf.testing import KopfRunner
+
+from helix.operator.crd import API_VERSION, GROUP, KIND, PAUSED_ANNOTATION, PLURAL, VERSION
+
+pytestmark = pytest.mark.e2e
+T = TypeVar("T")
+NAMESPACE = "default"
+NAME = "llama"
+TIMEOUT_S = 30.0
+
+
+# -- the API server ---------------------------------------------------------------------------------
+
+class ApiServerEmulator(kmock.KubernetesEmulator):
+    """KMock plus what the API server writes itself: uid, resourceVersion, generation, creationTimestamp."""
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._versions = itertools.count(1)
+
+    async def _handle(self, request: Any) -> Any:
+        data = request.data
+        if request.resource is not None and isinstance(data, dict):
+            meta = data.setdefault("metadata", {})
+            if request.action == kmock.action.CREATE:
+                meta.setdefault("uid", str(uuid.uuid4()))
+                meta.setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                meta.setdefault("generation", 1)
+                meta["resourceVersion"] = str(next(self._versions))
+            elif request.action == kmock.action.UPDATE:
+                meta["resourceVersion"] = str(next(self._versions))
+                key = (request.resource, request.namespace, request.name)
+                if "spec" in data and request.subresource is None and key in self.objects:
+                    meta["generation"] = int(self.objects[key].get("metadata", {}).get("generation") or 0) + 1
+        return await super()._handle(request)
+
+
+#: Resources the API server serves: kind, namespaced, subresources.
+RESOURCES: dict[str, tuple[str, bool, tuple[str, ...]]] = {
+    "v1/namespaces": ("Namespace", False, ()),
+    "v1/nodes": ("Node", False, ()),
+    "v1/pods": ("Pod", True, ("status",)),
+    "v1/configmaps": ("ConfigMap", True, ()),
+    "v1/services": ("Service", True, ()),
+    "v1/events": ("Event", True, ()),
+    "apps/v1/deployments": ("Deployment", True, ("status",)),
+    "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False, ()),
+    f"{GROUP}/{VERSION}/{PLURAL}": (KIND, True, ("status",)),
+}
+
+
+class ApiServer:
+    """KMock on its own event loop in a thread, with the resources the operator uses declared."""
+
+    def __enter__(self) -> ApiServer:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+        return self
+
+    async def _start(self) -> None:
+        self.mock = ApiServerEmulator()
+        await self.mock.__aenter__()
+        self.server = kmock.Server(self.mock)
+        await self.server.__aenter__()
+        verbs = {"get", "list", "watch", "create", "patch", "delete"}
+        for key, (kind, namespaced, subresources) in RESOURCES.items():
+            self.mock.resources[key] = kmock.ResourceInfo(kind=kind, namespaced=namespaced, verbs=verbs,
+                                                          subresources=set(subresources))
+        self.mock.objects["v1/namespaces", None, NAMESPACE] = {"apiVersion": "v1", "kind": "Namespace",
+                                                               "metadata": {"name": NAMESPACE}}
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            await self.server.__aexit__(None, None, None)
+            await self.mock.__aexit__(None, None, None)
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+    @property
+    def url(self) -> str:
+        return str(self.server.url).rstrip("/")
+
+    def writes(self, since: int = 0) -> list[tuple[str, str, str | None]]:
+        """(method, resource plural, name) of every write request after the `since`-th request."""
+        requests = list(self.mock)[since:]
+        return [(str(r.method.value), r.resource.plural, r.name) for r in requests
+                if r.resource is not None and str(r.method.value) in ("POST", "PATCH", "PUT", "DELETE")]
+
+    def request_count(self) -> int:
+        return len(list(self.mock))
+
+
+class Kubectl:
+    """The user's side of the API: plain HTTP, as kubectl does it."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def _call(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"Content-Type": content_type})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read() or b"{}")
+
+    def get(self, path: str) -> Any:
+        try:
+            return self._call("GET", path)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            raise
+
+    def items(self, path: str) -> list[dict[str, Any]]:
+        return list((self.get(path) or {}).get("items") or [])
+
+    def create(self, path: str, body: Any) -> Any:
+        return self._call("POST", path, body)
+
+    def patch(self, path: str, body: Any) -> Any:
+        return self._call("PATCH", path, body, "application/merge-patch+json")
+
+    def delete(self, path: str) -> Any:
+        return self._call("DELETE", path)
+
+    # -- the objects of this test --
+    HXC = f"/apis/{API_VERSION}/namespaces/{NAMESPACE}/{PLURAL}"
+    PODS = f"/api/v1/namespaces/{NAMESPACE}/pods"
+    CONFIG_MAPS = f"/api/v1/namespaces/{NAMESPACE}/configmaps"
+    SERVICES = f"/api/v1/namespaces/{NAMESPACE}/services"
+    DEPLOYMENTS = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments"
+
+    def hxc(self) -> dict[str, Any]:
+        return self.get(f"{self.HXC}/{NAME}") or {}
+
+    def status(self) -> dict[str, Any]:
+        return self.hxc().get("status") or {}
+
+    def condition(self, kind: str) -> dict[str, Any]:
+        return next((c for c in self.status().get("conditions") or [] if c["type"] == kind), {})
+
+    def pods(self) -> dict[str, dict[str, Any]]:
+        return {p["metadata"]["name"]: p for p in self.items(self.PODS)}
+
+
+def node(name: str, product: str = "NVIDIA-L4", memory_mib: int = 23034, region: str = "us-east1",
+         gpus: int = 1) -> dict[str, Any]:
+    """A Node as NVIDIA GPU Feature Discovery labels it, Ready, with its GPUs allocatable."""
+    return {
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {
+            "nvidia.com/gpu.present": "true", "nvidia.com/gpu.product": product, "nvidia.com/gpu.count": str(gpus),
+            "nvidia.com/gpu.memory": str(memory_mib), "topology.kubernetes.io/region": region}},
+        "spec": {},
+        "status": {"allocatable": {"nvidia.com/gpu": str(gpus), "cpu": "8"},
+                   "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                                   "lastHeartbeatTime": "2026-01-01T00:00:00Z"}]},
+    }
+
+
+CPU_NODE = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "system-0", "labels": {}},
+            "spec": {}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+
+
+def helix_cluster(**spec: Any) -> dict[str, Any]:
+    """LLaMA-3.1 8B on the test's L4 and T4 nodes, placed by the greedy heuristic, a 5 s SLO simulation."""
+    body: dict[str, Any] = {
+        "model": {"name": "llama3.1-8b", "weights": "pvc://models/llama-3.1-8b", "dtype": "float16"},
+        "placement": {"method": "greedy-flow", "timeLimitSeconds": 5},
+        "slo": {"simulationSeconds": 5},
+        "workers": {"image": "registry.test/helix-worker:1", "engine": "vllm"},
+    }
+    body.update(spec)
+    return {"apiVersion": API_VERSION, "kind": KIND,
+            "metadata": {"name": NAME, "namespace": NAMESPACE}, "spec": body}
+
+
+def wait_for(what: str, check: Callable[[], T | None], timeout_s: float = TIMEOUT_S) -> T:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The operator's /metrics as {'name{labels}': value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+# -- fixtures ---------------------------------------------------------------------------------------
+
+class Operator:
+    """Starts the operator with kopf's runner (several times in a test, for restarts)."""
+
+    def __init__(self, metrics_port: int, health_port: int) -> None:
+        self.metrics_port = metrics_port
+        self.health_port = health_port
+
+    def run(self) -> KopfRunner:
+        return KopfRunner(["run", "-m", "helix.operator.main", "--all-namespaces", "--standalone",
+                           "--liveness", f"http://127.0.0.1:{self.health_port}/healthz"], timeout=30)
+
+
+@pytest.fixture
+def api() -> Iterator[ApiServer]:
+    with ApiServer() as server:
+        yield server
+
+
+@pytest.fixture
+def kubectl(api: ApiServer) -> Kubectl:
+    return Kubectl(api.url)
+
+
+@pytest.fixture
+def operator(api: ApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Operator:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": api.url}}],
+        "users": [{"name": "tester", "user": {"token": "test-token"}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "tester", "namespace": NAMESPACE}}],
+    }))
+    metrics_port = free_port()
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setenv("HELIX_OPERATOR_HOST", "127.0.0.1")
+    monkeypatch.setenv("HELIX_OPERATOR_METRICS_PORT", str(metrics_port))
+    monkeypatch.setenv("HELIX_OPERATOR_RETRY_DELAY_SECONDS", "1")
+    monkeypatch.setenv("HELIX_OPERATOR_ROUTER_IMAGE", "registry.test/helix-operator:1")
+    return Operator(metrics_port, free_port())
+
+
+def gpu_nodes(kubectl: Kubectl) -> None:
+    for item in (node("gpu-l4-a"), node("gpu-l4-b"), node("gpu-t4-a", "Tesla-T4", 15360), CPU_NODE):
+        kubectl.create("/api/v1/nodes", item)
+
+
+def rolled_out(kubectl: Kubectl) -> dict[str, Any]:
+    """Wait until the status names a plan and every worker pod of it exists; returns the status."""
+    def check() -> dict[str, Any] | None:
+        status = kubectl.status()
+        layers = status.get("layers") or []
+        pods = kubectl.pods()
+        if status.get("planHash") and layers and all(
+                any(p["spec"]["nodeName"] == layer["node"] for p in pods.values()) for layer in layers):
+            return status
+        return None
+
+    return wait_for("the plan to be rolled out", check)
+
+
+def kubelet_runs(kubectl: Kubectl) -> None:
+    """Play the kubelet and the Deployment controller: every pod running and ready, the router available."""
+    for name in kubectl.pods():
+        kubectl.patch(f"{Kubectl.PODS}/{name}/status", {"status": {
+            "phase": "Running", "podIP": "10.0.0.9",
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "containerStatuses": [{"name": "worker", "ready": True, "restartCount": 0,
+                                   "state": {"running": {}}}]}})
+    kubectl.patch(f"{Kubectl.DEPLOYMENTS}/{NAME}-router/status",
+                  {"status": {"replicas": 1, "readyReplicas": 1, "availableReplicas": 1}})
+
+
+def flag(command: list[str], option: str) -> str:
+    return command[command.index(option) + 1]
+
+
+# -- tests ------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_rollout_creates_the_owned_objects_and_reports_ready(api: ApiServer, kubectl: Kubectl,
+                                                            operator: Operator) -> None:
+    gpu_nodes(kubectl)
+    with operator.run() as runner:
+        kubectl.create(Kubectl.HXC, helix_cluster())
+        status = rolled_out(kubectl)
+        layers = {layer["node"]: (layer["start"], layer["end"]) for layer in status["layers"]}
+        assert set(layers) <= {"gpu-l4-a", "gpu-l4-b", "gpu-t4-a"}  # never the CPU node
+        assert sorted(layers.values())[0][0] == 0 and max(end for _, end in layers.values()) == 32
+        assert status["phase"] == "Rolling"
+        assert status["endpoint"] == f"http://{NAME}-router.{NAMESPACE}.svc:8000"
+        assert status["observedGeneration"] == 1
+        assert status["plannedTokensPerSecond"] > 0 and status["simulatedTokensPerSecond"] > 0
+        assert kubectl.condition("PlacementSolved")["status"] == "True"
+        assert kubectl.condition("WorkersReady")["reason"] == "PodsPending"
+        assert kubectl.condition("Ready")["status"] == "False"
+
+        owner_ref = {"apiVersion": API_VERSION, "kind": KIND, "name": NAME, "uid": kubectl.hxc()["metadata"]["uid"],
+                     "controller": True,
+                     "blockOwnerDeletion": True}
+        config_map = kubectl.get(f"{Kubectl.CONFIG_MAPS}/{NAME}-plan")
+        plan = json.loads(config_map["data"]["plan.json"])
+        assert {(n["name"], n["start_layer"], n["end_layer"]) for n in plan["nodes"]} == {
+            (name, start, end) for name, (start, end) in layers.items()}
+        assert "gpu-l4-a" in config_map["data"]["cluster.yaml"]
+        workers_txt = config_map["data"]["workers.txt"].split()
+        assert sorted(line.split("=")[0] for line in workers_txt) == sorted(layers)
+        assert config_map["metadata"]["ownerReferences"] == [owner_ref]
+        assert config_map["metadata"]["annotations"]["helix.ai/plan-hash"] == status["planHash"]
+
+        pods = kubectl.pods()
+        assert len(pods) == len(layers)
+        for pod in pods.values():
+            node_name = pod["spec"]["nodeName"]
+            start, end = layers[node_name]
+            container = pod["spec"]["containers"][0]
+            command = container["command"]
+            assert command[:2] == ["helix", "worker"]
+            assert flag(command, "--layers") == f"{start}:{end}" == pod["metadata"]["annotations"]["helix.ai/layers"]
+            assert flag(command, "--name") == node_name and flag(command, "--engine") == "vllm"
+            assert flag(command, "--device") == "cuda" and flag(command, "--dtype") == "float16"
+            assert flag(command, "--model") == "/models/models/llama-3.1-8b"
+            assert flag(command, "--advertise") == "tcp://$(POD_IP):5555"
+            assert container["image"] == "registry.test/helix-worker:1"
+            assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+            assert container["ports"][0]["name"] == "zmq"
+            assert pod["metadata"]["labels"]["helix.ai/node"] == node_name
+            assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"
+            assert pod["metadata"]["annotations"]["helix.ai/plan-hash"] == status["planHash"]
+            assert pod["metadata"]["ownerReferences"] == [owner_ref]
+            assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+
+        deployment = kubectl.get(f"{Kubectl.DEPLOYMENTS}/{NAME}-router")
+        router = deployment["spec"]["template"]["spec"]["containers"][0]
+        assert router["image"] == "registry.test/helix-operator:1"
+        assert router["securityContext"]["readOnlyRootFilesystem"] is True
+        assert flag(router["command"], "--plan") == "/etc/helix/plan.json"
+        assert flag(router["command"], "--scheduler") == "maxflow"
+        assert sorted(flag(router["command"], "--workers").split(",")) == sorted(workers_txt)
+        assert deployment["spec"]["template"]["metadata"]["annotations"]["helix.ai/plan-hash"] == status["planHash"]
+        service = kubectl.get(f"{Kubectl.SERVICES}/{NAME}-router")
+        assert service["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}]
+        assert kubectl.get(f"{Kubectl.SERVICES}/{NAME}-workers")["spec"]["clusterIP"] == "None"
+
+        kubelet_runs(kubectl)
+        wait_for("phase Ready", lambda: kubectl.status().get("phase") == "Ready")
+        assert kubectl.condition("WorkersReady")["status"] == "True"
+        assert kubectl.condition("RouterReady")["status"] == "True"
+        assert kubectl.condition("Ready")["status"] == "True"
+
+        metrics = scrape(operator.metrics_port)
+        cluster = f'cluster="{NAMESPACE}/{NAME}"'
+        assert metrics[f"helix_operator_planned_tokens_per_second{{{cluster}}}"] == pytest.approx(
+            status["plannedTokensPerSecond"], rel=1e-3)
+        assert metrics[f"helix_operator_nodes_used{{{cluster}}}"] == len(layers)
+        assert metrics['helix_operator_reconciles_total{result="rolled_out"}'] >= 1
+        assert metrics["helix_operator_plan_solve_seconds_count"] >= 1
+        for node_name, (start, end) in layers.items():
+            key = f'helix_operator_layer_assignment{{{cluster},end="{end}",node="{node_name}",start="{start}"}}'
+            assert metrics[key] == end - start
+        with urllib.request.urlopen(f"http://127.0.0.1:{operator.health_port}/healthz", timeout=5) as response:
+            assert response.status == 200
+        assert "finalizers" not in kubectl.hxc()["metadata"]  # deletion never waits on the operator
+        wait_for("the RolledOut event", lambda: any(
+            e.get("reason") == "RolledOut" and e["involvedObject"]["name"] == NAME
+            for e in kubectl.items(f"/api/v1/namespaces/{NAMESPACE}/events")))
+
+        kubectl.delete(f"{Kubectl.HXC}/{NAME}")
+        wait_for("the cluster's series to go", lambda: f"helix_operator_nodes_used{{{cluster}}}" not in scrape(
+            operator.metrics_port))
+    assert runner.exception is None
+
+
+@pytest.mark.slow
+def test_node_leaving_replans_and_moves_the_workers(api: ApiServer, kubectl: Kubectl, operator: Operator) -> None:
+    gpu_nodes(kubectl)
+    with operator.run():
+        kubectl.create(Kubectl.HXC, helix_cluster())
+        before = rolled_out(kubectl)
+        gone = before["layers"][-1]["node"]
+        kubectl.delete(f"/api/v1/nodes/{gone}")
+        after = wait_for("a new plan without the node", lambda: (
+            s if (s := kubectl.status()).get("planHash") not in (None, before["planHash"]) else None))
+        assert gone not in {layer["node"] for layer in after["layers"]}
+        assert max(layer["end"] for layer in after["layers"]) == 32
+        wanted = {layer["node"] for layer in after["layers"]}
+
+        def new_pods() -> dict[str, dict[str, Any]] | None:
+            pods = kubectl.pods()
+            return pods if {p["spec"]["nodeName"] for p in pods.values()} == wanted else None
+
+        pods = wait_for("the worker pods of the new plan", new_pods)
+        for pod in pods.values():
+            layer = next(x for x in after["layers"] if x["node"] == pod["spec"]["nodeName"])
+            assert pod["metadata"]["annotations"]["helix.ai/layers"] == f"{layer['start']}:{layer['end']}"
+            assert pod["metadata"]["annotations"]["helix.ai/plan-hash"] == after["planHash"]
+        hxc = kubectl.hxc()
+        assert hxc["metadata"]["annotations"]["helix.ai/nodes-fingerprint"]
+
+
+@pytest.mark.parametrize(("spec", "reason", "fragment"), [
+    ({"model": {"name": "llama3.1-8b", "weights": "s3://bucket/llama"}}, "InvalidSpec", "spec.model.weights"),
+    ({"model": {"name": "no-such-model", "weights": "/models/x"}}, "InvalidSpec", "no-such-model"),
+    ({"model": {"weights": "/models/x"}}, "InvalidSpec", "name"),
+    ({"model": {"name": "llama2-70b", "weights": "/models/llama-2-70b"}}, "InsufficientCapacity", "GB"),
+])
+def test_a_spec_that_cannot_be_served_becomes_a_condition(api: ApiServer, kubectl: Kubectl, operator: Operator,
+                                                          spec: dict[str, Any], reason: str, fragment: str) -> None:
+    gpu_nodes(kubectl)
+    with operator.run() as runner:
+        kubectl.create(Kubectl.HXC, helix_cluster(**spec))
+        solved = wait_for(f"PlacementSolved={reason}", lambda: (
+            c if (c := kubectl.condition("PlacementSolved")).get("reason") == reason else None))
+        assert solved["status"] == "False" and fragment in solved["message"]
+        wait_for("phase Failed", lambda: kubectl.status().get("phase") == "Failed")
+        assert kubectl.condition("Ready")["status"] == "False"
+        assert kubectl.pods() == {}
+        assert kubectl.get(f"{Kubectl.CONFIG_MAPS}/{NAME}-plan") is None
+    assert runner.exception is None  # the operator kept running: a bad spec is a condition, not a crash
+
+
+@pytest.mark.slow
+def test_a_restarted_operator_creates_no_duplicates_and_solves_nothing(api: ApiServer, kubectl: Kubectl,
+                                                                       operator: Operator) -> None:
+    gpu_nodes(kubectl)
+    with operator.run():
+        kubectl.create(Kubectl.HXC, helix_cluster())
+        first = rolled_out(kubectl)
+        kubelet_runs(kubectl)
+        wait_for("phase Ready", lambda: kubectl.status().get("phase") == "Ready")
+    pods_before = kubectl.pods()
+    mark = api.request_count()
+    with operator.run():
+        def resumed() -> float | None:
+            try:
+                return scrape(operator.metrics_port).get('helix_operator_reconciles_total{result="unchanged"}')
+            except urllib.error.URLError:
+                return None  # the new operator is still starting
+
+        wait_for("the resumed reconcile", resumed)
+        time.sleep(0.5)  # let any stray write land before looking
+        metrics = scrape(operator.metrics_port)
+    assert metrics['helix_operator_reconciles_total{result="rolled_out"}'] == 0
+    assert metrics["helix_operator_plan_solve_seconds_count"] == 0
+    owned = {"pods", "configmaps", "services", "deployments"}
+    assert [w for w in api.writes(mark) if w[1] in owned] == []
+    assert kubectl.pods().keys() == pods_before.keys()
+    assert kubectl.status()["planHash"] == first["planHash"]
+    assert kubectl.status()["phase"] == "Ready"
+
+
+@pytest.mark.slow
+def test_a_paused_cluster_is_left_alone(api: ApiServer, kubectl: Kubectl, operator: Operator) -> None:
+    gpu_nodes(kubectl)
+    with operator.run():
+        kubectl.create(Kubectl.HXC, helix_cluster())
+        before = rolled_out(kubectl)
+        kubectl.patch(f"{Kubectl.HXC}/{NAME}", {"metadata": {"annotations": {PAUSED_ANNOTATION: "true"}}})
+        wait_for("phase Paused", lambda: kubectl.status().get("phase") == "Paused")
+        assert kubectl.condition("Ready")["reason"] == "Paused"
+        pods_before = kubectl.pods()
+        mark = api.request_count()
+        kubectl.delete(f"/api/v1/nodes/{before['layers'][0]['node']}")
+        kubectl.patch(f"{Kubectl.HXC}/{NAME}", {"spec": {"router": {"replicas": 2}}})
+        time.sleep(2)  # a node event and a spec change: nothing may follow
+        writes = [w for w in api.writes(mark) if w[1] not in ("events", PLURAL)]  # kopf's bookkeeping may go on
+        assert writes == [("DELETE", "nodes", before["layers"][0]["node"])], writes
+        assert kubectl.pods() == pods_before
+        assert kubectl.status()["planHash"] == before["planHash"]
+
+        kubectl.patch(f"{Kubectl.HXC}/{NAME}", {"metadata": {"annotations": {PAUSED_ANNOTATION: None}}})
+        wait_for("a re-plan once resumed", lambda: kubectl.status().get("planHash") not in (None, before["planHash"]))
+
+
+def test_a_joining_node_below_the_gain_threshold_changes_nothing(api: ApiServer, kubectl: Kubectl,
+                                                                 operator: Operator) -> None:
+    gpu_nodes(kubectl)
+    with operator.run():
+        kubectl.create(Kubectl.HXC, helix_cluster(replan={"minGainPercent": 1000}))
+        before = rolled_out(kubectl)
+        uids = {name: pod["metadata"]["uid"] for name, pod in kubectl.pods().items()}
+        kubectl.create("/api/v1/nodes", node("gpu-l4-c"))
+        kept = wait_for("GainBelowThreshold", lambda: (
+            c if (c := kubectl.condition("PlacementSolved")).get("reason") == "GainBelowThreshold" else None))
+        assert "1000%" in kept["message"]
+        assert kubectl.status()["planHash"] == before["planHash"]
+        assert {name: pod["metadata"]["uid"] for name, pod in kubectl.pods().items()} == uids  # no worker restarted
+
+
+def test_an_api_conflict_is_a_condition_and_retried(api: ApiServer, kubectl: Kubectl, operator: Operator) -> None:
+    gpu_nodes(kubectl)
+    kubectl.create(Kubectl.CONFIG_MAPS, {"apiVersion": "v1", "kind": "ConfigMap",
+                                         "metadata": {"name": f"{NAME}-plan", "namespace": NAMESPACE},
+                                         "data": {"owner": "someone else"}})
+    with operator.run() as runner:
+        kubectl.create(Kubectl.HXC, helix_cluster())
+        failed = wait_for("Ready=False RolloutFailed", lambda: (
+            c if (c := kubectl.condition("Ready")).get("reason") == "RolloutFailed" else None))
+        assert "not owned by HelixCluster" in failed["message"]
+        assert kubectl.get(f"{Kubectl.CONFIG_MAPS}/{NAME}-plan")["data"] == {"owner": "someone else"}  # untouched
+        kubectl.delete(f"{Kubectl.CONFIG_MAPS}/{NAME}-plan")
+        rolled_out(kubectl)  # the retry (HELIX_OPERATOR_RETRY_DELAY_SECONDS=1) goes through
+        wait_for("Ready to leave RolloutFailed", lambda: kubectl.condition("Ready").get("reason") == "PodsPending")
+        assert kubectl.get(f"{Kubectl.CONFIG_MAPS}/{NAME}-plan")["metadata"]["ownerReferences"][0]["name"] == NAME
+    assert runner.exception is None
+
+
+@pytest.mark.slow
+def test_helix_operator_command_serves_and_stops_on_sigterm(api: ApiServer, kubectl: Kubectl, operator: Operator,
+                                                           tmp_path: Path) -> None:
+    """The console command itself (kopf.run in a process of its own), not kopf's CLI."""
+    gpu_nodes(kubectl)
+    log = (tmp_path / "operator.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "helix.cli.app", "operator", "--all-namespaces", "--standalone",
+                             "--host", "127.0.0.1", "--metrics-port", str(operator.metrics_port),
+                             "--health-port", str(operator.health_port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{operator.health_port}/healthz", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return proc.poll() is not None  # stop waiting if it died; asserted below
+
+        wait_for("the operator's /healthz", healthy)
+        assert proc.poll() is None, (tmp_path / "operator.log").read_text()
+        kubectl.create(Kubectl.HXC, helix_cluster())
+        rolled_out(kubectl)
+        assert 'helix_operator_reconciles_total{result="rolled_out"}' in scrape(operator.metrics_port)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, (tmp_path / "operator.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()

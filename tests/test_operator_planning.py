@@ -1,0 +1,277 @@
+"""`plan_for`: the operator's planning decisions, on small clusters (llama3.1-8b, greedy-flow, 30 simulated s).
+
+Every plan that comes out is re-checked with the independent validator; every failure must be a
+condition with a reason and numbers, never an exception.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from helix.operator.crd import HelixClusterSpec, HelixClusterStatus
+from helix.operator.discovery import discover
+from helix.operator.planning import (
+    Decision,
+    PlanningOutcome,
+    PreviousPlan,
+    placement_options,
+    plan_for,
+    plan_hash,
+    spec_model,
+    spec_profiles,
+)
+from helix.operator.replan import layers_moved, least_movement, new_layers
+from helix.simulator.placement.base import PlacementProblem, PlacementResult, build_plan
+from helix.simulator.plan import Plan
+from helix.simulator.validate import validate_plan
+from tests.test_discovery import node
+
+FOUR = [node("l4-0"), node("l4-1"), node("t4-0", gpu="T4"), node("t4-1", gpu="T4")]
+
+
+def spec(**fields: Any) -> HelixClusterSpec:
+    base: dict[str, Any] = {"model": {"name": "llama3.1-8b", "weights": "/models/llama3.1-8b"},
+                            "placement": {"method": "greedy-flow", "timeLimitSeconds": 2},
+                            "slo": {"simulationSeconds": 30}}
+    for key, value in fields.items():
+        base[key] = {**base.get(key, {}), **value}
+    return HelixClusterSpec.model_validate(base)
+
+
+def previous(outcome: PlanningOutcome) -> PreviousPlan:
+    assert outcome.plan is not None
+    return PreviousPlan(plan=outcome.plan, planned_tokens_per_second=outcome.plan.objective_tokens_per_s)
+
+
+def conditions(outcome: PlanningOutcome) -> dict[str, tuple[str, str]]:
+    return {c.type: (c.status, c.reason) for c in outcome.conditions}
+
+
+def problem_for(s: HelixClusterSpec, nodes: list[dict[str, Any]]) -> PlacementProblem:
+    cluster = discover(s, nodes).cluster
+    assert cluster is not None
+    model = spec_model(s)
+    return PlacementProblem(cluster, model, spec_profiles(s, model, cluster))
+
+
+def assert_valid(outcome: PlanningOutcome) -> Plan:
+    plan, cluster = outcome.plan, outcome.cluster
+    assert plan is not None and cluster is not None and outcome.model is not None and outcome.profiles is not None
+    assert validate_plan(plan, cluster, outcome.model, outcome.profiles) == []
+    return plan
+
+
+# --- a fresh cluster -------------------------------------------------------------------------------
+def test_fresh_cluster_rolls_out_a_validated_simulated_plan() -> None:
+    outcome = plan_for(spec(), FOUR, None, name="small")
+    plan = assert_valid(outcome)
+    assert (outcome.rollout, outcome.phase, outcome.decision) == (True, "Rolling", Decision.NEW)
+    assert conditions(outcome) == {"PlacementSolved": ("True", "Solved"), "PlanValidated": ("True", "SLOMet")}
+    status = outcome.status
+    HelixClusterStatus.model_validate(status)  # exactly the CRD's status fields, camelCase
+    assert status["plannedTokensPerSecond"] == pytest.approx(plan.objective_tokens_per_s, rel=1e-6)
+    assert status["simulatedTokensPerSecond"] > 0 and status["simulatedP95TtftSeconds"] > 0
+    assert status["simulatedP95InterTokenSeconds"] > 0
+    assert status["nodesUsed"] == len(plan.nodes) == len(status["layers"])
+    assert re.fullmatch(r"[0-9a-f]{16}", status["planHash"])
+    covered = sorted((r["start"], r["end"]) for r in status["layers"])
+    assert covered[0][0] == 0 and max(e for _, e in covered) == 32
+    assert plan.cluster == "small" and outcome.simulation is not None
+    assert any(line.startswith("nodes: 4 usable") for line in outcome.summary)
+
+
+def test_same_inputs_same_plan_hash() -> None:
+    first, second = plan_for(spec(), FOUR, None), plan_for(spec(), list(reversed(FOUR)), None)
+    assert first.status["planHash"] == second.status["planHash"]
+    assert first.plan is not None and plan_hash(first.plan) == first.status["planHash"]
+
+
+def test_the_milp_within_its_time_limit() -> None:
+    outcome = plan_for(spec(placement={"method": "milp", "timeLimitSeconds": 2}), FOUR, None)
+    plan = assert_valid(outcome)
+    assert plan.method == "milp" and plan.solve_seconds < 10
+    assert outcome.candidate is not None and outcome.candidate.objective_tokens_per_s > 0
+
+
+def test_a_model_given_as_config_in_the_spec() -> None:
+    config = {"num_hidden_layers": 8, "hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "intermediate_size": 14336, "vocab_size": 32000}
+    outcome = plan_for(spec(model={"name": None, "config": config, "weights": "/models/my-llm", "dtype": "float16"},
+                            slo={"simulationSeconds": 5}), FOUR[:2], None)
+    assert outcome.model is not None and (outcome.model.name, outcome.model.dtype) == ("my-llm", "float16")
+    assert assert_valid(outcome).num_layers == 8
+
+
+# --- failures are conditions -----------------------------------------------------------------------
+def assert_failed(outcome: PlanningOutcome, reason: str, condition: str = "PlacementSolved") -> str:
+    assert (outcome.rollout, outcome.phase, outcome.decision) == (False, "Failed", Decision.NONE)
+    status, got = conditions(outcome)[condition]
+    assert (status, got) == ("False", reason)
+    assert outcome.plan is None
+    assert outcome.status["layers"] == [] and outcome.status["plannedTokensPerSecond"] is None
+    assert outcome.status["message"].startswith(reason)
+    return next(c.message for c in outcome.conditions if c.type == condition)
+
+
+def test_no_gpu_nodes() -> None:
+    message = assert_failed(plan_for(spec(), [node("cpu", gpu=None)], None), "NoGPUNodes")
+    assert message == "none of the 1 nodes matches spec.nodes (selector and names)"
+    message = assert_failed(plan_for(spec(), [node("down", ready="False")], None), "NoGPUNodes")
+    assert message.startswith("no usable GPU node: 1 selected node skipped (1 NotReady), e.g. down")
+
+
+@pytest.mark.parametrize(("fields", "where"), [
+    ({"model": {"name": "gpt-17"}}, "spec.model.name"),
+    ({"placement": {"method": "annealing"}}, "spec.placement.method"),
+    ({"placement": {"profiles": "/no/such/profiles.json"}}, "spec.placement.profiles"),
+    ({"model": {"name": None, "config": {"hidden_size": 8}}}, "spec.model.config"),
+])
+def test_invalid_spec(fields: dict[str, Any], where: str) -> None:
+    message = assert_failed(plan_for(spec(**fields), FOUR, None), "InvalidSpec")
+    assert message.startswith(f"{where}: ")
+
+
+def test_insufficient_capacity_says_how_much_is_missing() -> None:
+    outcome = plan_for(spec(model={"name": "llama2-70b"}), FOUR[2:], None)
+    message = assert_failed(outcome, "InsufficientCapacity")
+    assert re.search(r"needs 80 layers × [\d.]+ GB = \d+ GB of weights; the cluster fits at most \d+ layers", message)
+    assert re.search(r"add about \d+ GB of GPU memory", message)
+
+
+def test_slo_not_met_names_the_numbers() -> None:
+    outcome = plan_for(spec(slo={"minTokensPerSecond": 1e9, "maxP95TtftSeconds": 0.001}), FOUR, None)
+    message = assert_failed(outcome, "SLONotMet", "PlanValidated")
+    assert conditions(outcome)["PlacementSolved"] == ("True", "Solved")
+    assert re.search(r"planned [\d,.]+ tokens/s < minTokensPerSecond 1e\+09", message)
+    assert re.search(r"simulated p95 time to first token [\d.]+ s > 0.001 s", message)
+    assert outcome.judged is not None and outcome.simulation is not None  # what was judged, for the dry run
+
+
+def test_slo_met_is_reported_with_the_targets() -> None:
+    outcome = plan_for(spec(slo={"minTokensPerSecond": 100, "maxP95InterTokenSeconds": 60}), FOUR, None)
+    assert outcome.rollout
+    message = next(c.message for c in outcome.conditions if c.type == "PlanValidated")
+    assert message.endswith("; SLO met") and "decode tokens/s" in message
+
+
+def test_online_gate_simulates_arrivals() -> None:
+    outcome = plan_for(spec(slo={"requestsPerSecond": 0.2}), FOUR, None)
+    assert outcome.simulation is not None and outcome.simulation.config["mode"] == "online"
+    assert any("0.2 req/s" in line for line in outcome.summary)
+
+
+# --- re-planning -----------------------------------------------------------------------------------
+def test_nothing_changed_nothing_rolls_out() -> None:
+    first = plan_for(spec(), FOUR, None)
+    again = plan_for(spec(), FOUR, previous(first))
+    assert (again.rollout, again.phase, again.decision) == (False, "Ready", Decision.KEEP)
+    assert conditions(again)["PlacementSolved"] == ("True", "GainBelowThreshold")
+    assert again.plan is not None and first.plan is not None and again.plan.ranges == first.plan.ranges
+    assert again.status["planHash"] == first.status["planHash"]
+    assert (again.layers_moved, again.nodes_moved, again.gain_percent) == (0, 0, pytest.approx(0, abs=1e-6))
+
+
+def test_a_node_joins_below_the_gain_threshold_keeps_every_range() -> None:
+    first = plan_for(spec(), FOUR, None)
+    joined = plan_for(spec(replan={"minGainPercent": 1000}), [*FOUR, node("l4-2")], previous(first))
+    assert joined.decision is Decision.KEEP and not joined.rollout
+    assert joined.gain_percent is not None and 0 < joined.gain_percent < 1000
+    message = next(c.message for c in joined.conditions if c.type == "PlacementSolved")
+    assert "below replan.minGainPercent 1000%" in message
+    assert joined.plan is not None and first.plan is not None and joined.plan.ranges == first.plan.ranges
+
+
+def test_a_node_joins_above_the_threshold_rolls_out_and_moves_few_layers() -> None:
+    first = plan_for(spec(), FOUR, None)
+    grown = [*FOUR, node("l4-2"), node("a100", gpu="A100-80G")]
+    outcome = plan_for(spec(replan={"minGainPercent": 5}), grown, previous(first))
+    plan = assert_valid(outcome)
+    assert (outcome.rollout, outcome.phase, outcome.decision) == (True, "Rolling", Decision.REPLAN)
+    assert outcome.gain_percent is not None and outcome.gain_percent >= 5
+    assert first.plan is not None and outcome.candidate is not None
+    old = first.plan.ranges
+    assert (outcome.layers_moved, outcome.nodes_moved) == layers_moved(plan, old)
+    assert outcome.layers_moved is not None and outcome.layers_moved <= layers_moved(outcome.candidate, old)[0]
+    kept_value = first.plan.objective_tokens_per_s
+    assert plan.objective_tokens_per_s >= kept_value * 1.05 - 1e-6  # the rollout still earns its threshold
+    assert any(line.startswith("layers moved: ") for line in outcome.summary)
+
+
+def test_a_node_that_held_layers_leaves() -> None:
+    first = plan_for(spec(), FOUR, None)
+    assert first.plan is not None
+    gone = first.plan.nodes[0].name
+    outcome = plan_for(spec(replan={"minGainPercent": 1000}), [n for n in FOUR if n["metadata"]["name"] != gone],
+                       previous(first))
+    assert_valid(outcome)
+    assert outcome.rollout and outcome.decision is Decision.REPLAN  # its layers are nowhere else: must re-plan
+    assert any(f"lost: {gone} (gone)" in line and "0.0 on the current nodes" in line for line in outcome.summary)
+    assert outcome.plan is not None and gone not in outcome.plan.ranges
+
+
+def duplicated_plan(s: HelixClusterSpec, nodes: list[dict[str, Any]]) -> Plan:
+    """Two copies of each half of the model: any one node can leave and the plan still serves."""
+    problem = problem_for(s, nodes)
+    ranges = {"a": (0, 16), "b": (0, 16), "c": (16, 32), "d": (16, 32)}
+    return build_plan(problem, PlacementResult(ranges=ranges), "greedy-flow", placement_options(s), 0.0)
+
+
+def test_a_node_leaves_and_the_rest_keep_their_ranges_below_the_threshold() -> None:
+    s = spec(replan={"minGainPercent": 1000})
+    nodes = [node(name) for name in "abcd"]
+    current = duplicated_plan(s, nodes)
+    outcome = plan_for(s, [n for n in nodes if n["metadata"]["name"] != "b"],
+                       PreviousPlan(plan=current, planned_tokens_per_second=current.objective_tokens_per_s))
+    plan = assert_valid(outcome)
+    assert plan.ranges == {"a": (0, 16), "c": (16, 32), "d": (16, 32)}
+    # The ranges stay, but the router's plan changes (b is gone): a rollout that moves no layer.
+    assert (outcome.decision, outcome.rollout, outcome.phase, outcome.layers_moved) == (Decision.KEEP, True,
+                                                                                         "Rolling", 0)
+    assert conditions(outcome)["PlacementSolved"] == ("True", "GainBelowThreshold")
+
+
+def test_a_current_plan_for_another_model_is_replaced() -> None:
+    first = plan_for(spec(), FOUR, None)
+    outcome = plan_for(spec(model={"name": "llama-30b"}), [*FOUR, node("a100-0", gpu="A100-80G"),
+                                                           node("a100-1", gpu="A100-80G")], previous(first))
+    assert outcome.decision is Decision.NEW and outcome.rollout
+    assert any(line.startswith("current plan is for llama3.1-8b (32 layers)") for line in outcome.summary)
+
+
+def test_a_failure_with_a_serving_plan_is_degraded_and_keeps_it() -> None:
+    first = plan_for(spec(), FOUR, None)
+    outcome = plan_for(spec(slo={"minTokensPerSecond": 1e9}), FOUR, previous(first))
+    assert (outcome.rollout, outcome.phase) == (False, "Degraded")
+    assert conditions(outcome)["PlanValidated"] == ("False", "SLONotMet")
+    assert outcome.plan is not None and first.plan is not None and outcome.plan.ranges == first.plan.ranges
+    assert "layers" not in outcome.status  # the serving plan's status stays as it is
+    bad_spec = plan_for(spec(model={"name": "gpt-17"}), FOUR, previous(first))
+    assert (bad_spec.phase, conditions(bad_spec)["PlacementSolved"]) == ("Degraded", ("False", "InvalidSpec"))
+
+
+# --- moving few layers -----------------------------------------------------------------------------
+def test_new_layers_counts_what_a_node_must_load() -> None:
+    assert new_layers((0, 10), None) == 10
+    assert new_layers((0, 10), (0, 10)) == 0
+    assert new_layers((5, 15), (0, 10)) == 5
+    assert new_layers((20, 30), (0, 10)) == 10
+
+
+def test_least_movement_keeps_held_ranges_while_the_floor_holds() -> None:
+    s = spec()
+    nodes = [node(name) for name in "abcde"]
+    current = duplicated_plan(s, nodes[:4])
+    problem = problem_for(s, nodes)
+    options = placement_options(s)
+    candidate = build_plan(problem, PlacementResult(ranges={"a": (0, 8), "b": (8, 16), "c": (16, 24),
+                                                            "d": (24, 32), "e": (0, 16)}),
+                           "greedy-flow", options, 0.0)
+    free = least_movement(problem, candidate, current, 0.0, options)  # any value will do: nothing moves
+    assert {n: free.ranges[n] for n in "abcd"} == current.ranges
+    strict = least_movement(problem, candidate, current, candidate.objective_tokens_per_s, options)
+    assert strict.objective_tokens_per_s >= candidate.objective_tokens_per_s * (1 - 1e-9)
+    assert layers_moved(strict, current.ranges)[0] <= layers_moved(candidate, current.ranges)[0]
+    assert validate_plan(strict, problem.cluster, problem.model, problem.profiles) == []
