@@ -203,7 +203,8 @@ class SloSpec(CrdModel):
         "Simulated p95 time between two output tokens must stay at or below this."))
     simulation_seconds: float = Field(300.0, gt=0, description=(
         "Simulated seconds of the gate's simulation (the first seventh is warm-up). Requests through a long pipeline "
-        "take minutes: much shorter runs measure mostly prompt passes."))
+        "take minutes: much shorter runs measure mostly prompt passes. Shortened for fast models so that the plan's "
+        "max flow moves at most 2 million tokens (the simulation's cost grows with tokens, not seconds)."))
     requests_per_second: float | None = Field(None, gt=0, description=(
         "Simulate Poisson arrivals at this rate. Default: offline, the cluster kept full (latencies at saturation)."))
 

@@ -21,6 +21,11 @@ from helix.simulator.simulate import simulate
 #: The share of the simulated time left out as warm-up (as `helix simulate` does).
 WARMUP_FRACTION = 1 / 7
 SEED = 0
+#: The most tokens the gate simulates (planned tokens/s × simulated seconds). Simulation cost grows with
+#: batch iterations, not with simulated seconds: a small model on fast GPUs plans ~10⁶ tokens/s, and
+#: 300 simulated seconds of it would take hours. 2·10⁶ tokens is minutes of a 70B model's traffic and
+#: still hundreds of requests for a fast one, enough to reach steady state either way.
+MAX_GATE_TOKENS = 2e6
 
 
 class GateResult(BaseModel):
@@ -42,17 +47,25 @@ def run_gate(problem: PlacementProblem, plan: Plan, spec: HelixClusterSpec) -> G
     slo = spec.slo
     online = slo.requests_per_second is not None
     workload = Workload(arrivals=PoissonArrivals(slo.requests_per_second)) if slo.requests_per_second else Workload()
-    how = (f"{slo.simulation_seconds:g} s, {spec.scheduling.method} scheduler, "
+    duration = gate_seconds(spec, plan)
+    how = (f"{duration:.3g} s, {spec.scheduling.method} scheduler, "
            + (f"{slo.requests_per_second:g} req/s" if online else "offline"))
     try:
         result = simulate(problem.cluster, problem.model, problem.profiles, plan, scheduler=spec.scheduling.method,
-                          mode="online" if online else "offline", duration_s=slo.simulation_seconds,
-                          warmup_s=slo.simulation_seconds * WARMUP_FRACTION, seed=SEED, workload=workload)
+                          mode="online" if online else "offline", duration_s=duration,
+                          warmup_s=duration * WARMUP_FRACTION, seed=SEED, workload=workload)
     except HelixInputError as exc:
         return GateResult(simulation=None, failures=[f"the simulation could not serve the plan: {exc}"],
                           description=f"simulation ({how}) failed")
     return GateResult(simulation=result, failures=slo_failures(spec, plan, result),
                       description=f"simulated {how}: {describe(result)}")
+
+
+def gate_seconds(spec: HelixClusterSpec, plan: Plan) -> float:
+    """`slo.simulationSeconds`, shortened so the plan's max flow moves at most MAX_GATE_TOKENS tokens."""
+    if plan.objective_tokens_per_s <= 0:
+        return spec.slo.simulation_seconds
+    return min(spec.slo.simulation_seconds, MAX_GATE_TOKENS / plan.objective_tokens_per_s)
 
 
 def describe(result: SimulationResult) -> str:
@@ -77,7 +90,7 @@ def slo_failures(spec: HelixClusterSpec, plan: Plan, result: SimulationResult) -
         if target is None:
             continue
         if measured is None:
-            out.append(f"no {what} measured: no request got that far in {slo.simulation_seconds:g} simulated s "
+            out.append(f"no {what} measured: no request got that far in {gate_seconds(spec, plan):.3g} simulated s "
                        f"(target {target:g} s)")
         elif measured > target:
             out.append(f"simulated {what} {measured:.3g} s > {target:g} s")

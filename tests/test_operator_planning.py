@@ -24,6 +24,7 @@ from helix.operator.planning import (
     spec_profiles,
 )
 from helix.operator.replan import layers_moved, least_movement, new_layers
+from helix.operator.slo import MAX_GATE_TOKENS, gate_seconds
 from helix.simulator.placement.base import PlacementProblem, PlacementResult, build_plan
 from helix.simulator.plan import Plan
 from helix.simulator.validate import validate_plan
@@ -161,6 +162,13 @@ def test_online_gate_simulates_arrivals() -> None:
     outcome = plan_for(spec(slo={"requestsPerSecond": 0.2}), FOUR, None)
     assert outcome.simulation is not None and outcome.simulation.config["mode"] == "online"
     assert any("0.2 req/s" in line for line in outcome.summary)
+
+
+def test_gate_simulates_at_most_a_bounded_number_of_tokens() -> None:
+    plan = assert_valid(plan_for(spec(), FOUR, None))
+    fast = plan.model_copy(update={"objective_tokens_per_s": 4 * MAX_GATE_TOKENS})
+    assert gate_seconds(spec(), fast) == pytest.approx(0.25)  # a tiny model on fast GPUs: a quarter second
+    assert gate_seconds(spec(), plan) == 30  # a real model: the spec's duration
 
 
 # --- re-planning -----------------------------------------------------------------------------------
