@@ -182,25 +182,6 @@ def _model_layers(model_dir: Path) -> tuple[int, str]:
         raise HelixInputError(f"{config}: cannot read num_hidden_layers: {exc}", "--model") from exc
 
 
-@dataclass
-class ServeConfig:
-    model_dir: Path
-    plan: Plan
-    plan_path: Path
-    host: str
-    port: int
-    scheduler: str
-    route_log: Path | None
-    dtype: str | None
-    threads: int
-    restart: bool
-    max_queue: int
-    request_timeout: float
-    kv_capacity_tokens: int | None
-    log_dir: Path
-    quiet: bool
-
-
 @handle_errors
 def serve_command(
     local: Annotated[bool, typer.Option("--local", help="Run everything on this machine (loopback).")] = False,
@@ -219,6 +200,7 @@ def serve_command(
     route_log: Annotated[Path | None, typer.Option(
         "--route-log", metavar="FILE", show_default=False,
         help="The router's route log (helix report --route-log FILE).")] = None,
+    engine: Annotated[str, typer.Option("--engine", metavar="torch|vllm", help="The workers' engine.")] = "torch",
     dtype: Annotated[str | None, typer.Option("--dtype", metavar="DTYPE", show_default=False,
                                               help="Worker dtype (default: float32 on CPU).")] = None,
     threads: Annotated[int | None, typer.Option(
@@ -261,6 +243,10 @@ def serve_command(
         raise HelixInputError(f"folder {route_log.parent} does not exist", "--route-log")
     if model is not None:
         _model_layers(model)
+    from helix.worker.engines import engine_names
+
+    if engine not in engine_names():  # whether it is installed, each worker says (importing vLLM takes seconds)
+        raise HelixInputError(f"unknown engine {engine!r}; choose one of {', '.join(engine_names())}", "--engine")
     if plan is not None:
         from helix.simulator.plan import load_plan
 
@@ -268,8 +254,8 @@ def serve_command(
 
     tmp = Path(tempfile.mkdtemp(prefix="helix-serve-"))
     try:
-        code = asyncio.run(_serve(tmp, model, plan, workers, host, port, scheduler, route_log, dtype, threads,
-                                  kv_capacity_tokens, restart, max_queue, request_timeout, log_dir, quiet))
+        code = asyncio.run(_serve(tmp, model, plan, workers, host, port, scheduler, route_log, engine, dtype,
+                                  threads, kv_capacity_tokens, restart, max_queue, request_timeout, log_dir, quiet))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if code:
@@ -277,7 +263,7 @@ def serve_command(
 
 
 async def _serve(tmp: Path, model: Path | None, plan_path: Path | None, workers: int, host: str, port: int,
-                 scheduler: str, route_log: Path | None, dtype: str | None, threads: int | None,
+                 scheduler: str, route_log: Path | None, engine: str, dtype: str | None, threads: int | None,
                  kv_capacity_tokens: int | None, restart: bool, max_queue: int, request_timeout: float,
                  log_dir: Path | None, quiet: bool) -> int:
     say = (lambda *_a: None) if quiet else (lambda text: print(text, file=sys.stderr, flush=True))
@@ -306,7 +292,7 @@ async def _serve(tmp: Path, model: Path | None, plan_path: Path | None, workers:
     addresses: dict[str, str] = {}
 
     async def start_all() -> str:
-        addresses.update(await _start_workers(plan, model, children, logs, env, dtype, per_worker,
+        addresses.update(await _start_workers(plan, model, children, logs, env, engine, dtype, per_worker,
                                               kv_capacity_tokens))
         router = Child("router", [*_python(), "router", "--plan", str(plan_file), "--model", str(model), "--workers",
                                   ",".join(f"{n}={a}" for n, a in addresses.items()), "--port", str(port),
@@ -370,19 +356,21 @@ def _resolve_plan(plan_path: Path | None, num_layers: int, workers: int, model_n
     return plan
 
 
-def _worker_argv(node: Any, model: Path, listen: str, dtype: str | None, threads: int,
+def _worker_argv(node: Any, model: Path, listen: str, engine: str, dtype: str | None, threads: int,
                  kv_capacity_tokens: int | None) -> list[str]:
     return [*_python(), "worker", "--model", str(model), "--layers", f"{node.start_layer}:{node.end_layer}",
-            "--listen", listen, "--name", node.name, "--threads", str(threads),
+            "--listen", listen, "--name", node.name, "--engine", engine, "--threads", str(threads),
             *(["--dtype", dtype] if dtype else []),
             *(["--kv-capacity-tokens", str(kv_capacity_tokens)] if kv_capacity_tokens else [])]
 
 
 async def _start_workers(plan: Plan, model: Path, children: dict[str, Child], logs: Path, env: dict[str, str],
-                         dtype: str | None, threads: int, kv_capacity_tokens: int | None) -> dict[str, str]:
+                         engine: str, dtype: str | None, threads: int, kv_capacity_tokens: int | None
+                         ) -> dict[str, str]:
     """Start every worker on an ephemeral port; their `listening` lines give the addresses."""
     for node in plan.nodes:
-        child = Child(node.name, _worker_argv(node, model, "tcp://127.0.0.1:*", dtype, threads, kv_capacity_tokens),
+        child = Child(node.name, _worker_argv(node, model, "tcp://127.0.0.1:*", engine, dtype, threads,
+                                              kv_capacity_tokens),
                       logs / f"{node.name}.log")
         children[node.name] = child
         await child.start(env)
@@ -391,7 +379,8 @@ async def _start_workers(plan: Plan, model: Path, children: dict[str, Child], lo
         info = await children[node.name].expect("listening", STARTUP_TIMEOUT_S)
         addresses[node.name] = str(info["address"])
         # Restarts must come back where the router looks for this worker.
-        children[node.name].argv = _worker_argv(node, model, addresses[node.name], dtype, threads, kv_capacity_tokens)
+        children[node.name].argv = _worker_argv(node, model, addresses[node.name], engine, dtype, threads,
+                                                kv_capacity_tokens)
     return addresses
 
 

