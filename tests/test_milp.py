@@ -1,4 +1,8 @@
-"""The MILP placement: optimality proofs, bounds, pruning, anytime stop."""
+"""The MILP placement: optimality proofs, bounds, pruning, anytime stop.
+
+These tests are about the max-flow search, so they ask for its optimum (`selection="max-flow"`);
+choosing among placements by served throughput is tested in test_plan_quality.py.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ def problem_for(cluster: object) -> PlacementProblem:
 def test_small_cluster_is_solved_to_proven_optimality() -> None:
     problem = problem_for(single_region({"L4": 8, "T4": 8}))
     points: list = []
-    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=20, progress=points.append))
+    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=20, progress=points.append,
+                                                            selection="max-flow"))
     assert validate_plan(plan, problem.cluster, problem.model, problem.profiles) == []
     assert plan.status == "optimal"
     assert plan.bound_tokens_per_s == pytest.approx(plan.objective_tokens_per_s, rel=2e-3)
@@ -40,7 +45,7 @@ def test_small_cluster_is_solved_to_proven_optimality() -> None:
 def test_bound_is_never_below_the_objective_on_a_network_bound_cluster() -> None:
     cluster = multi_region({"us": {"A100-80G": 2, "L4": 2}, "eu": {"L40S": 2, "T4": 3}}, seed=3)
     problem = problem_for(cluster)
-    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=3))
+    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=3, selection="max-flow"))
     assert validate_plan(plan, cluster, MODEL, problem.profiles) == []
     assert plan.bound_tokens_per_s is not None
     assert plan.bound_tokens_per_s >= plan.objective_tokens_per_s - 1e-6
@@ -49,7 +54,8 @@ def test_bound_is_never_below_the_objective_on_a_network_bound_cluster() -> None
 
 def test_without_partial_inference_ranges_chain_exactly() -> None:
     problem = problem_for(single_region({"A100-80G": 2, "L4": 6}))
-    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=3, partial_inference=False))
+    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=3, partial_inference=False,
+                                                            selection="max-flow"))
     assert validate_plan(plan, problem.cluster, problem.model, problem.profiles) == []
     ranges = plan.ranges
     for flow in plan.flows:
@@ -59,7 +65,7 @@ def test_without_partial_inference_ranges_chain_exactly() -> None:
 
 def test_without_warm_start_the_solver_still_finds_a_plan() -> None:
     problem = problem_for(single_region({"A100-80G": 2, "L40S": 3}))
-    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=3, warm_start=False))
+    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=3, warm_start=False, selection="max-flow"))
     assert plan.objective_tokens_per_s > 0
     assert "warm_start_method" not in plan.config
 

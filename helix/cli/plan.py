@@ -415,7 +415,10 @@ def summary_items(plan: Plan, total_nodes: int, used_nodes: int) -> list[tuple[s
         if prof.get("path"):
             text += f" ({prof['path']})"
         items.append(("profiles", text))
-    skip = {"method", "options", "profiles", "cluster_nodes", "stopped_early"}
+    selection = plan.config.get("selection")
+    if selection:
+        items.append(("selection", _selection_text(selection)))
+    skip = {"method", "options", "profiles", "cluster_nodes", "stopped_early", "selection"}
     for key, value in plan.config.items():
         if key not in skip:
             items.append((key.replace("_", " "), _format_detail(value)))
@@ -423,6 +426,26 @@ def summary_items(plan: Plan, total_nodes: int, used_nodes: int) -> list[tuple[s
         items.append(("warning", "[red]the plan carries no flow: no request can be served[/]"))
     items.append(("validated", "[green]yes[/] (coverage, memory, links, capacities, flow conservation)"))
     return items
+
+
+def _selection_text(record: dict[str, Any]) -> str:
+    """One line for the MILP's plan selection (the full record is in the plan file's config)."""
+    chosen = record.get("chosen", "?")
+    if "chosen_by" not in record:
+        why = " (stopped)" if record.get("skipped") else ""
+        return f"{record.get('resolved', record.get('mode'))}: the max-flow optimum{why}"
+    shortlist = {c["label"]: c for c in record.get("shortlist", [])}
+
+    def served(label: str) -> str:
+        runs = shortlist.get(label, {}).get("simulated_decode_tokens_per_s") or []
+        if record["chosen_by"] == "simulation" and runs:
+            return f"{sum(runs) / len(runs):.1f} decode tokens/s simulated"
+        return f"{shortlist.get(label, {}).get('served_tokens_per_s', 0):.1f} tokens/s estimated served"
+
+    text = f"{record['chosen_by']} chose {chosen} ({served(chosen)}"
+    if chosen != "max-flow" and "max-flow" in shortlist:
+        text += f"; max-flow optimum: {served('max-flow')}"
+    return text + f"; {len(shortlist)} of {record.get('candidates_scored', 0)} candidates shortlisted)"
 
 
 def _format_detail(value: Any) -> str:

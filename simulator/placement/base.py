@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 from helix.simulator.cluster import Cluster
@@ -18,6 +18,7 @@ from helix.simulator.flow import compute_bound, max_flow
 from helix.simulator.model import ModelSpec
 from helix.simulator.plan import NodeAssignment, Plan, ProgressPoint
 from helix.simulator.profiles.base import Profiles
+from helix.simulator.requests import Workload
 
 Ranges = dict[str, tuple[int, int]]
 
@@ -43,11 +44,16 @@ class PlacementOptions:
     warm_start: bool = True
     prune_keep: int | None = None  # links kept per node by pruning; None = method default, 0 = no pruning
     workers: int = 2
+    #: How the MILP picks the plan to serve: auto, simulate, estimate or max-flow (see selection.py).
+    selection: str = "auto"
+    #: The workload the plan will serve, for selection's model and simulations (None: the simulator's
+    #: default, Azure-Conversation-like lengths); only its lengths matter, runs are offline.
+    workload: Workload | None = field(default=None, compare=False)
     progress: Callable[[ProgressPoint], None] | None = field(default=None, compare=False)
 
     def resolved(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("progress")
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("progress", "workload")}
+        out["workload"] = None if self.workload is None else self.workload.describe()
         return out
 
 

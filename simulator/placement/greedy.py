@@ -359,7 +359,7 @@ def region_layout(tables: Tables, regions: list[list[str]], stack: int) -> Regio
     return out
 
 
-def _neighbours(ranges: Ranges, tables: Tables, name: str) -> list[Ranges]:
+def neighbours(ranges: Ranges, tables: Tables, name: str) -> list[Ranges]:
     """Small edits of one node's range: shift, grow or shrink at either end, drop it."""
     L = tables.num_layers
     s, e = ranges[name]
@@ -387,7 +387,7 @@ def _flow_climb(problem: PlacementProblem, options: PlacementOptions, tables: Ta
         for name in names:
             if name not in ranges:
                 continue
-            for cand in _neighbours(ranges, tables, name):
+            for cand in neighbours(ranges, tables, name):
                 evals += 1
                 v = flow_value(problem, cand, options.partial_inference)
                 if v > value * (1 + 1e-9):

@@ -40,12 +40,15 @@ from helix.simulator.placement.base import (
 from helix.simulator.placement.coverage import CoverageModel
 from helix.simulator.placement.heuristics import check_fits
 from helix.simulator.placement.pruning import prune_edges
+from helix.simulator.placement.selection import MAX_FLOW_LABEL, SELECTION_SHARE, resolve_mode, select
 from helix.simulator.plan import ProgressPoint
 
 SCALE = 10  # flow unit: 0.1 token/s
 DEFAULT_PRUNE_KEEP = 12
 COVERAGE_SHARE = 0.5  # of the time limit, for the coverage model (bound and candidates)
 WARM_START_METHOD = "greedy-flow"
+#: Heuristic placements also offered to selection (greedy-flow's comes with the warm start).
+SELECTION_BASELINES = ("petals", "swarm", "sp-plus")
 
 
 @dataclass
@@ -414,9 +417,13 @@ class _Search:
 
 @register_method("milp")
 def milp(problem: PlacementProblem, options: PlacementOptions) -> PlacementResult:
-    """Solve the placement MILP within the time limit, warm-started from the best heuristic."""
+    """Solve the placement MILP within the time limit, warm-started from the best heuristic; then
+    choose the plan to serve (selection.py): by default the max-flow optimum or a placement that
+    serves more, whichever a short simulation prefers."""
     check_fits(problem)
+    mode = resolve_mode(problem, options)
     started = time.monotonic()
+    search_limit = options.time_limit_s * (1 - SELECTION_SHARE if mode != "max-flow" else 1.0)
     details: dict[str, object] = {}
     stopper = _Stopper()
     with stopper.installed():
@@ -436,7 +443,7 @@ def milp(problem: PlacementProblem, options: PlacementOptions) -> PlacementResul
                     "model_size": {"variables": len(base.model.proto.variables),
                                    "constraints": len(base.model.proto.constraints)}}
         progress = _Progress(options, started)
-        search = _Search(problem, options, base, progress, stopper, started + options.time_limit_s)
+        search = _Search(problem, options, base, progress, stopper, started + search_limit)
         if seed_ranges:
             search.offer(seed_ranges)
         search.coverage(search.remaining() * COVERAGE_SHARE)
@@ -444,10 +451,24 @@ def milp(problem: PlacementProblem, options: PlacementOptions) -> PlacementResul
             search.lns(time.monotonic() + search.remaining() * 0.6)
         if search.status != "optimal" and not stopper.stopped:
             search.full(search.remaining(), bound_is_global=keep == 0)
+        others = [(WARM_START_METHOD, seed_ranges)] if seed_ranges else []
+        if mode != "max-flow":
+            others += [(name, PLACEMENT_METHODS[name](problem, options).ranges) for name in SELECTION_BASELINES]
+        ranges, selection = select(problem, options, search.best.ranges, others,
+                                   started + options.time_limit_s, lambda: stopper.stopped)
     details["stopped_early"] = stopper.stopped
+    details["max_flow_optimum_tokens_per_s"] = round(search.best.value, 3)
+    details["max_flow_status"] = search.status
+    details["selection"] = selection
+    if not ranges:
+        status = "no-solution"
+    elif selection["chosen"] == MAX_FLOW_LABEL:
+        status = search.status
+    else:
+        status = f"{selection['chosen_by']}-selected"
     return PlacementResult(
-        ranges=search.best.ranges,
-        status=search.status if search.best.ranges else "no-solution",
+        ranges=ranges,
+        status=status,
         bound_tokens_per_s=search.bound,
         progress=progress.points,
         details=details,
