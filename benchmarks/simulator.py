@@ -1,7 +1,8 @@
 """Simulator fidelity and speed against the Helix (ASPLOS'25) simulator on the same inputs, and scaling.
 
 Fidelity: reads the Helix artifact's clusters, profile tables, placements, per-node KV capacities
-and Azure Conversation lengths from ../shared/reference (never copied into the project) and runs
+and Azure Conversation lengths from ../shared/reference (never copied into the project; found like
+`helix experiment` finds it, $HELIX_REFERENCE first) and runs
 our simulator offline for 680 simulated seconds, measuring decode throughput over 80–680 s like
 the Helix tutorial (60 s warm-up after ~18 s of model loading, then 600 s). Targets:
 
@@ -11,7 +12,8 @@ the Helix tutorial (60 s warm-up after ~18 s of model loading, then 600 s). Targ
   (the "reference run" line: wall time of the maxflow row, the process's peak RSS after it).
 
 `--paper` adds the paper's simulator rows (single / geo / 42-node; the swarm rows use the Swarm
-placement and 180 requests in flight, the artifact's setting for LLaMA-2 70B). `--helix-links`
+placement and 180 requests in flight, the artifact's setting for LLaMA-2 70B), their targets read
+from the reference's paper-results.md. `--helix-links`
 restricts the network to the links Helix's simulator instantiated for the layout (its
 simulator_cluster.ini `[Links]`), whose max flow decomposes like Helix's; by default the plan's own
 max flow over the full cluster decides which links carry traffic.
@@ -47,41 +49,41 @@ from rich.console import Console
 from rich.table import Table
 
 from helix.simulator.cluster import Cluster
+from helix.simulator.experiments.clusters import SINGLE_24_MIX
+from helix.simulator.experiments.paper import PaperRef, PaperResults
+from helix.simulator.experiments.reference import Reference, find_reference
+from helix.simulator.experiments.systems import HELIX, SWARM, serving_ref
 from helix.simulator.generators import multi_region, single_region
-from helix.simulator.helix_format import (
-    load_helix_cluster,
-    load_helix_simulator_cluster,
-    load_helix_simulator_links,
-    load_helix_solution,
-    restrict_links,
-)
 from helix.simulator.model import MODEL_CATALOG
-from helix.simulator.placement.base import (
-    PlacementOptions,
-    PlacementProblem,
-    PlacementResult,
-    build_plan,
-    plan_placement,
-)
-from helix.simulator.profiles.helix_reference import HelixReferenceProfiles
+from helix.simulator.placement.base import PlacementOptions, PlacementProblem, plan_placement
 from helix.simulator.profiles.roofline import RooflineProfiles
-from helix.simulator.requests import TraceLengths, Workload
+from helix.simulator.requests import Workload
 from helix.simulator.results import SimulationResult
 from helix.simulator.simulate import simulate
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 TOLERANCE = 0.10
 
 
 @dataclass(frozen=True)
 class Case:
+    """A published layout served by a scheduler; the target is the tutorial's number or where the paper's is."""
+
     label: str
     cluster_file: str
     layout: str
     scheduler: str
-    helix_tokens_per_s: float
+    target: float | PaperRef
     max_in_flight: int | None = None
     source: str = "Helix tutorial"
+
+    def helix_tokens_per_s(self, paper: PaperResults | None) -> float | None:
+        return self.target if isinstance(self.target, float) else self.target.lookup(paper)
+
+
+def _paper(cluster: str, system: str) -> PaperRef:
+    ref = serving_ref(cluster, "llama2-70b", "offline", SWARM if system == "swarm" else HELIX)
+    assert ref is not None, cluster
+    return ref
 
 
 TUTORIAL = (
@@ -89,41 +91,35 @@ TUTORIAL = (
     Case("single24, ILP layout", "single-cluster24.ini", "llama70b-single/ilp", "swarm", 187.6, 240),
 )
 PAPER = (
-    Case("single24, ILP layout (AE)", "single-cluster24.ini", "llama70b-single-ae/ilp", "maxflow", 252.1,
+    Case("single24, ILP layout (AE)", "single-cluster24.ini", "llama70b-single-ae/ilp", "maxflow",
+         _paper("single-24", "helix"), source="paper"),
+    Case("single24, Swarm layout", "single-cluster24.ini", "llama70b-single/swarm", "swarm",
+         _paper("single-24", "swarm"), 180, "paper"),
+    Case("geo24, ILP layout", "geo-3cluster24.ini", "llama70b-geo/ilp", "maxflow", _paper("geo-24", "helix"),
          source="paper"),
-    Case("single24, Swarm layout", "single-cluster24.ini", "llama70b-single/swarm", "swarm", 124.7, 180, "paper"),
-    Case("geo24, ILP layout", "geo-3cluster24.ini", "llama70b-geo/ilp", "maxflow", 98.0, source="paper"),
-    Case("geo24, Swarm layout", "geo-3cluster24.ini", "llama70b-geo/swarm", "swarm", 51.9, 180, "paper"),
-    Case("hetero42, ILP layout", "hetero-cluster42.ini", "llama70b-hetero42/ilp", "maxflow", 645.6, source="paper"),
-    Case("hetero42, Swarm layout", "hetero-cluster42.ini", "llama70b-hetero42/swarm", "swarm", 473.2, 180, "paper"),
+    Case("geo24, Swarm layout", "geo-3cluster24.ini", "llama70b-geo/swarm", "swarm", _paper("geo-24", "swarm"),
+         180, "paper"),
+    Case("hetero42, ILP layout", "hetero-cluster42.ini", "llama70b-hetero42/ilp", "maxflow",
+         _paper("hetero-42", "helix"), source="paper"),
+    Case("hetero42, Swarm layout", "hetero-cluster42.ini", "llama70b-hetero42/swarm", "swarm",
+         _paper("hetero-42", "swarm"), 180, "paper"),
 )
 
 
-def run_case(case: Case, seed: int, duration_s: float, warmup_s: float, only_helix_links: bool) -> SimulationResult:
-    model = MODEL_CATALOG["llama2-70b"]
-    layout = REFERENCE / "layouts" / case.layout
-    cluster = load_helix_cluster(REFERENCE / "clusters" / case.cluster_file,
-                                 REFERENCE / "clusters" / "machine_profile.ini")
-    if only_helix_links:
-        sim_ini = layout / "simulator_cluster.ini"
-        cluster = restrict_links(cluster, load_helix_simulator_links(sim_ini), str(sim_ini))
-    profiles = HelixReferenceProfiles(REFERENCE / "profiles" / "helix-profiles.json", model, cluster)
-    problem = PlacementProblem(cluster, model, profiles)
-    solution = next(layout.glob("*_sol.ini"))
-    ranges = load_helix_solution(solution, cluster)
-    plan = build_plan(problem, PlacementResult(ranges, status="imported"), "helix-import", PlacementOptions(), 0.0)
-    workload = Workload(lengths=TraceLengths.load(REFERENCE / "traces" / "lengths-azure-conv.csv"),
-                        max_in_flight=case.max_in_flight)
-    return simulate(cluster, model, profiles, plan, scheduler=case.scheduler, mode="offline",
-                    duration_s=duration_s, warmup_s=warmup_s, seed=seed, workload=workload,
-                    kv_capacity_override=load_helix_simulator_cluster(layout / "simulator_cluster.ini"))
+def run_case(reference: Reference, case: Case, seed: int, duration_s: float, warmup_s: float,
+             only_helix_links: bool) -> SimulationResult:
+    run = reference.published_run(case.cluster_file, case.layout, MODEL_CATALOG["llama2-70b"], only_helix_links)
+    workload = Workload(lengths=reference.lengths(), max_in_flight=case.max_in_flight)
+    return simulate(run.cluster, MODEL_CATALOG["llama2-70b"], run.profiles, run.plan,
+                    scheduler=case.scheduler, mode="offline", duration_s=duration_s, warmup_s=warmup_s, seed=seed,
+                    workload=workload, kv_capacity_override=run.kv_capacity)
 
 
 # ---- scaling -----------------------------------------------------------------------------------
 SCALING_SIZES = (24, 100, 300, 1000)
 SCALING_TOPOLOGIES = ("single", "geo")
 #: The paper's 24-node cluster is 4 A100 + 8 L4 + 12 T4; larger clusters keep those proportions.
-MIX_SHARES = (("A100-40G", 1 / 6), ("L4", 2 / 6), ("T4", 3 / 6))
+MIX_SHARES = tuple((gpu, n / sum(SINGLE_24_MIX.values())) for gpu, n in SINGLE_24_MIX.items())
 GEO_REGIONS = 3
 
 
@@ -214,8 +210,10 @@ def run_scaling(console: Console, sizes: list[int], topologies: list[str], durat
 
 
 # ---- fidelity ----------------------------------------------------------------------------------
-def run_fidelity(console: Console, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any], bool]:
+def run_fidelity(console: Console, args: argparse.Namespace,
+                 reference: Reference) -> tuple[list[dict[str, Any]], dict[str, Any], bool]:
     """The tutorial (and with --paper, the paper's) rows; returns rows, the reference-run summary, pass/fail."""
+    paper = reference.paper()
     table = Table(title=f"Decode throughput, offline, {args.warmup:g}–{args.duration:g} s "
                         f"({args.seeds} seed{'s' if args.seeds > 1 else ''}), LLaMA-2 70B")
     for col in ("case", "scheduler", "ours tok/s", "Helix tok/s", "diff", "prompt p50 s", "decode p50 s",
@@ -227,38 +225,40 @@ def run_fidelity(console: Console, args: argparse.Namespace) -> tuple[list[dict[
         results, walls = [], []
         for seed in range(args.seeds):
             started = time.monotonic()
-            results.append(run_case(case, seed, args.duration, args.warmup, args.helix_links))
+            results.append(run_case(reference, case, seed, args.duration, args.warmup, args.helix_links))
             walls.append(time.monotonic() - started)
         ours = statistics.fmean(r.decode_throughput_tokens_per_s for r in results)
-        diff = ours / case.helix_tokens_per_s - 1
+        helix = case.helix_tokens_per_s(paper)
+        diff = None if helix is None else ours / helix - 1
         if case in TUTORIAL:
-            ok &= abs(diff) <= TOLERANCE
+            ok &= diff is not None and abs(diff) <= TOLERANCE
         rss_mb = _peak_rss_mb()
         first = results[0]
         row = {"case": case.label, "scheduler": case.scheduler, "ours": round(ours, 1),
-               "per_seed": [r.decode_throughput_tokens_per_s for r in results], "helix": case.helix_tokens_per_s,
-               "diff": round(diff, 4), "prompt_p50_s": first.prompt_latency_s.p50,
+               "per_seed": [r.decode_throughput_tokens_per_s for r in results], "helix": helix,
+               "diff": None if diff is None else round(diff, 4), "prompt_p50_s": first.prompt_latency_s.p50,
                "decode_p50_s": first.decode_latency_s.p50, "wall_s": round(max(walls), 2),
                "first_seed_wall_s": round(walls[0], 2), "peak_rss_mb": round(rss_mb, 1), "source": case.source}
         rows.append(row)
-        table.add_row(case.label, case.scheduler, f"{ours:.1f}", f"{case.helix_tokens_per_s:.1f}", f"{diff:+.1%}",
+        table.add_row(case.label, case.scheduler, f"{ours:.1f}", "n/a" if helix is None else f"{helix:.1f}",
+                      "n/a" if diff is None else f"{diff:+.1%}",
                       f"{first.prompt_latency_s.p50 or 0:.2f}", f"{first.decode_latency_s.p50 or 0:.2f}",
                       f"{max(walls):.1f}", f"{rss_mb:.0f}", case.source)
-        console.print(f"{case.label} / {case.scheduler}: {ours:.1f} tok/s (Helix {case.helix_tokens_per_s}), "
+        console.print(f"{case.label} / {case.scheduler}: {ours:.1f} tok/s (Helix {helix or 'n/a'}), "
                       f"{max(walls):.1f} s wall", highlight=False)
     console.print(table)
     console.print(f"Tutorial targets within ±{TOLERANCE:.0%}: {'yes' if ok else 'NO'}. Peak RSS is the process's "
                   "maximum so far (imports included).", highlight=False)
     # The first row ran first in this process, so the peak RSS after it is that run's (plus imports).
-    ref = rows[0]
-    reference = {"simulated_s": args.duration, "wall_s": ref["first_seed_wall_s"], "peak_rss_mb": ref["peak_rss_mb"],
-                 "target_wall_s": 60.0, "target_peak_rss_mb": 1024.0,
-                 "helix_wall_s": 18.6 * 60, "helix_peak_rss_mb": 14.9 * 1024}
-    fast = reference["wall_s"] <= 60.0 and reference["peak_rss_mb"] <= 1024.0
-    console.print(f"Reference run ({args.duration:g} simulated s, 24 nodes, maxflow): {reference['wall_s']:.1f} s wall "
-                  f"(target ≤ 60 s; Helix 18.6 min), peak RSS {reference['peak_rss_mb']:.0f} MB (target ≤ 1,024 MB; "
+    first_row = rows[0]
+    summary = {"simulated_s": args.duration, "wall_s": first_row["first_seed_wall_s"],
+               "peak_rss_mb": first_row["peak_rss_mb"], "target_wall_s": 60.0, "target_peak_rss_mb": 1024.0,
+               "helix_wall_s": 18.6 * 60, "helix_peak_rss_mb": 14.9 * 1024}
+    fast = summary["wall_s"] <= 60.0 and summary["peak_rss_mb"] <= 1024.0
+    console.print(f"Reference run ({args.duration:g} simulated s, 24 nodes, maxflow): {summary['wall_s']:.1f} s wall "
+                  f"(target ≤ 60 s; Helix 18.6 min), peak RSS {summary['peak_rss_mb']:.0f} MB (target ≤ 1,024 MB; "
                   f"Helix 14.9 GB): {'within targets' if fast else 'OVER TARGET'}.", highlight=False)
-    return rows, reference, ok and fast
+    return rows, summary, ok and fast
 
 
 def _sizes(text: str) -> list[int]:
@@ -308,10 +308,11 @@ def main() -> int:
     out: dict[str, Any] = {}
     ok = True
     if not args.scaling:
-        if not REFERENCE.is_dir():
-            print(f"reference data not found at {REFERENCE}", file=sys.stderr)
+        root = find_reference()
+        if root is None:
+            print("reference data not found (set $HELIX_REFERENCE or put it at ../shared/reference)", file=sys.stderr)
             return 2
-        out["fidelity"], out["reference_run"], ok = run_fidelity(console, args)
+        out["fidelity"], out["reference_run"], ok = run_fidelity(console, args, Reference(root))
     if not args.no_scaling:
         out["scaling"] = run_scaling(console, args.scaling_sizes, args.scaling_topologies, args.scaling_duration,
                                      args.scaling_time_limit)
