@@ -157,6 +157,11 @@ class PlacementSpec(CrdModel):
     profiles: str = Field("roofline", min_length=1, description=(
         "GPU throughput profiles: roofline (analytic, from GPU datasheets) or the path of a profile JSON file "
         "in the operator's container (docs/profile-format.md)."))
+    selection: Literal["auto", "simulate", "estimate", "max-flow"] = Field("auto", description=(
+        "milp: which placement to serve. max-flow: the max-flow optimum; estimate: the candidate placement with the "
+        "highest served-throughput estimate; simulate: the shortlisted candidates (the max-flow optimum among them) "
+        "in short offline simulations, the best served wins; auto: simulate on clusters of up to 100 nodes, else "
+        "max-flow. Selection takes up to 70% of timeLimitSeconds (the max-flow search gets the rest)."))
 
 
 class SchedulingSpec(CrdModel):

@@ -128,7 +128,7 @@ def spec_profiles(spec: HelixClusterSpec, model: ModelSpec, cluster: Cluster) ->
 def placement_options(spec: HelixClusterSpec) -> PlacementOptions:
     p = spec.placement
     return PlacementOptions(partial_inference=p.partial_inference, time_limit_s=p.time_limit_seconds, seed=SEED,
-                            prune_keep=p.pruning, workers=SOLVER_WORKERS)
+                            prune_keep=p.pruning, workers=SOLVER_WORKERS, selection=p.selection)
 
 
 def check_method(spec: HelixClusterSpec) -> None:

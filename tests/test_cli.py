@@ -18,11 +18,13 @@ import yaml
 from typer.testing import CliRunner
 
 from helix.cli.app import app
-from helix.cli.inputs import connectivity_problems, load_cluster
+from helix.cli.inputs import connectivity_problems, load_cluster, selection_option
 from helix.simulator.cluster import Cluster, GpuNode, Link, load_cluster_yaml
 from helix.simulator.model import resolve_model
-from helix.simulator.plan import load_plan
+from helix.simulator.placement.selection import AUTO_MAX_NODES, SELECTION_MODES, SELECTION_SHARE
+from helix.simulator.plan import Plan, load_plan
 from helix.simulator.profiles.loader import load_profiles
+from helix.simulator.requests import BUILTIN_LENGTHS
 from helix.simulator.validate import validate_plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,6 +126,61 @@ def test_plan_quiet_prints_one_line() -> None:
     lines = out.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("objective ") and "method petals" in lines[0]
     assert err == ""
+
+
+SELECTION_MIX = ("--mix", "A100-40G:1,L4:2,T4:2", "--model", "llama3.1-8b")  # candidates differ in served tok/s
+
+
+def estimate_plan(tmp_path: Path, lengths: str) -> Plan:
+    output = tmp_path / f"plan-{Path(lengths).stem}.json"
+    code, _, err = run("plan", *SELECTION_MIX, "--time-limit", "1", "--selection", "estimate", "--lengths", lengths,
+                       "--quiet", "--output", str(output))
+    assert code == 0, err
+    return load_plan(output)
+
+
+def test_plan_selection_ranks_on_the_given_lengths(tmp_path: Path) -> None:
+    """--selection and --lengths reach the planner: the served estimates are computed on those lengths."""
+    trace = write(tmp_path / "long.csv", "input_tokens,output_tokens\n2000,900\n1800,1000\n")
+    short, long = estimate_plan(tmp_path, "short"), estimate_plan(tmp_path, str(trace))
+    assert short.config["options"]["workload"] == BUILTIN_LENGTHS["short"].describe()
+    assert long.config["options"]["workload"]["lengths"] == "trace"
+    for plan in (short, long):
+        record = plan.config["selection"]
+        assert (record["mode"], record["chosen_by"], plan.config["options"]["selection"]) == ("estimate",) * 3
+        assert plan.status == "estimate-selected" or record["chosen"] == "max-flow"
+
+    def served(plan: Plan) -> float:
+        return next(c["served_tokens_per_s"] for c in plan.config["selection"]["shortlist"] if c["label"] == "max-flow")
+
+    # the same max-flow optimum serves far fewer tokens/s when every request holds ~3,000 tokens of KV cache
+    assert served(long) < served(short)
+
+
+def test_plan_selection_max_flow_serves_the_optimum(tmp_path: Path) -> None:
+    output = tmp_path / "plan.json"
+    code, out, err = run("plan", *SELECTION_MIX, "--time-limit", "1", "--selection", "max-flow", "-o", str(output))
+    assert code == 0, err
+    plan = load_plan(output)
+    assert plan.config["selection"] == {"mode": "max-flow", "resolved": "max-flow", "chosen": "max-flow"}
+    assert plan.status in ("optimal", "feasible")
+    assert "max-flow: the max-flow optimum" in " ".join(out.split())
+
+
+def test_selection_help_states_the_planners_numbers() -> None:
+    """The --selection help names selection.py's modes and numbers without importing it (see inputs.py)."""
+    text = selection_option("Solver").help
+    assert all(mode in text for mode in SELECTION_MODES)
+    assert f"up to {AUTO_MAX_NODES} nodes" in text and f"up to {SELECTION_SHARE:.0%} of --time-limit" in text
+
+
+@pytest.mark.parametrize("option", [["--selection", "max-flow"], ["--lengths", "short"]])
+def test_plan_dry_run_refuses_selection_options(option: list[str]) -> None:
+    code, out, err = run("plan", "-f", str(REPO / "examples" / "helixcluster.yaml"), "--nodes",
+                         str(REPO / "examples" / "nodes.yaml"), *option)
+    assert (code, out) == (2, "")
+    assert err == f"error: {option[0]}: the HelixCluster spec decides this with -f; edit the spec (spec.model, " \
+                  "spec.placement, spec.slo, ...) instead\n"
 
 
 @pytest.mark.parametrize("method", ["petals", "swarm", "homogeneous", "separate", "sp-plus", "greedy-flow"])
@@ -249,6 +306,11 @@ BAD_YAML = {
     (["--mix", SMALL_MIX, "--time-limit", "0"], "--time-limit: must be positive"),
     (["--mix", SMALL_MIX, "--workers", "0"], "--workers"),
     (["--mix", SMALL_MIX, "--prune-keep", "-1"], "--prune-keep"),
+    (["--mix", SMALL_MIX, "--method", "milp", "--selection", "best"],
+     "--selection: unknown selection 'best'; choose one of auto, simulate, estimate, max-flow"),
+    (["--mix", SMALL_MIX, "--selection", "simulate"], "--selection: only the milp method selects a plan"),
+    (["--mix", SMALL_MIX, "--lengths", "short"], "--lengths: only the milp method's plan selection uses"),
+    (["--mix", SMALL_MIX, "--method", "milp", "--lengths", "tiny"], "--lengths: unknown length distribution 'tiny'"),
     (["--mix", SMALL_MIX, "--output", "{tmp}/plan.txt"], "unknown file type '.txt'"),
     (["--mix", SMALL_MIX, "--output", "{tmp}/no/such/dir/plan.json"], "does not exist"),
     (["--mix", SMALL_MIX, "--plot", "{tmp}/plan.gif"], "unknown file type '.gif'"),

@@ -19,10 +19,12 @@ from helix.cli.simulate import (
     EXAMPLE_CLUSTER_NAME,
     EXAMPLE_SYSTEMS,
     SimulationView,
+    resolve_inputs,
     resolve_window,
     run_example,
 )
 from helix.simulator.errors import HelixInputError
+from helix.simulator.requests import BUILTIN_LENGTHS, Workload
 from helix.simulator.result_plots import moving_average, write_result_plots
 from helix.simulator.results import SimulationResult
 from helix.simulator.simulate import Progress
@@ -150,6 +152,34 @@ def test_builtin_lengths_accept_the_short_name() -> None:
                          "--duration", "20")
     assert code == 0, err
     assert "azure-code-like lengths" in out
+
+
+def test_milp_selection_simulates_the_given_lengths(tmp_path: Path) -> None:
+    """`--method milp --lengths X`: the plan is selected on X (its gate simulates X), then X is simulated."""
+    output = tmp_path / "r.json"
+    code, _, err = run("simulate", "--mix", "A100-40G:1,L4:2,T4:2", "--model", "llama3.1-8b", "--method", "milp",
+                       "--time-limit", "2", "--selection", "simulate", "--lengths", "short", "--duration", "20",
+                       "--quiet", "-o", str(output))
+    assert code == 0, err
+    config = json.loads(output.read_text())["config"]
+    short = BUILTIN_LENGTHS["short"].describe()
+    assert config["workload"] == short
+    selection = config["plan"]["selection"]
+    assert (selection["mode"], selection["resolved"]) == ("simulate", "simulate")
+    # the gate's runs (a 2 s limit leaves too little for one; each is ~7 s here) use the simulated lengths
+    assert selection["simulation"]["workload"] == short
+    assert config["plan"]["status"].endswith("-selected") or selection["chosen"] == "max-flow"
+
+
+def test_run_example_passes_selection_and_lengths_to_the_milp() -> None:
+    inputs = resolve_inputs(None, None, "L4:2,T4:2", None, 0, "llama3.1-8b", None, None)
+    workload = Workload(lengths=BUILTIN_LENGTHS["short"])
+    [helix] = run_example(inputs, time_limit_s=1.0, duration_s=20.0, warmup_s=5.0, selection="estimate",
+                          systems=EXAMPLE_SYSTEMS[:1], workload=workload)
+    options = helix.plan.config["options"]
+    assert (options["selection"], options["workload"]) == ("estimate", workload.describe())
+    assert helix.plan.config["selection"]["chosen_by"] == "estimate"
+    assert helix.result.config["plan"]["selection"] == helix.plan.config["selection"]
 
 
 @pytest.mark.slow
@@ -283,6 +313,16 @@ def test_compare_grid_table_and_json(tmp_path: Path) -> None:
     assert len(flows) == 2
 
 
+def test_compare_selects_the_milps_plan_on_the_compared_lengths(tmp_path: Path) -> None:
+    output = tmp_path / "grid.json"
+    code, _, err = run("compare", "--mix", SMALL_MIX, "--model", "llama3.1-8b", "--methods", "milp", "--schedulers",
+                       "maxflow", "--time-limit", "1", "--lengths", "short", "--duration", "20", "--quiet",
+                       "-o", str(output))
+    assert code == 0, err
+    plan = json.loads(output.read_text())["plans"]["milp"]
+    assert plan["config"]["options"]["workload"] == BUILTIN_LENGTHS["short"].describe()
+
+
 def test_compare_quiet_one_line_per_cell() -> None:
     code, out, err = run("compare", "--mix", SMALL_MIX, "--methods", "greedy-flow", "--schedulers", "maxflow,swarm",
                          "--lengths", "short", "--duration", "20", "--quiet")
@@ -304,6 +344,10 @@ def _bad_cases(tmp: Path, plan: Path) -> list[tuple[list[str], str]]:
     return [
         (["simulate", *mix, "--plan", str(plan), "--method", "petals"], "--plan: give either --plan FILE or --method"),
         (["simulate", *mix, "--plan", str(plan), "--time-limit", "5"], "--time-limit: only applies when placing"),
+        (["simulate", *mix, "--plan", str(plan), "--selection", "max-flow"], "--selection: only applies when placing"),
+        (["simulate", *FAST, "--selection", "simulate"], "--selection: only the milp method selects a plan"),
+        (["simulate", *mix, "--method", "milp", "--selection", "best"], "--selection: unknown selection 'best'"),
+        (["simulate", "--selection", "maxflow"], "--selection: unknown selection 'maxflow'"),
         (["simulate", *FAST, "--rate", "2"], "--rate: offline mode keeps the cluster saturated"),
         (["simulate", *FAST, "--arrivals", str(bad_arrivals)], "--arrivals: offline mode"),
         (["simulate", *FAST, "--mode", "online", "--max-in-flight", "5"], "--max-in-flight: applies to offline"),

@@ -23,6 +23,7 @@ from helix.operator.crd import (
     crd_manifest,
     crd_yaml,
 )
+from helix.simulator.placement.selection import AUTO_MAX_NODES, SELECTION_MODES, SELECTION_SHARE
 
 REPO = Path(__file__).resolve().parents[1]
 COPIES = [REPO / "crds" / "helixclusters.helix.ai.yaml",
@@ -154,11 +155,21 @@ def test_enums_bounds_and_defaults_come_from_the_models() -> None:
     assert nic["minimum"] == 0 and nic["exclusiveMinimum"] is True
     assert props["nodes"]["properties"]["selector"]["default"] == {"nvidia.com/gpu.present": "true"}
     assert props["placement"]["properties"]["timeLimitSeconds"]["default"] == 60
+    selection = props["placement"]["properties"]["selection"]
+    assert (selection["enum"], selection["default"]) == (list(SELECTION_MODES), "auto")
     assert props["replan"]["properties"]["minGainPercent"]["default"] == 10
     assert schema()["required"] == ["spec"]
     conditions = schema()["properties"]["status"]["properties"]["conditions"]
     assert conditions["x-kubernetes-list-map-keys"] == ["type"]
     assert conditions["items"]["required"] == ["type", "status", "reason", "lastTransitionTime"]
+
+
+def test_selection_description_states_the_planners_numbers() -> None:
+    """The CRD states selection.py's auto threshold and time share without importing the planner."""
+    text = schema()["properties"]["spec"]["properties"]["placement"]["properties"]["selection"]["description"]
+    assert f"up to {AUTO_MAX_NODES} nodes" in text
+    assert f"up to {SELECTION_SHARE:.0%} of timeLimitSeconds" in text
+    assert all(mode in text for mode in SELECTION_MODES)
 
 
 def test_schema_defaults_are_the_model_defaults() -> None:
@@ -206,6 +217,7 @@ BAD_SPECS = {
     "replicas": {**MINIMAL, "router": {"replicas": 0}},
     "time limit": {**MINIMAL, "placement": {"timeLimitSeconds": 0}},
     "pruning": {**MINIMAL, "placement": {"pruning": -1}},
+    "selection": {**MINIMAL, "placement": {"selection": "maxflow"}},
     "resource quantity": {**MINIMAL, "workers": {"resources": {"limits": {"memory": 1.5}}}},
     "min gain": {**MINIMAL, "replan": {"minGainPercent": -5}},
     "selector value": {**MINIMAL, "nodes": {"selector": {"gpu": True}}},

@@ -97,6 +97,19 @@ def test_the_milp_within_its_time_limit() -> None:
     assert outcome.candidate is not None and outcome.candidate.objective_tokens_per_s > 0
 
 
+@pytest.mark.parametrize("mode", ["max-flow", "estimate"])
+def test_the_spec_chooses_the_milps_plan_selection(mode: str) -> None:
+    """spec.placement.selection reaches the planner: the plan records the mode it was selected by."""
+    outcome = plan_for(spec(placement={"method": "milp", "timeLimitSeconds": 2, "selection": mode}), FOUR, None)
+    plan = assert_valid(outcome)
+    record = plan.config["selection"]
+    assert (record["mode"], record["resolved"], plan.config["options"]["selection"]) == (mode, mode, mode)
+    if mode == "max-flow":
+        assert record["chosen"] == "max-flow" and "chosen_by" not in record
+    else:
+        assert record["chosen_by"] == "estimate" and record["candidates_scored"] > 0
+
+
 def test_a_model_given_as_config_in_the_spec() -> None:
     config = {"num_hidden_layers": 8, "hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8,
               "intermediate_size": 14336, "vocab_size": 32000}

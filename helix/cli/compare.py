@@ -157,7 +157,7 @@ def run_grid(inputs: Inputs, methods: list[str], schedulers: list[str], *, time_
         if not quiet:
             print(f"placing with {method}" + (f" (time limit {time_limit_s:g} s)" if method == "milp" else "") + "…",
                   file=sys.stderr, flush=True)
-        plan = place(inputs, method, time_limit_s, options.get("seed", 0), quiet)
+        plan = place(inputs, method, time_limit_s, options.get("seed", 0), quiet, workload=options.get("workload"))
         for scheduler in schedulers:
             label = f"[{len(runs) + 1}/{total}] {method} + {scheduler}"
             result = run_simulation(inputs, plan, scheduler, label, quiet, **options)

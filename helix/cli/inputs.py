@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from helix.simulator.cluster import Cluster
     from helix.simulator.model import ModelSpec
     from helix.simulator.profiles.base import Profiles
+    from helix.simulator.requests import LengthSampler
 
 CLUSTER_HELP = (
     "Cluster file: our YAML (.yaml/.yml, physical units, docs/cluster-format.md) or a Helix cluster "
@@ -58,7 +59,16 @@ ProfileMixOption = Annotated[
                              help="Machine mix to read from a Helix reference profile file (default: the one "
                                   "whose GPU counts match the cluster).", rich_help_panel=INPUT_PANEL)]
 
+WORKLOAD_PANEL = "Workload"
+LengthsOption = Annotated[
+    str | None, typer.Option("--lengths", metavar="NAME|FILE.csv", show_default=False, rich_help_panel=WORKLOAD_PANEL,
+                             help="Request lengths: built-in azure-conv-like (default), azure-code-like, short; or a "
+                                  "CSV of input_tokens,output_tokens rows (sampled with replacement). The MILP's plan "
+                                  "selection simulates them too.")]
+
 DEFAULT_MODEL = "llama2-70b"
+DEFAULT_LENGTHS = "azure-conv-like"
+DEFAULT_SELECTION = "auto"
 CLUSTER_SUFFIXES = (".yaml", ".yml", ".ini")
 
 
@@ -185,3 +195,44 @@ def load_inputs(
     spec = load_model(model)  # first: cheapest to get wrong, cheapest to check
     cluster, source = load_cluster(cluster_file, machine_profile, mix, regions, seed)
     return Inputs(cluster, spec, load_profiles(spec, cluster, profiles, profile_mix), source)
+
+
+def selection_option(panel: str) -> Any:
+    """`--selection`, in the caller's help panel. The text names selection.py's modes and numbers without
+    importing it (that would load the solver for `--help`); a test keeps them in step."""
+    return typer.Option(
+        "--selection", metavar="MODE", rich_help_panel=panel,
+        help="MILP: which placement to serve (auto, simulate, estimate, max-flow). max-flow: the max-flow "
+             "optimum; estimate: the candidate placement with the highest served-throughput estimate; simulate: "
+             "the shortlisted candidates (the optimum among them) in short simulations of --lengths, the best "
+             "served wins; auto: simulate on clusters of up to 100 nodes, else max-flow. Selection takes up to 70% "
+             "of --time-limit.")
+
+
+def check_selection(value: str, method: str) -> None:
+    """`--selection` is a known mode, given only where a plan is selected (the MILP): a typo, or a mode that
+    would be ignored, fails before any work."""
+    from helix.simulator.errors import HelixInputError
+    from helix.simulator.placement.selection import SELECTION_MODES
+
+    if value not in SELECTION_MODES:
+        raise HelixInputError(f"unknown selection {value!r}; choose one of {', '.join(SELECTION_MODES)}",
+                              "--selection")
+    if method != "milp" and value != DEFAULT_SELECTION:
+        raise HelixInputError(f"only the milp method selects a plan; {method} places one way", "--selection")
+
+
+def resolve_lengths(value: str | None) -> LengthSampler:
+    """A built-in length distribution by name (`azure-conv` works for `azure-conv-like`), or a CSV trace."""
+    from helix.simulator.errors import HelixInputError
+    from helix.simulator.requests import BUILTIN_LENGTHS, TraceLengths
+
+    name = value or DEFAULT_LENGTHS
+    for key in (name, f"{name}-like"):
+        if key in BUILTIN_LENGTHS:
+            return BUILTIN_LENGTHS[key]
+    path = Path(name)
+    if path.suffix.lower() != ".csv" and not path.exists():
+        raise HelixInputError(f"unknown length distribution {name!r}; use one of {', '.join(BUILTIN_LENGTHS)} or "
+                              "a CSV file of input_tokens,output_tokens", "--lengths")
+    return TraceLengths.load(path)

@@ -30,8 +30,10 @@ from helix.cli.dry_run import (
 from helix.cli.errors import EXIT_BUG, handle_errors
 from helix.cli.inputs import (
     DEFAULT_MODEL,
+    DEFAULT_SELECTION,
     ClusterOption,
     Inputs,
+    LengthsOption,
     MachineProfileOption,
     MixOption,
     ModelOption,
@@ -39,7 +41,10 @@ from helix.cli.inputs import (
     ProfilesOption,
     RegionsOption,
     SeedOption,
+    check_selection,
     load_inputs,
+    resolve_lengths,
+    selection_option,
 )
 
 if TYPE_CHECKING:
@@ -88,6 +93,8 @@ def plan_command(
     seed: SeedOption = 0,
     workers: Annotated[int, typer.Option(
         "--workers", metavar="N", rich_help_panel=SOLVER_PANEL, help="MILP: CP-SAT worker threads.")] = 2,
+    selection: Annotated[str, selection_option(SOLVER_PANEL)] = DEFAULT_SELECTION,
+    lengths: LengthsOption = None,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", metavar="plan.json|plan.yaml", show_default=False, rich_help_panel=OUTPUT_PANEL,
         help="Write the plan as JSON or YAML (by suffix).")] = None,
@@ -104,13 +111,14 @@ def plan_command(
     previous: PreviousOption = None,
     manifests: ManifestsOption = None,
 ) -> None:
-    """Place the model's layers on the cluster to maximize serving throughput (the max flow).
+    """Place the model's layers on the cluster by max flow; the MILP then selects the placement that serves best.
 
     Examples: helix plan --cluster examples/clusters/single-24.yaml --time-limit 30 -o plan.json;
     helix plan -f examples/helixcluster.yaml --nodes examples/nodes.yaml --add 4xL4 (what the operator would do)
     """
     from helix.simulator.errors import HelixInputError
     from helix.simulator.placement.base import PlacementOptions, PlacementProblem
+    from helix.simulator.requests import Workload
 
     if filename is not None:
         refuse_explicit(ctx, SPEC_DECIDES)
@@ -130,12 +138,18 @@ def plan_command(
         raise HelixInputError(f"must be at least 1, got {workers}", "--workers")
     if prune_keep is not None and prune_keep < 0:
         raise HelixInputError(f"must be 0 (no pruning) or more, got {prune_keep}", "--prune-keep")
+    check_selection(selection, method)
+    if lengths is not None and method != "milp":
+        raise HelixInputError(f"only the milp method's plan selection uses request lengths; {method} does not",
+                              "--lengths")
+    workload = None if lengths is None else Workload(lengths=resolve_lengths(lengths))
     _check_target(output, PLAN_SUFFIXES, "--output")
     _check_target(plot, PLOT_SUFFIXES, "--plot")
 
     inputs = load_inputs(cluster, machine_profile, mix, regions, seed, model, profiles, profile_mix)
     options = PlacementOptions(partial_inference=partial_inference, time_limit_s=time_limit, seed=seed,
-                               warm_start=warm_start, prune_keep=prune_keep, workers=workers)
+                               warm_start=warm_start, prune_keep=prune_keep, workers=workers, selection=selection,
+                               workload=workload)
     problem = PlacementProblem(inputs.cluster, inputs.model, inputs.profiles)
     from helix.simulator.placement.heuristics import check_fits
 
@@ -172,7 +186,8 @@ def plan_command(
 
 #: `helix plan` options the HelixCluster spec decides in a dry run (-f).
 SPEC_DECIDES = ("cluster", "machine_profile", "mix", "regions", "model", "profiles", "profile_mix", "method",
-                "time_limit", "partial_inference", "prune_keep", "warm_start", "seed", "workers")
+                "time_limit", "partial_inference", "prune_keep", "warm_start", "seed", "workers", "selection",
+                "lengths")
 
 
 def plan_dry_run(filename: Path, nodes: Path | None, add: list[str] | None, remove: list[str] | None,

@@ -38,14 +38,20 @@ from helix.cli.dry_run import (
 from helix.cli.errors import EXIT_BUG, handle_errors
 from helix.cli.inputs import (
     DEFAULT_MODEL,
+    DEFAULT_SELECTION,
+    WORKLOAD_PANEL,
     ClusterOption,
     Inputs,
+    LengthsOption,
     MachineProfileOption,
     MixOption,
     ModelOption,
     ProfileMixOption,
     ProfilesOption,
     RegionsOption,
+    check_selection,
+    resolve_lengths,
+    selection_option,
 )
 
 if TYPE_CHECKING:
@@ -58,7 +64,6 @@ if TYPE_CHECKING:
 
 PLACEMENT_PANEL = "Placement"
 SIM_PANEL = "Simulation"
-WORKLOAD_PANEL = "Workload"
 OUTPUT_PANEL = "Output"
 EXIT_INTERRUPTED = 130
 
@@ -77,7 +82,6 @@ DEFAULT_DURATION_S = 1400.0
 WARMUP_FRACTION = 1 / 7
 DEFAULT_TIME_LIMIT_S = 60.0
 DEFAULT_SCHEDULER = "maxflow"
-DEFAULT_LENGTHS = "azure-conv-like"
 PLAN_FILE_SUFFIXES = (".json", ".yaml", ".yml", ".ini")
 #: Nodes shown in the per-node table (the busiest first); the JSON has all of them.
 NODE_ROWS = 10
@@ -129,10 +133,6 @@ WarmupOption = Annotated[float | None, typer.Option(
     "--warmup", "-w", metavar="SECONDS", show_default=False, rich_help_panel=SIM_PANEL,
     help=f"Simulated seconds left out of throughput and latency (default: 1/7 of the duration; "
          f"{EXAMPLE_WARMUP_S:g} s for the built-in example).")]
-LengthsOption = Annotated[str | None, typer.Option(
-    "--lengths", metavar="NAME|FILE.csv", show_default=False, rich_help_panel=WORKLOAD_PANEL,
-    help="Request lengths: built-in azure-conv-like (default), azure-code-like, short; or a CSV of "
-         "input_tokens,output_tokens rows (sampled with replacement).")]
 RateOption = Annotated[float | None, typer.Option(
     "--rate", metavar="REQ/S", show_default=False, rich_help_panel=WORKLOAD_PANEL,
     help="Online: mean arrival rate (Poisson; Gamma with --cv), or the rate --arrivals is rescaled to. "
@@ -176,6 +176,7 @@ def simulate_command(
         "--time-limit", "-t", metavar="SECONDS", show_default=False, rich_help_panel=PLACEMENT_PANEL,
         help=f"MILP wall-clock budget (default {DEFAULT_TIME_LIMIT_S:g} s; {EXAMPLE_TIME_LIMIT_S:g} s for the "
              "built-in example).")] = None,
+    selection: Annotated[str, selection_option(PLACEMENT_PANEL)] = DEFAULT_SELECTION,
     scheduler: Annotated[str | None, typer.Option(
         "--scheduler", "-s", metavar="NAME", show_default=False, rich_help_panel=SIM_PANEL,
         help="maxflow (Helix; default), swarm, random, shortest-queue.")] = None,
@@ -228,12 +229,15 @@ def simulate_command(
         raise HelixInputError("give either --plan FILE or --method METHOD, not both", "--plan")
     if plan is not None and time_limit is not None:
         raise HelixInputError("only applies when placing with --method", "--time-limit")
+    if plan is not None and selection != DEFAULT_SELECTION:
+        raise HelixInputError("only applies when placing with --method", "--selection")
     no_cluster = cluster is None and mix is None and regions is None
     example = no_cluster and plan is None and method is None and scheduler is None
     if machine_profile is not None and cluster is None:
         raise HelixInputError("only applies to a Helix .ini cluster file", "--machine-profile")
     if method is not None:
         check_methods([method], "--method")
+    check_selection(selection, method or "milp")
     check_schedulers([scheduler or DEFAULT_SCHEDULER], "--scheduler")
     limit = check_time_limit(time_limit, EXAMPLE_TIME_LIMIT_S if example else DEFAULT_TIME_LIMIT_S)
     duration_s, warmup_s = (resolve_window(duration, warmup, EXAMPLE_DURATION_S, EXAMPLE_WARMUP_S) if example
@@ -261,7 +265,7 @@ def simulate_command(
     out = stdout_console()
 
     if example:
-        runs = run_example(inputs, time_limit_s=limit, quiet=quiet, **sim_options)
+        runs = run_example(inputs, time_limit_s=limit, selection=selection, quiet=quiet, **sim_options)
         for r in runs:
             r.result.config["inputs"] = sources
         if quiet:
@@ -277,7 +281,8 @@ def simulate_command(
         return
 
     scheduler = scheduler or DEFAULT_SCHEDULER
-    the_plan = load_plan_for(plan, inputs) if plan is not None else place(inputs, method or "milp", limit, seed, quiet)
+    the_plan = (load_plan_for(plan, inputs) if plan is not None
+                else place(inputs, method or "milp", limit, seed, quiet, workload=workload, selection=selection))
     label = the_plan.method
     result = run_simulation(inputs, the_plan, scheduler, f"{label} + {scheduler}", quiet, **sim_options)
     result.config["inputs"] = sources
@@ -377,22 +382,6 @@ def resolve_window(duration: float | None, warmup: float | None, default_duratio
         raise HelixInputError(f"warm-up {warmup_s:g} s leaves no measurement window in a {duration_s:g} s run; "
                               "make --warmup shorter than --duration", "--warmup")
     return duration_s, warmup_s
-
-
-def resolve_lengths(value: str | None) -> Any:
-    """A built-in length distribution by name (`azure-conv` works for `azure-conv-like`), or a CSV trace."""
-    from helix.simulator.errors import HelixInputError
-    from helix.simulator.requests import BUILTIN_LENGTHS, TraceLengths
-
-    name = value or DEFAULT_LENGTHS
-    for key in (name, f"{name}-like"):
-        if key in BUILTIN_LENGTHS:
-            return BUILTIN_LENGTHS[key]
-    path = Path(name)
-    if path.suffix.lower() != ".csv" and not path.exists():
-        raise HelixInputError(f"unknown length distribution {name!r}; use one of {', '.join(BUILTIN_LENGTHS)} or "
-                              "a CSV file of input_tokens,output_tokens", "--lengths")
-    return TraceLengths.load(path)
 
 
 def resolve_workload(mode: str, lengths: str | None, rate: float | None, cv: float | None,
@@ -522,8 +511,13 @@ def load_kv_capacity(path: Path, inputs: Inputs) -> dict[str, int]:
 
 
 # --- placing and simulating, with progress -----------------------------------------------------------
-def place(inputs: Inputs, method: str, time_limit_s: float, seed: int, quiet: bool) -> Plan:
-    """Run a placement method (the MILP with `helix plan`'s live view) and validate the plan."""
+def place(inputs: Inputs, method: str, time_limit_s: float, seed: int, quiet: bool, *,
+          workload: Workload | None = None, selection: str = DEFAULT_SELECTION) -> Plan:
+    """Run a placement method (the MILP with `helix plan`'s live view) and validate the plan.
+
+    `workload` is the one the plan will be simulated on: the MILP's plan selection ranks and
+    simulates placements on its request lengths.
+    """
     from helix.cli.plan import _report_bug, solve
     from helix.simulator.placement.base import PlacementOptions, PlacementProblem
     from helix.simulator.placement.heuristics import check_fits
@@ -532,7 +526,8 @@ def place(inputs: Inputs, method: str, time_limit_s: float, seed: int, quiet: bo
     problem = PlacementProblem(inputs.cluster, inputs.model, inputs.profiles)
     check_fits(problem)
     try:
-        plan = solve(problem, method, PlacementOptions(time_limit_s=time_limit_s, seed=seed), quiet=quiet)
+        options = PlacementOptions(time_limit_s=time_limit_s, seed=seed, selection=selection, workload=workload)
+        plan = solve(problem, method, options, quiet=quiet)
     except KeyboardInterrupt:
         print("error: interrupted before a plan was found", file=sys.stderr, flush=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -545,6 +540,12 @@ def place(inputs: Inputs, method: str, time_limit_s: float, seed: int, quiet: bo
         print(f"placed with {method}: max flow {plan.objective_tokens_per_s:,.1f} tokens/s ({status}, "
               f"{plan.solve_seconds:.1f} s)", file=sys.stderr, flush=True)
     return plan
+
+
+def record_plan(result: SimulationResult, plan: Plan) -> None:
+    """The results say how the simulated plan was found: its status and the MILP's selection record (what was
+    simulated on which lengths), so a results file alone explains why this placement ran."""
+    result.config["plan"] |= {"status": plan.status, "selection": plan.config.get("selection")}
 
 
 class SimulationView:
@@ -613,16 +614,19 @@ class SimulationView:
 
 def run_simulation(inputs: Inputs, plan: Plan, scheduler: str, label: str, quiet: bool,
                    **options: Any) -> SimulationResult:
-    """`simulate()` with a live view (terminal) or 10% status lines (elsewhere) on stderr."""
+    """`simulate()` with a live view (terminal) or 10% status lines (elsewhere) on stderr; the result records
+    how the plan was found (`record_plan`)."""
     from helix.simulator.simulate import simulate
 
     def go(progress: Callable[[Progress], None] | None) -> SimulationResult:
         try:
-            return simulate(inputs.cluster, inputs.model, inputs.profiles, plan, scheduler=scheduler,
-                            progress=progress, **options)
+            result = simulate(inputs.cluster, inputs.model, inputs.profiles, plan, scheduler=scheduler,
+                              progress=progress, **options)
         except KeyboardInterrupt:
             print(f"error: interrupted while simulating {label}", file=sys.stderr, flush=True)
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        record_plan(result, plan)
+        return result
 
     if quiet:
         return go(None)
@@ -643,7 +647,8 @@ def run_simulation(inputs: Inputs, plan: Plan, scheduler: str, label: str, quiet
 
 def run_example(inputs: Inputs | None = None, *, time_limit_s: float = EXAMPLE_TIME_LIMIT_S,
                 duration_s: float = EXAMPLE_DURATION_S, warmup_s: float = EXAMPLE_WARMUP_S, seed: int = 0,
-                quiet: bool = True, systems: Sequence[System] = EXAMPLE_SYSTEMS, **options: Any) -> list[Run]:
+                selection: str = DEFAULT_SELECTION, quiet: bool = True, systems: Sequence[System] = EXAMPLE_SYSTEMS,
+                **options: Any) -> list[Run]:
     """The built-in example: each system's placement on the example cluster, simulated on the same workload.
 
     Exposed so tests (and notebooks) can run it with a shorter duration and time limit.
@@ -657,7 +662,8 @@ def run_example(inputs: Inputs | None = None, *, time_limit_s: float = EXAMPLE_T
                 print(f"{system.label}: placing with {system.method}"
                       + (f" (time limit {time_limit_s:g} s)" if system.method == "milp" else "") + "…",
                       file=sys.stderr, flush=True)
-            plans[system.method] = place(inputs, system.method, time_limit_s, seed, quiet)
+            plans[system.method] = place(inputs, system.method, time_limit_s, seed, quiet,
+                                         workload=options.get("workload"), selection=selection)
         plan = plans[system.method]
         result = run_simulation(inputs, plan, system.scheduler, f"{system.label} ({system.method} + "
                                 f"{system.scheduler})", quiet, duration_s=duration_s, warmup_s=warmup_s,
