@@ -27,7 +27,13 @@ from helix.simulator.experiments.paper import (
     labelled_values,
     parse_number,
 )
-from helix.simulator.experiments.planner import chosen_text, progress_rows, reached_at, search_result
+from helix.simulator.experiments.planner import (
+    MILP_RECORD_KEYS,
+    chosen_text,
+    progress_rows,
+    reached_at,
+    search_result,
+)
 from helix.simulator.experiments.reference import find_reference
 from helix.simulator.experiments.registry import EXPERIMENTS, check_config, select
 from helix.simulator.experiments.runner import (
@@ -43,6 +49,7 @@ from helix.simulator.placement.base import PlacementProblem, plan_placement
 from helix.simulator.plan import ProgressPoint
 from helix.simulator.profiles.helix_reference import HelixReferenceProfiles
 from helix.simulator.profiles.roofline import RooflineProfiles
+from helix.simulator.requests import Workload
 
 #: Tiny windows and budgets: a 24-node simulation of 20 s takes a fraction of a second.
 TINY = Budget(offline_s=20.0, offline_warmup_s=5.0, online_s=20.0, online_warmup_s=0.0, milp_time_limit_s=1.0)
@@ -301,10 +308,26 @@ def test_solver_progress_helpers() -> None:
     incumbents = [r[1] for r in rows]
     assert incumbents == sorted(incumbents) and set(incumbents) == {0.0, 100.0, 200.0, 300.0, 400.0}
     assert search_result(plan) == (plan.objective_tokens_per_s, "heuristic") and chosen_text(plan) == "petals"
-    selected = plan.model_copy(update={"config": {**plan.config, "max_flow_optimum_tokens_per_s": 2e3,
-                                                  "max_flow_status": "optimal",
-                                                  "selection": {"chosen": "kv-balanced/A100-40G:0.7#72+climb"}}})
-    assert search_result(selected) == (2e3, "optimal") and chosen_text(selected) == "kv-balanced"
+
+
+def test_milp_plans_are_selected_on_the_experiments_lengths_and_read_strictly(reference_dir: Path) -> None:
+    ctx = Context(RunConfig(budget=TINY, reference=reference_dir))
+    plan = ctx.plan("small-12", "llama2-70b", "milp")
+    lengths = Workload(lengths=ctx.lengths()).describe()
+    assert lengths["lengths"] == "trace"  # the Azure Conversation trace, not the simulator's default
+    assert plan.config["options"]["workload"] == lengths
+    assert plan.config["selection"]["simulation"]["workload"] == lengths  # small-12: selection simulates
+    assert search_result(plan) == (plan.config["max_flow_optimum_tokens_per_s"], plan.config["max_flow_status"])
+    assert chosen_text(plan) == plan.config["selection"]["chosen"].split("/")[0]
+    renamed = {**plan.config["selection"], "picked": plan.config["selection"]["chosen"]}
+    del renamed["chosen"]
+    for config, missing in [({**plan.config, "selection": renamed}, "selection.chosen"),
+                            *(({k: v for k, v in plan.config.items() if k != key}, key) for key in MILP_RECORD_KEYS)]:
+        broken = plan.model_copy(update={"config": config})
+        with pytest.raises(KeyError, match=missing):
+            search_result(broken)
+        with pytest.raises(KeyError, match=missing):
+            chosen_text(broken)
 
 
 def test_placement_quality_runs_end_to_end_and_writes_json(tmp_path: Path) -> None:

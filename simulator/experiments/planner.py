@@ -20,6 +20,8 @@ which is simulated.
 
 from __future__ import annotations
 
+from typing import Any
+
 from helix.simulator.experiments.clusters import CLUSTERS
 from helix.simulator.experiments.paper import PaperRef, PatternValue, TableCell
 from helix.simulator.experiments.runner import (
@@ -79,20 +81,39 @@ def reached_at(plan: Plan, target: float | None) -> float | None:
     return hit
 
 
+#: What `milp` records about its search and plan selection (simulator/placement/milp.py). The
+#: tables read them strictly: were the planner to stop writing one, silently falling back to the
+#: served plan's own numbers would put the wrong figures in the planner columns.
+MILP_RECORD_KEYS = ("max_flow_optimum_tokens_per_s", "max_flow_status", "selection")
+
+
+def milp_record(plan: Plan) -> dict[str, Any]:
+    """The MILP's search and selection record from a `milp` plan's config; KeyError names what is missing."""
+    missing = [k for k in MILP_RECORD_KEYS if k not in plan.config]
+    selection = plan.config.get("selection")
+    if not missing and not (isinstance(selection, dict) and "chosen" in selection):
+        missing = ["selection.chosen"]
+    if missing:
+        raise KeyError(f"milp plan config lacks {', '.join(missing)}; the planner's record changed")
+    return {k: plan.config[k] for k in MILP_RECORD_KEYS}
+
+
 def search_result(plan: Plan) -> tuple[float, str]:
     """The best max flow the method's search found, and its status (optimal, feasible, heuristic, ...).
 
     Equal to the plan's own unless plan selection served another placement (see the module docstring).
     """
-    return (float(plan.config.get("max_flow_optimum_tokens_per_s", plan.objective_tokens_per_s)),
-            str(plan.config.get("max_flow_status", plan.status)))
+    if plan.method != "milp":
+        return plan.objective_tokens_per_s, plan.status
+    record = milp_record(plan)
+    return float(record["max_flow_optimum_tokens_per_s"]), str(record["max_flow_status"])
 
 
 def chosen_text(plan: Plan) -> str:
     """Which placement plan selection served, by family (`kv-balanced`, `greedy-flow+climb`); else the method."""
-    selection = plan.config.get("selection")
-    chosen = selection.get("chosen") if isinstance(selection, dict) else None
-    return plan.method if not chosen else str(chosen).split("/")[0]
+    if plan.method != "milp":
+        return plan.method
+    return str(milp_record(plan)["selection"]["chosen"]).split("/")[0]
 
 
 def planner_row(cluster: str, plan: Plan, paper: float | None) -> dict[str, object]:

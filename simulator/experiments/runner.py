@@ -212,8 +212,10 @@ class Context:
         key = (cluster, model, method, warm_start, prune_keep, limit if method == "milp" else None)
         if key not in self._plans:
             problem = PlacementProblem(self.cluster(cluster), self.model(model), self.profiles(cluster, model))
+            # Plan selection judges candidates on the lengths the experiment then simulates.
             options = PlacementOptions(time_limit_s=limit, seed=self.config.seed, warm_start=warm_start,
-                                       prune_keep=prune_keep, workers=self.config.workers)
+                                       prune_keep=prune_keep, workers=self.config.workers,
+                                       workload=Workload(lengths=self.lengths()))
             self.log(f"{cluster} / {model}: placing with {method}"
                      + (f" ({limit:g} s limit, warm start {'on' if warm_start else 'off'}, prune_keep "
                         f"{'default' if prune_keep is None else prune_keep})" if method == "milp" else ""))
