@@ -51,3 +51,29 @@ def test_small_shows_every_field() -> None:
     assert any(n.zone for n in cluster.nodes) and any(n.labels for n in cluster.nodes)
     assert any(n.vram_bytes for n in cluster.nodes) and any(n.gpu_count > 1 for n in cluster.nodes)
     assert any(not lk.bidirectional for lk in cluster.links) and cluster.mesh is not None
+
+
+def test_kind_walkthrough_plans_the_tiny_model_on_two_cpu_nodes(tmp_path: Path) -> None:
+    """The README's kind path: two hand-labelled L4 nodes without `nvidia.com/gpu` get CPU workers, split in two."""
+    import yaml
+
+    from helix.operator.whatif import dry_run, load_helixcluster
+    from tests.test_discovery import node
+
+    kind_config = yaml.safe_load((EXAMPLES / "kind-cluster.yaml").read_text())
+    assert [n["role"] for n in kind_config["nodes"]] == ["control-plane", "worker", "worker"]
+    cluster = load_helixcluster(EXAMPLES / "helixcluster-kind.yaml")
+    nodes = [node(name, region="local") for name in ("helix-worker", "helix-worker2")]
+    result = dry_run(cluster, nodes)
+    assert result.outcome.rollout and result.objects_error is None
+    plan = result.outcome.plan
+    assert plan is not None
+    assert sorted((n.start_layer, n.end_layer) for n in plan.nodes) == [(0, 4), (4, 8)]
+    pods = [o for o in result.objects if o["kind"] == "Pod"]
+    assert len(pods) == 2
+    for pod in pods:
+        container = pod["spec"]["containers"][0]
+        assert "nvidia.com/gpu" not in (container["resources"].get("limits") or {})
+        command = container["command"]
+        assert command[command.index("--device") + 1] == "cpu"
+        assert command[command.index("--model") + 1] == "/models/tiny-llama"
