@@ -6,18 +6,18 @@ bounds and defaults), so the API server rejects what the operator would reject, 
 prints it; the committed copies in `crds/` and the chart are tested against it. Field names are
 snake_case in Python and camelCase on the wire (`alias_generator=to_camel`).
 
-Checks the schema cannot express (a catalog model name, a registered placement method, a profile
-file) happen when planning and become an `InvalidSpec` condition.
+Checks the schema cannot express (a catalog model name, a profile file) happen when planning and
+become an `InvalidSpec` condition.
 """
 
 from __future__ import annotations
 
 import copy
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "helix.ai"
@@ -35,6 +35,19 @@ DEFAULT_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
 
 Phase = Literal["Pending", "Planning", "Rolling", "Ready", "Degraded", "Failed", "Paused"]
 ConditionStatus = Literal["True", "False", "Unknown"]
+#: The placement registry's names (helix.simulator.placement), spelled out so that the CRD does not import
+#: the solvers; tests/test_crd.py keeps the two equal.
+PlacementMethod = Literal["milp", "greedy-flow", "petals", "swarm", "homogeneous", "separate", "sp-plus"]
+#: `pvc://CLAIM[/PATH]` or an absolute path: the two forms `resources.weights_mount` turns into a mount.
+WEIGHTS_PATTERN = r"^(pvc://[^/]+(/.*)?|/.*)$"
+#: A Kubernetes node name: a DNS-1123 subdomain.
+NodeName = Annotated[str, StringConstraints(
+    max_length=253, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")]
+#: A resource quantity (cpu: 8, memory: 200Gi, cpu: 500m): an integer, or a string in the API server's own
+#: Quantity syntax, so a typo fails at `kubectl apply` rather than when the Deployment or Pod is written.
+Quantity = int | Annotated[str, StringConstraints(pattern=(
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"))]
 
 
 class ConditionType(StrEnum):
@@ -85,9 +98,9 @@ class ModelSource(CrdModel):
     config: dict[str, Any] | None = Field(None, description=(
         "A Hugging Face config.json as an object (num_hidden_layers, hidden_size, num_attention_heads, "
         "num_key_value_heads, intermediate_size, vocab_size), for a model outside the catalog."))
-    weights: str = Field(min_length=1, description=(
-        "Where worker pods read the weights: a path in the worker image or a mounted volume "
-        "(/models/llama-2-70b), or a URI (pvc://models/llama-2-70b)."))
+    weights: str = Field(pattern=WEIGHTS_PATTERN, description=(
+        "Where worker pods read the weights: an absolute path in the worker image or a mounted volume "
+        "(/models/llama-2-70b), or a PersistentVolumeClaim and a path in it (pvc://models/llama-2-70b)."))
     dtype: Literal["float16", "bfloat16", "float32"] = Field("bfloat16", description=(
         "Weight and KV-cache data type; sets the bytes per parameter the planner budgets."))
 
@@ -103,7 +116,7 @@ class NodeSelection(CrdModel):
 
     selector: dict[str, str] = Field(DEFAULT_NODE_SELECTOR, description=(
         "matchLabels: a node is used only when it carries all of these labels."))
-    names: list[str] | None = Field(None, description=(
+    names: list[NodeName] | None = Field(None, description=(
         "Only these nodes (still filtered by the selector); default: every node the selector matches."))
 
 
@@ -148,7 +161,7 @@ class NetworkSpec(CrdModel):
 class PlacementSpec(CrdModel):
     """How layers are placed (the max-flow MILP by default)."""
 
-    method: str = Field("milp", pattern=r"^[a-z][a-z0-9-]*$", description=(
+    method: PlacementMethod = Field("milp", description=(
         "Placement method: milp, or a heuristic (greedy-flow, petals, swarm, homogeneous, separate, sp-plus)."))
     time_limit_seconds: float = Field(60.0, gt=0, description="Wall-clock budget of the solver.")
     partial_inference: bool = Field(True, description="Let a node run only a suffix of its layers.")
@@ -171,6 +184,13 @@ class SchedulingSpec(CrdModel):
         "maxflow: Helix's weighted round-robin over the max-flow edge flows with KV-cache admission."))
 
 
+class ContainerResources(CrdModel):
+    """Container resource requests and limits, as in a pod spec."""
+
+    requests: dict[str, Quantity] = Field(default_factory=dict, description="Resource requests, e.g. cpu: 8.")
+    limits: dict[str, Quantity] = Field(default_factory=dict, description="Resource limits, e.g. memory: 200Gi.")
+
+
 class RouterSpec(CrdModel):
     """The router Deployment and its Service (the cluster's endpoint)."""
 
@@ -178,13 +198,8 @@ class RouterSpec(CrdModel):
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible API.")
     max_queue: int = Field(64, ge=0, description="Requests that may wait for capacity; beyond it: HTTP 429.")
     request_timeout_seconds: float = Field(300.0, gt=0, description="A request not finished by then fails (504).")
-
-
-class WorkerResources(CrdModel):
-    """Extra container resources of worker pods; nvidia.com/gpu is set from the node's GPU count."""
-
-    requests: dict[str, int | str] = Field(default_factory=dict, description="Resource requests, e.g. cpu: 8.")
-    limits: dict[str, int | str] = Field(default_factory=dict, description="Resource limits, e.g. memory: 200Gi.")
+    resources: ContainerResources | None = Field(None, description=(
+        "Requests and limits of the router container. Default: none (the namespace's LimitRange, if any)."))
 
 
 class WorkersSpec(CrdModel):
@@ -194,7 +209,8 @@ class WorkersSpec(CrdModel):
         "Worker container image. Default: the operator's configured worker image."))
     engine: Literal["vllm", "torch"] = Field("vllm", description="Layer-shard engine.")
     port: int = Field(5555, ge=1, le=65535, description="ZeroMQ port of each worker.")
-    resources: WorkerResources | None = Field(None, description="Extra requests and limits.")
+    resources: ContainerResources | None = Field(None, description=(
+        "Extra requests and limits; nvidia.com/gpu is set from the node's GPU count."))
 
 
 class SloSpec(CrdModel):
@@ -355,7 +371,8 @@ def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
 
     pydantic writes JSON Schema 2020-12; Kubernetes wants OpenAPI 3.0 without references: `$ref`s are
     inlined, `X | None` becomes X (absent means unset), numeric exclusive bounds become the boolean
-    form, `int | str` becomes int-or-string, free-form objects preserve unknown fields, and titles
+    form, `int | str` becomes int-or-string (the string's pattern applying to strings only, as the API
+    server's own Quantity fields do), free-form objects preserve unknown fields, and titles
     and `additionalProperties: false` (not allowed in v1 CRDs; pruning does that job) are dropped.
     """
     raw = model.model_json_schema(by_alias=True, mode="validation")
@@ -373,6 +390,9 @@ def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         if node.get("default", ...) is None:
             del node["default"]
         if sorted(o.get("type", "") for o in options) == ["integer", "string"]:
+            # Only the bare pair may sit under anyOf; the string's pattern goes beside it (it skips integers).
+            string = next(o for o in options if o["type"] == "string")
+            node.update({k: v for k, v in string.items() if k != "type"})
             node.update({"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]})
         elif len(options) == 1:
             node = {**_convert(options[0], defs), **node}

@@ -10,6 +10,10 @@
 - A HelixCluster deleted → its metric series go; its objects go by garbage collection (owner references,
   so there is no finalizer to get stuck on, even with the operator down).
 
+kopf never retries an event handler (it logs the error and waits for the next event), so the two
+event handlers that write retry their API calls themselves (`retried`); a node change still unmarked
+after that is redone on the next node event of any node, heartbeats included.
+
 Two in-memory indexes keep what the handlers need without listing the API on every event: the
 Nodes (only the fields planning reads) and the HelixClusters (spec, pause, fingerprint). kopf passes
 them to every handler as keyword arguments named after the index functions.
@@ -17,9 +21,10 @@ them to every handler as keyword arguments named after the index functions.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import kopf
@@ -36,6 +41,8 @@ FINGERPRINT_ANNOTATION = f"{GROUP}/nodes-fingerprint"
 #: Node annotations planning reads (discovery); other annotations change without re-planning.
 NODE_ANNOTATIONS = (ANNOTATION_GPU_TYPE, ANNOTATION_NIC, ANNOTATION_REGION)
 OWNED = {NAME_LABEL: APP, MANAGED_BY_LABEL: MANAGER}
+#: Tries of an event handler's API work, `retry_delay_seconds` × n apart (10 s: 100 s of API trouble in all).
+EVENT_ATTEMPTS = 5
 
 
 def node_facts(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -61,6 +68,28 @@ def digest(facts: Mapping[str, Any]) -> str:
 
 def all_nodes(index: kopf.Index[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return [facts for store in index.values() for facts in store]
+
+
+async def retried(rt: Runtime, logger: Logger, what: str, work: Callable[[], Awaitable[None]]) -> bool:
+    """Run `work` until it gets through the API; False (logged as an error) once EVENT_ATTEMPTS failed.
+
+    For event handlers, whose exceptions kopf only logs: the retry has to happen here. `work` is called
+    anew each time, so each try reads the indexes and the objects as they are by then.
+    """
+    attempt = 1
+    while True:
+        try:
+            await work()
+            return True
+        except ApiError as exc:
+            if attempt == EVENT_ATTEMPTS or not exc.retriable:
+                logger.error("%s failed (try %d of %d), giving up until the next event: %s", what, attempt,
+                             EVENT_ATTEMPTS, exc)
+                return False
+            delay = rt.settings.retry_delay_seconds * attempt
+            logger.warning("%s failed (try %d of %d), retrying in %g s: %s", what, attempt, EVENT_ATTEMPTS, delay, exc)
+            await asyncio.sleep(delay)
+        attempt += 1
 
 
 def runtime(memo: Any) -> Runtime:
@@ -112,26 +141,34 @@ async def forget_cluster(type: str, namespace: str | None, name: str, memo: Any,
 async def node_changed(type: str | None, name: str, body: kopf.Body, memo: Any, logger: Logger, **indexes: Any) -> None:
     rt = runtime(memo)
     seen = None if type == "DELETED" else digest(node_facts(body))
-    if rt.node_digests.get(name) == seen:
-        return  # a heartbeat, or a field planning does not read
+    changed = rt.node_digests.get(name) != seen
     if seen is None:
         rt.node_digests.pop(name, None)
     else:
         rt.node_digests[name] = seen
-    if type is None:
-        return  # the initial listing: each HelixCluster's resume reconcile compares against its plan anyway
-    await mark_node_change(rt, clusters_of(indexes["helix_clusters"]), all_nodes(indexes["helix_nodes"]), logger)
+    if not rt.node_change_unmarked and (not changed or type is None):
+        # A heartbeat or a field planning does not read; or the initial listing, after which each
+        # HelixCluster's resume reconcile compares the nodes against its plan anyway.
+        return
+    # Cleared before the indexes are read, so a change that failed meanwhile sets it again and is not lost.
+    rt.node_change_unmarked = False
+    if not await retried(rt, logger, "marking HelixClusters for re-planning", lambda: mark_node_change(
+            rt, clusters_of(indexes["helix_clusters"]), all_nodes(indexes["helix_nodes"]), logger)):
+        rt.node_change_unmarked = True
 
 
-def clusters_of(index: kopf.Index[tuple[str, str], dict[str, Any]]) -> Iterable[tuple[tuple[str, str], dict[str, Any]]]:
-    for key, store in index.items():
-        for entry in store:
-            yield key, entry
+def clusters_of(index: kopf.Index[tuple[str, str], dict[str, Any]]) -> list[tuple[tuple[str, str], dict[str, Any]]]:
+    """A snapshot of the index: marking awaits between clusters while kopf goes on updating it."""
+    return [(key, entry) for key, store in index.items() for entry in store]
 
 
 async def mark_node_change(rt: Runtime, clusters: Iterable[tuple[tuple[str, str], dict[str, Any]]],
                            nodes: list[dict[str, Any]], logger: Logger) -> None:
-    """Annotate each HelixCluster whose selected nodes' facts differ from what its annotation says."""
+    """Annotate each HelixCluster whose selected nodes' facts differ from what its annotation says.
+
+    A cluster refusing the patch does not hold up the others: the first error is raised after all were tried.
+    """
+    failure: ApiError | None = None
     for (namespace, name), entry in clusters:
         if entry["paused"]:
             continue
@@ -148,12 +185,13 @@ async def mark_node_change(rt: Runtime, clusters: Iterable[tuple[tuple[str, str]
             await rt.call(rt.kube.patch, HELIX_CLUSTERS, namespace, name,
                           {"metadata": {"annotations": {FINGERPRINT_ANNOTATION: fingerprint}}})
         except ApiError as exc:
-            if not exc.not_found:
-                raise kopf.TemporaryError(f"cannot mark {namespace}/{name} for re-planning: {exc}",
-                                          delay=rt.settings.retry_delay_seconds) from None
+            if not exc.not_found:  # a deleted cluster needs no re-plan
+                failure = failure or exc
         else:
             rt.fingerprints[(namespace, name)] = fingerprint
             logger.info("nodes of HelixCluster %s/%s changed: re-planning", namespace, name)
+    if failure is not None:
+        raise failure
 
 
 # -- owned pods and the router Deployment -----------------------------------------------------------
@@ -161,15 +199,14 @@ async def mark_node_change(rt: Runtime, clusters: Iterable[tuple[tuple[str, str]
 @kopf.on.event("", "v1", "pods", labels=OWNED)
 @kopf.on.event("apps", "v1", "deployments", labels=OWNED)
 async def owned_changed(namespace: str | None, meta: kopf.Meta, labels: Mapping[str, str], memo: Any,
-                        **_: Any) -> None:
+                        logger: Logger, **_: Any) -> None:
     owner = owner_name(meta)
     if namespace is None or owner is None or labels.get(COMPONENT_LABEL) not in ("worker", "router"):
         return
-    try:
-        await refresh_readiness(runtime(memo), namespace, owner)
-    except ApiError as exc:
-        raise kopf.TemporaryError(f"readiness of {namespace}/{owner}: {exc}", delay=runtime(memo).settings
-                                  .retry_delay_seconds) from None
+    rt = runtime(memo)
+    # Given up, the readiness conditions wait for the next pod or Deployment event, or the next reconcile.
+    await retried(rt, logger, f"readiness of HelixCluster {namespace}/{owner}",
+                  lambda: refresh_readiness(rt, namespace, owner))
 
 
 def owner_name(meta: Mapping[str, Any]) -> str | None:

@@ -26,7 +26,7 @@ from helix.operator.slo import GateResult, run_gate
 from helix.simulator.cluster import Cluster
 from helix.simulator.errors import HelixInputError
 from helix.simulator.model import MODEL_CATALOG, ModelSpec, catalog_model, model_from_hf_dict
-from helix.simulator.placement.base import PLACEMENT_METHODS, PlacementOptions, PlacementProblem, plan_placement
+from helix.simulator.placement.base import PlacementOptions, PlacementProblem, plan_placement
 from helix.simulator.placement.heuristics import check_fits
 from helix.simulator.plan import Plan
 from helix.simulator.profiles.base import Profiles
@@ -131,14 +131,6 @@ def placement_options(spec: HelixClusterSpec) -> PlacementOptions:
                             prune_keep=p.pruning, workers=SOLVER_WORKERS, selection=p.selection)
 
 
-def check_method(spec: HelixClusterSpec) -> None:
-    from helix.simulator.placement import milp  # noqa: F401  (importing registers the method)
-
-    if spec.placement.method not in PLACEMENT_METHODS:
-        raise HelixInputError(f"unknown placement method {spec.placement.method!r}; choose one of "
-                              f"{', '.join(PLACEMENT_METHODS)}", "spec.placement.method")
-
-
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -180,12 +172,14 @@ class _Planning:
         try:
             self.model = model = spec_model(spec)
             self.profiles = profiles = spec_profiles(spec, model, cluster)
-            check_method(spec)
         except HelixInputError as exc:
             return self.fail(Reason.INVALID_SPEC, _message(exc))
         self.summary.append(f"model {model.name}: {model.num_layers} layers, "
                             f"{model.total_weight_bytes / 1e9:,.0f} GB of weights in {model.dtype}; "
                             f"profiles {profiles.describe().get('source', spec.placement.profiles)}")
+        # Importing the MILP registers it (the heuristics come with check_fits); late, as it loads the solver.
+        from helix.simulator.placement import milp  # noqa: F401
+
         problem = PlacementProblem(cluster, model, profiles)
         options = placement_options(spec)
         lost = self.keep_current(problem, options)

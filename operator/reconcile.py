@@ -57,7 +57,6 @@ from helix.operator.resources import (
     owned_objects,
     plan_config_map_name,
     router_name,
-    weights_mount,
     worker_pod_name,
 )
 from helix.operator.settings import OperatorSettings
@@ -143,6 +142,9 @@ class Runtime:
         self.node_digests: dict[str, str] = {}
         #: The nodes fingerprint last written on each HelixCluster (namespace, name).
         self.fingerprints: dict[tuple[str, str], str] = {}
+        #: A node change some HelixCluster may not have been marked for (the API kept refusing): the next
+        #: node event, even a heartbeat, tries again.
+        self.node_change_unmarked = False
 
     @classmethod
     def start(cls, settings: OperatorSettings) -> Runtime:
@@ -214,12 +216,13 @@ async def _reconcile(rt: Runtime, owner: Owner, body: kopf.Body, nodes: Sequence
         return "paused"
     try:
         spec = HelixClusterSpec.model_validate(body.get("spec") or {})
-        weights_mount(spec.model.weights)
-    except (ValidationError, HelixInputError) as exc:
-        message = pydantic_message(exc) if isinstance(exc, ValidationError) else " ".join(str(exc).split())
+    except ValidationError as exc:
+        message = pydantic_message(exc)
         serving = bool((body.get("status") or {}).get("planHash"))  # the objects stay as they are, serving
+        # This generation was looked at and judged: observedGeneration says so, as after any other outcome.
         await publish(rt, owner, None, {"phase": "Degraded" if serving else "Failed",
-                                        "message": f"{Reason.INVALID_SPEC.value}: {message}"},
+                                        "message": f"{Reason.INVALID_SPEC.value}: {message}",
+                                        "observedGeneration": generation},
                       [condition(ConditionType.PLACEMENT_SOLVED.value, "False", Reason.INVALID_SPEC.value, message),
                        condition(ConditionType.READY.value, "False", Reason.INVALID_SPEC.value, message)], generation)
         raise kopf.PermanentError(f"invalid spec: {message}") from None
@@ -231,7 +234,9 @@ async def _reconcile(rt: Runtime, owner: Owner, body: kopf.Body, nodes: Sequence
     reported = ((live or {}).get("status") or {}).get("planHash")
     if in_force is not None and in_force.inputs_hash == inputs and reported == in_force.plan_hash:
         await roll_out(rt, owner, spec, in_force, nodes, generation)
-        await publish(rt, owner, spec, {"observedGeneration": generation}, [], generation, applied=True)
+        # A router-only edit (its port) moves the endpoint without a re-plan.
+        await publish(rt, owner, spec, {"observedGeneration": generation, "endpoint": endpoint(owner, spec)}, [],
+                      generation, applied=True)
         return "unchanged"
 
     outcome = await solve(rt, owner, spec, nodes, in_force)

@@ -30,11 +30,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from helix.operator.crd import API_VERSION, KIND, HelixClusterSpec
+from helix.operator.crd import API_VERSION, KIND, ContainerResources, HelixClusterSpec
 from helix.operator.discovery import RESOURCE_GPU
 from helix.operator.kube import CONFIG_MAPS, DEPLOYMENTS, PODS, SERVICES, Kind
 from helix.simulator.cluster import Cluster, dump_cluster_yaml
-from helix.simulator.errors import HelixInputError
 from helix.simulator.plan import NodeAssignment, Plan
 
 NAME_LABEL = "app.kubernetes.io/name"
@@ -214,30 +213,26 @@ class WeightsMount(BaseModel):
 def weights_mount(weights: str) -> WeightsMount:
     """`pvc://CLAIM/PATH` mounts the claim read-only at /models/CLAIM; an absolute path is used as it is.
 
-    Worker pods on different nodes and the router all read the same claim, so it must be ReadOnlyMany
-    or ReadWriteMany. An absolute path must exist in the images (weights baked in).
+    `weights` is a validated spec's (crd.WEIGHTS_PATTERN admits these two forms only). Worker pods on
+    different nodes and the router all read the same claim, so it must be ReadOnlyMany or ReadWriteMany.
+    An absolute path must exist in the images (weights baked in).
     """
     if weights.startswith("pvc://"):
         claim, _, sub = weights.removeprefix("pvc://").partition("/")
-        if not claim:
-            raise HelixInputError(f"{weights!r} names no claim; write pvc://CLAIM/PATH", "spec.model.weights")
         mount_path = f"{MODELS_DIR}/{claim}"
         return WeightsMount(
             model_dir=f"{mount_path}/{sub.strip('/')}" if sub.strip("/") else mount_path,
             volumes=[{"name": "weights", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}],
             mounts=[{"name": "weights", "mountPath": mount_path, "readOnly": True}],
         )
-    if weights.startswith("/"):
-        return WeightsMount(model_dir=weights.rstrip("/") or "/")
-    raise HelixInputError(f"{weights!r} is neither pvc://CLAIM/PATH nor an absolute path in the images",
-                          "spec.model.weights")
+    return WeightsMount(model_dir=weights.rstrip("/") or "/")
 
 
 # -- the objects ------------------------------------------------------------------------------------
 
 def owned_objects(rollout: Rollout) -> OwnedObjects:
     """Every object of a HelixCluster for the plan in force."""
-    weights = weights_mount(rollout.spec.model.weights)  # first: a bad URI is the spec's fault, say so early
+    weights = weights_mount(rollout.spec.model.weights)
     return OwnedObjects(
         config_map=plan_config_map(rollout),
         workers_service=workers_service(rollout),
@@ -310,17 +305,24 @@ _TMP_VOLUME = {"name": "tmp", "emptyDir": {}}
 _TMP_MOUNT = {"name": "tmp", "mountPath": "/tmp"}
 
 
+def container_resources(given: ContainerResources | None, gpus: int = 0) -> dict[str, dict[str, Any]]:
+    """A container's `resources`: the spec's requests and limits, and `gpus` nvidia.com/gpu over the spec's
+    own (a worker pinned to a node takes exactly the node's GPUs); empty parts left out, as the API server
+    would drop them."""
+    resources: dict[str, dict[str, Any]] = {"requests": {}, "limits": {}}
+    if given is not None:
+        resources["requests"].update(given.requests)
+        resources["limits"].update(given.limits)
+    if gpus > 0:
+        resources["requests"][RESOURCE_GPU] = gpus
+        resources["limits"][RESOURCE_GPU] = gpus
+    return {k: v for k, v in resources.items() if v}
+
+
 def worker_pod(rollout: Rollout, node: NodeAssignment, weights: WeightsMount) -> dict[str, Any]:
     owner, spec = rollout.owner, rollout.spec
     port = spec.workers.port
     gpus = rollout.node_gpus[node.name]
-    resources: dict[str, dict[str, Any]] = {"requests": {}, "limits": {}}
-    if spec.workers.resources is not None:
-        resources["requests"].update(spec.workers.resources.requests)
-        resources["limits"].update(spec.workers.resources.limits)
-    if gpus > 0:
-        resources["requests"][RESOURCE_GPU] = gpus
-        resources["limits"][RESOURCE_GPU] = gpus
     layers = f"{node.start_layer}:{node.end_layer}"
     name = worker_pod_name(owner, node.name)
     command = ["helix", "worker", "--model", weights.model_dir, "--layers", layers,
@@ -343,7 +345,7 @@ def worker_pod(rollout: Rollout, node: NodeAssignment, weights: WeightsMount) ->
             "ports": [{"name": "zmq", "containerPort": port, "protocol": "TCP"}],
             # The socket is bound before the engine loads: ready means reachable; the router tracks loading.
             "readinessProbe": {"tcpSocket": {"port": "zmq"}, "periodSeconds": 10},
-            "resources": {k: v for k, v in resources.items() if v},
+            "resources": container_resources(spec.workers.resources, gpus),
             "securityContext": _container_security(read_only_root=False),  # engines write compile caches
             "volumeMounts": [*weights.mounts, _TMP_MOUNT],
         }],
@@ -393,6 +395,7 @@ def router_deployment(rollout: Rollout, weights: WeightsMount) -> dict[str, Any]
             # /healthz is 200 once a complete route of workers is up: ready = can serve a request.
             "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5},
             "livenessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 20, "failureThreshold": 3},
+            "resources": container_resources(spec.router.resources),
             "securityContext": _container_security(read_only_root=True),
             "volumeMounts": [{"name": "plan", "mountPath": CONFIG_DIR, "readOnly": True},
                              *weights.mounts, _TMP_MOUNT],

@@ -311,14 +311,19 @@ def operator_needs(namespace: str) -> list[tuple[str, str, str]]:
 
     The objects are the ones operator/resources.py builds for a rollout (the operator applies them
     with get, create, merge patch and delete, lists and watches them for readiness); HelixClusters
-    are watched by kopf and patched by it and by the status writer; kopf posts events.
+    are watched by kopf and patched by it and by the status writer; kopf posts events. An owner
+    reference with blockOwnerDeletion needs `update` on the owner's finalizers subresource where the
+    OwnerReferencesPermissionEnforcement admission plugin runs — the only reason for that grant (the
+    operator has no deletion handler, so kopf adds no finalizer).
     """
-    owned = {kind for kind, _ in owned_objects(example_rollout(namespace)).ordered()}
-    needs = [(group_of(kind), kind.plural, verb) for kind in owned
+    objects = owned_objects(example_rollout(namespace)).ordered()
+    needs = [(group_of(kind), kind.plural, verb) for kind in {kind for kind, _ in objects}
              for verb in ("get", "list", "watch", "create", "patch", "delete")]
     clusters = group_of(kube.HELIX_CLUSTERS), kube.HELIX_CLUSTERS.plural
     needs += [(*clusters, verb) for verb in ("get", "list", "watch", "patch")]
     needs += [(clusters[0], f"{clusters[1]}/status", "patch"), ("", "events", "create")]
+    if any(ref.get("blockOwnerDeletion") for _, obj in objects for ref in obj["metadata"]["ownerReferences"]):
+        needs.append((clusters[0], f"{clusters[1]}/finalizers", "update"))
     return needs
 
 
@@ -360,7 +365,6 @@ def test_rbac_grants_nothing_more(chart: Any, values: dict[str, Any]) -> None:
     allowed: dict[tuple[str, str], set[str]] = {}
     for group, resource, verb in operator_needs("x"):
         allowed.setdefault((group, resource), set()).add(verb)
-    allowed[(group_of(kube.HELIX_CLUSTERS), f"{kube.HELIX_CLUSTERS.plural}/finalizers")] = {"update"}
     allowed[("kopf.dev", "kopfpeerings")] = {"get", "list", "watch", "patch"}
     clusterwide = not values.get("operator", {}).get("watchNamespaces")
     for role, rule in rules:

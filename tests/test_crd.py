@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 import yaml
@@ -20,9 +20,12 @@ from helix.operator.crd import (
     HelixCluster,
     HelixClusterSpec,
     HelixClusterStatus,
+    PlacementMethod,
     crd_manifest,
     crd_yaml,
 )
+from helix.simulator.placement import milp  # noqa: F401  (importing it registers every placement method)
+from helix.simulator.placement.base import PLACEMENT_METHODS
 from helix.simulator.placement.selection import AUTO_MAX_NODES, SELECTION_MODES, SELECTION_SHARE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,6 +150,7 @@ def test_enums_bounds_and_defaults_come_from_the_models() -> None:
     assert props["scheduling"]["properties"]["method"]["enum"] == ["maxflow", "swarm", "random", "shortest-queue"]
     assert props["workers"]["properties"]["engine"]["enum"] == ["vllm", "torch"]
     assert props["model"]["properties"]["dtype"]["enum"] == ["float16", "bfloat16", "float32"]
+    assert props["placement"]["properties"]["method"]["enum"] == list(get_args(PlacementMethod))
     assert props["model"]["required"] == ["weights"]
     assert props["model"]["x-kubernetes-validations"][0]["rule"] == "has(self.name) != has(self.config)"
     port = props["router"]["properties"]["port"]
@@ -162,6 +166,11 @@ def test_enums_bounds_and_defaults_come_from_the_models() -> None:
     conditions = schema()["properties"]["status"]["properties"]["conditions"]
     assert conditions["x-kubernetes-list-map-keys"] == ["type"]
     assert conditions["items"]["required"] == ["type", "status", "reason", "lastTransitionTime"]
+
+
+def test_placement_methods_are_the_registrys() -> None:
+    """crd.py spells the names out (it must not import the solvers); the registry is the authority."""
+    assert sorted(get_args(PlacementMethod)) == sorted(PLACEMENT_METHODS)
 
 
 def test_selection_description_states_the_planners_numbers() -> None:
@@ -209,6 +218,13 @@ BAD_SPECS = {
     "dtype": {"model": {**MINIMAL["model"], "dtype": "int4"}},
     "scheduler": {**MINIMAL, "scheduling": {"method": "fifo"}},
     "placement method pattern": {**MINIMAL, "placement": {"method": "MILP!"}},
+    "unknown placement method": {**MINIMAL, "placement": {"method": "annealing"}},
+    "weights URI": {"model": {**MINIMAL["model"], "weights": "s3://bucket/llama"}},
+    "relative weights": {"model": {**MINIMAL["model"], "weights": "models/llama"}},
+    "weights claim": {"model": {**MINIMAL["model"], "weights": "pvc:///llama"}},
+    "node name": {**MINIMAL, "nodes": {"names": ["GPU_Node-1"]}},
+    "router quantity": {**MINIMAL, "router": {"resources": {"requests": {"memory": "2 GB"}}}},
+    "worker quantity": {**MINIMAL, "workers": {"resources": {"limits": {"cpu": "eight"}}}},
     "zero NIC": {**MINIMAL, "network": {"nicBandwidthGbps": 0}},
     "negative latency": {**MINIMAL, "network": {"intraRegion": {"latencyMs": -1}}},
     "region link without bandwidth": {**MINIMAL, "network": {"regionLinks": [{"from": "a", "to": "b",
@@ -222,6 +238,22 @@ BAD_SPECS = {
     "min gain": {**MINIMAL, "replan": {"minGainPercent": -5}},
     "selector value": {**MINIMAL, "nodes": {"selector": {"gpu": True}}},
 }
+
+
+GOOD_SPECS = {
+    "quantities": {**MINIMAL, "router": {"resources": {"requests": {"cpu": "500m", "memory": "256Mi"},
+                                                       "limits": {"cpu": 2, "memory": "1.5Gi",
+                                                                  "ephemeral-storage": "1e9"}}}},
+    "claim root": {"model": {**MINIMAL["model"], "weights": "pvc://models"}},
+    "node names": {**MINIMAL, "nodes": {"names": ["gpu-0", "ip-10-0-0-1.ec2.internal"]}},
+}
+
+
+@pytest.mark.parametrize("name", list(GOOD_SPECS))
+def test_schema_and_models_both_accept(name: str) -> None:
+    spec = GOOD_SPECS[name]
+    Draft4Validator(schema()["properties"]["spec"]).validate(spec)
+    HelixClusterSpec.model_validate(spec)
 
 
 @pytest.mark.parametrize("name", list(BAD_SPECS))

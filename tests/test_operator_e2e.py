@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +34,7 @@ import pytest
 from kopf.testing import KopfRunner
 
 from helix.operator.crd import API_VERSION, GROUP, KIND, PAUSED_ANNOTATION, PLURAL, VERSION
+from helix.operator.handlers import FINGERPRINT_ANNOTATION
 
 pytestmark = pytest.mark.e2e
 T = TypeVar("T")
@@ -42,14 +45,36 @@ TIMEOUT_S = 30.0
 
 # -- the API server ---------------------------------------------------------------------------------
 
+@dataclass
+class Refusal:
+    """Requests `matches` picks, answered with a 500 and not acted on: the first `limit`, or all until lifted.
+
+    Injected before KMock's emulator sees the request: a KMock reaction could answer the error, but the
+    emulator would still store the write and stream its event, so the write would happen after all.
+    """
+
+    matches: Callable[[Any], bool]
+    limit: int | None = None
+    refused: int = 0
+    lifted: bool = False
+
+    def wants(self, request: Any) -> bool:
+        return not self.lifted and (self.limit is None or self.refused < self.limit) and self.matches(request)
+
+
 class ApiServerEmulator(kmock.KubernetesEmulator):
     """KMock plus what the API server writes itself: uid, resourceVersion, generation, creationTimestamp."""
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self._versions = itertools.count(1)
+        self.refusals: list[Refusal] = []
 
     async def _handle(self, request: Any) -> Any:
+        for refusal in self.refusals:
+            if refusal.wants(request):
+                refusal.refused += 1
+                raise kmock.KubernetesError(500, "InternalError", "refused by the test")
         data = request.data
         if request.resource is not None and isinstance(data, dict):
             meta = data.setdefault("metadata", {})
@@ -124,6 +149,24 @@ class ApiServer:
     def request_count(self) -> int:
         return len(list(self.mock))
 
+    def refuse(self, matches: Callable[[Any], bool], limit: int | None = None) -> Refusal:
+        """From now on, answer 500 to the first `limit` requests `matches` picks (None: until lifted)."""
+        refusal = Refusal(matches, limit)
+        self.mock.refusals.append(refusal)
+        return refusal
+
+
+def patches_of(plural: str, subresource: str | None = None,
+               annotation: str | None = None) -> Callable[[Any], bool]:
+    """Picks merge patches of `plural` objects (of one subresource; setting one annotation)."""
+    def matches(request: Any) -> bool:
+        if str(request.method.value) != "PATCH" or request.resource is None or request.resource.plural != plural:
+            return False
+        annotations = ((request.data or {}).get("metadata") or {}).get("annotations") or {}
+        return request.subresource == subresource and (annotation is None or annotation in annotations)
+
+    return matches
+
 
 class Kubectl:
     """The user's side of the API: plain HTTP, as kubectl does it."""
@@ -176,6 +219,10 @@ class Kubectl:
 
     def pods(self) -> dict[str, dict[str, Any]]:
         return {p["metadata"]["name"]: p for p in self.items(self.PODS)}
+
+    def pod_uids(self) -> dict[str, str]:
+        """Pod name → uid: the same map later means no pod was re-created."""
+        return {name: pod["metadata"]["uid"] for name, pod in self.pods().items()}
 
 
 def node(name: str, product: str = "NVIDIA-L4", memory_mib: int = 23034, region: str = "us-east1",
@@ -282,8 +329,12 @@ def operator(api: ApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     return Operator(metrics_port, free_port())
 
 
-def gpu_nodes(kubectl: Kubectl) -> None:
-    for item in (node("gpu-l4-a"), node("gpu-l4-b"), node("gpu-t4-a", "Tesla-T4", 15360), CPU_NODE):
+#: Two L4 nodes, a T4 node and a node without GPUs.
+NODES = (node("gpu-l4-a"), node("gpu-l4-b"), node("gpu-t4-a", "Tesla-T4", 15360), CPU_NODE)
+
+
+def add_nodes(kubectl: Kubectl, nodes: tuple[dict[str, Any], ...] = NODES) -> None:
+    for item in nodes:
         kubectl.create("/api/v1/nodes", item)
 
 
@@ -299,6 +350,12 @@ def rolled_out(kubectl: Kubectl) -> dict[str, Any]:
         return None
 
     return wait_for("the plan to be rolled out", check)
+
+
+def reconciled(operator: Operator) -> None:
+    """Wait until the first reconcile has finished (its result is counted last)."""
+    wait_for("the first reconcile to finish", lambda: scrape(operator.metrics_port).get(
+        'helix_operator_reconciles_total{result="rolled_out"}'))
 
 
 def kubelet_runs(kubectl: Kubectl) -> None:
@@ -322,7 +379,7 @@ def flag(command: list[str], option: str) -> str:
 @pytest.mark.slow
 def test_rollout_creates_the_owned_objects_and_reports_ready(api: ApiServer, kubectl: Kubectl,
                                                             operator: Operator) -> None:
-    gpu_nodes(kubectl)
+    add_nodes(kubectl)
     with operator.run() as runner:
         kubectl.create(Kubectl.HXC, helix_cluster())
         status = rolled_out(kubectl)
@@ -415,7 +472,7 @@ def test_rollout_creates_the_owned_objects_and_reports_ready(api: ApiServer, kub
 
 @pytest.mark.slow
 def test_node_leaving_replans_and_moves_the_workers(api: ApiServer, kubectl: Kubectl, operator: Operator) -> None:
-    gpu_nodes(kubectl)
+    add_nodes(kubectl)
     with operator.run():
         kubectl.create(Kubectl.HXC, helix_cluster())
         before = rolled_out(kubectl)
@@ -440,31 +497,42 @@ def test_node_leaving_replans_and_moves_the_workers(api: ApiServer, kubectl: Kub
         assert hxc["metadata"]["annotations"]["helix.ai/nodes-fingerprint"]
 
 
-@pytest.mark.parametrize(("spec", "reason", "fragment"), [
-    ({"model": {"name": "llama3.1-8b", "weights": "s3://bucket/llama"}}, "InvalidSpec", "spec.model.weights"),
-    ({"model": {"name": "no-such-model", "weights": "/models/x"}}, "InvalidSpec", "no-such-model"),
-    ({"model": {"weights": "/models/x"}}, "InvalidSpec", "name"),
-    ({"model": {"name": "llama2-70b", "weights": "/models/llama-2-70b"}}, "InsufficientCapacity", "GB"),
-])
+@pytest.mark.parametrize(("spec", "nodes", "kind", "reason", "pattern"), [
+    ({"model": {"name": "llama3.1-8b", "weights": "s3://bucket/llama"}}, NODES, "PlacementSolved", "InvalidSpec",
+     r"model\.weights"),
+    ({"model": {"name": "no-such-model", "weights": "/models/x"}}, NODES, "PlacementSolved", "InvalidSpec",
+     "no-such-model"),
+    ({"model": {"weights": "/models/x"}}, NODES, "PlacementSolved", "InvalidSpec", "name"),
+    ({"model": {"name": "llama2-70b", "weights": "/models/llama-2-70b"}}, NODES, "PlacementSolved",
+     "InsufficientCapacity", "GB"),
+    ({}, (CPU_NODE,), "PlacementSolved", "NoGPUNodes", r"^none of the 1 nodes matches spec\.nodes"),
+    ({"slo": {"minTokensPerSecond": 1e9, "simulationSeconds": 5}}, NODES, "PlanValidated", "SLONotMet",
+     r"^planned [1-9][\d,]*\.\d tokens/s < minTokensPerSecond 1e\+09$"),
+], ids=["weights", "model", "no-model", "capacity", "no-gpus", "slo"])
 def test_a_spec_that_cannot_be_served_becomes_a_condition(api: ApiServer, kubectl: Kubectl, operator: Operator,
-                                                          spec: dict[str, Any], reason: str, fragment: str) -> None:
-    gpu_nodes(kubectl)
+                                                          spec: dict[str, Any], nodes: tuple[dict[str, Any], ...],
+                                                          kind: str, reason: str, pattern: str) -> None:
+    add_nodes(kubectl, nodes)
     with operator.run() as runner:
         kubectl.create(Kubectl.HXC, helix_cluster(**spec))
-        solved = wait_for(f"PlacementSolved={reason}", lambda: (
-            c if (c := kubectl.condition("PlacementSolved")).get("reason") == reason else None))
-        assert solved["status"] == "False" and fragment in solved["message"]
+        failed = wait_for(f"{kind}={reason}", lambda: (
+            c if (c := kubectl.condition(kind)).get("reason") == reason else None))
+        assert failed["status"] == "False" and re.search(pattern, failed["message"]), failed["message"]
+        # An SLO is judged on a placement: that one was solved, then held back.
+        assert kubectl.condition("PlacementSolved")["status"] == ("True" if kind == "PlanValidated" else "False")
         wait_for("phase Failed", lambda: kubectl.status().get("phase") == "Failed")
         assert kubectl.condition("Ready")["status"] == "False"
+        assert kubectl.status()["observedGeneration"] == 1  # judged, even when invalid
         assert kubectl.pods() == {}
         assert kubectl.get(f"{Kubectl.CONFIG_MAPS}/{NAME}-plan") is None
+        assert kubectl.get(f"{Kubectl.DEPLOYMENTS}/{NAME}-router") is None
     assert runner.exception is None  # the operator kept running: a bad spec is a condition, not a crash
 
 
 @pytest.mark.slow
 def test_a_restarted_operator_creates_no_duplicates_and_solves_nothing(api: ApiServer, kubectl: Kubectl,
                                                                        operator: Operator) -> None:
-    gpu_nodes(kubectl)
+    add_nodes(kubectl)
     with operator.run():
         kubectl.create(Kubectl.HXC, helix_cluster())
         first = rolled_out(kubectl)
@@ -493,7 +561,7 @@ def test_a_restarted_operator_creates_no_duplicates_and_solves_nothing(api: ApiS
 
 @pytest.mark.slow
 def test_a_paused_cluster_is_left_alone(api: ApiServer, kubectl: Kubectl, operator: Operator) -> None:
-    gpu_nodes(kubectl)
+    add_nodes(kubectl)
     with operator.run():
         kubectl.create(Kubectl.HXC, helix_cluster())
         before = rolled_out(kubectl)
@@ -516,21 +584,78 @@ def test_a_paused_cluster_is_left_alone(api: ApiServer, kubectl: Kubectl, operat
 
 def test_a_joining_node_below_the_gain_threshold_changes_nothing(api: ApiServer, kubectl: Kubectl,
                                                                  operator: Operator) -> None:
-    gpu_nodes(kubectl)
+    add_nodes(kubectl)
     with operator.run():
         kubectl.create(Kubectl.HXC, helix_cluster(replan={"minGainPercent": 1000}))
         before = rolled_out(kubectl)
-        uids = {name: pod["metadata"]["uid"] for name, pod in kubectl.pods().items()}
+        uids = kubectl.pod_uids()
         kubectl.create("/api/v1/nodes", node("gpu-l4-c"))
         kept = wait_for("GainBelowThreshold", lambda: (
             c if (c := kubectl.condition("PlacementSolved")).get("reason") == "GainBelowThreshold" else None))
         assert "1000%" in kept["message"]
         assert kubectl.status()["planHash"] == before["planHash"]
-        assert {name: pod["metadata"]["uid"] for name, pod in kubectl.pods().items()} == uids  # no worker restarted
+        assert kubectl.pod_uids() == uids  # no worker restarted
+
+
+def test_a_router_edit_is_applied_in_place_without_planning(api: ApiServer, kubectl: Kubectl,
+                                                            operator: Operator) -> None:
+    add_nodes(kubectl)
+    with operator.run():
+        kubectl.create(Kubectl.HXC, helix_cluster())
+        before = rolled_out(kubectl)
+        reconciled(operator)
+        solves = scrape(operator.metrics_port)["helix_operator_plan_solve_seconds_count"]
+        uids = kubectl.pod_uids()
+        router_uids = [kubectl.get(f"{path}/{NAME}-router")["metadata"]["uid"]
+                       for path in (Kubectl.DEPLOYMENTS, Kubectl.SERVICES)]
+        mark = api.request_count()
+        resources = {"requests": {"cpu": "500m"}, "limits": {"memory": "2Gi"}}
+        kubectl.patch(f"{Kubectl.HXC}/{NAME}", {"spec": {"router": {"replicas": 2, "port": 9000,
+                                                                     "resources": resources}}})
+        status = wait_for("generation 2 observed", lambda: (
+            s if (s := kubectl.status()).get("observedGeneration") == 2 else None))
+        assert status["planHash"] == before["planHash"]
+        assert status["endpoint"] == f"http://{NAME}-router.{NAMESPACE}.svc:9000"
+        deployment = kubectl.get(f"{Kubectl.DEPLOYMENTS}/{NAME}-router")
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        assert deployment["spec"]["replicas"] == 2
+        assert flag(container["command"], "--port") == "9000" and container["resources"] == resources
+        service = kubectl.get(f"{Kubectl.SERVICES}/{NAME}-router")
+        assert [p["port"] for p in service["spec"]["ports"]] == [9000]
+        assert [deployment["metadata"]["uid"], service["metadata"]["uid"]] == router_uids  # patched, not re-created
+        assert scrape(operator.metrics_port)["helix_operator_plan_solve_seconds_count"] == solves
+        assert kubectl.pod_uids() == uids
+        owned = {"pods", "configmaps", "services", "deployments"}
+        assert sorted(w for w in api.writes(mark) if w[1] in owned) == [
+            ("PATCH", "deployments", f"{NAME}-router"), ("PATCH", "services", f"{NAME}-router")]
+
+
+@pytest.mark.slow
+def test_event_handlers_retry_what_the_api_refused(api: ApiServer, kubectl: Kubectl, operator: Operator) -> None:
+    """kopf never retries an event handler: a refused readiness update or re-plan mark is retried by the handler."""
+    add_nodes(kubectl)
+    with operator.run() as runner:
+        kubectl.create(Kubectl.HXC, helix_cluster())
+        before = rolled_out(kubectl)
+        reconciled(operator)
+        # Every readiness refresh the pods and the Deployment becoming ready start fails its first try.
+        status_patches = api.refuse(patches_of(PLURAL, "status"))
+        kubelet_runs(kubectl)
+        wait_for("the refreshes' first tries", lambda: status_patches.refused >= len(kubectl.pods()) + 1)
+        time.sleep(0.5)  # any later first try lands too; a retry comes after 1 s (HELIX_OPERATOR_RETRY_DELAY_SECONDS)
+        status_patches.lifted = True
+        wait_for("phase Ready", lambda: kubectl.status().get("phase") == "Ready")
+
+        marks = api.refuse(patches_of(PLURAL, annotation=FINGERPRINT_ANNOTATION), limit=2)
+        kubectl.delete(f"/api/v1/nodes/{before['layers'][-1]['node']}")
+        wait_for("a re-plan without the node", lambda: kubectl.status().get("planHash") not in (
+            None, before["planHash"]))
+        assert marks.refused == 2
+    assert runner.exception is None
 
 
 def test_an_api_conflict_is_a_condition_and_retried(api: ApiServer, kubectl: Kubectl, operator: Operator) -> None:
-    gpu_nodes(kubectl)
+    add_nodes(kubectl)
     kubectl.create(Kubectl.CONFIG_MAPS, {"apiVersion": "v1", "kind": "ConfigMap",
                                          "metadata": {"name": f"{NAME}-plan", "namespace": NAMESPACE},
                                          "data": {"owner": "someone else"}})
@@ -551,7 +676,7 @@ def test_an_api_conflict_is_a_condition_and_retried(api: ApiServer, kubectl: Kub
 def test_helix_operator_command_serves_and_stops_on_sigterm(api: ApiServer, kubectl: Kubectl, operator: Operator,
                                                            tmp_path: Path) -> None:
     """The console command itself (kopf.run in a process of its own), not kopf's CLI."""
-    gpu_nodes(kubectl)
+    add_nodes(kubectl)
     log = (tmp_path / "operator.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "helix.cli.app", "operator", "--all-namespaces", "--standalone",
                              "--host", "127.0.0.1", "--metrics-port", str(operator.metrics_port),

@@ -139,7 +139,6 @@ def test_no_gpu_nodes() -> None:
 
 @pytest.mark.parametrize(("fields", "where"), [
     ({"model": {"name": "gpt-17"}}, "spec.model.name"),
-    ({"placement": {"method": "annealing"}}, "spec.placement.method"),
     ({"placement": {"profiles": "/no/such/profiles.json"}}, "spec.placement.profiles"),
     ({"model": {"name": None, "config": {"hidden_size": 8}}}, "spec.model.config"),
 ])

@@ -25,7 +25,6 @@ from helix.operator.resources import (
     worker_address,
 )
 from helix.simulator.cluster import Cluster, GpuNode
-from helix.simulator.errors import HelixInputError
 from helix.simulator.plan import NodeAssignment, Plan
 
 OWNER = Owner(name="llama", namespace="serving", uid="0b7c3f0e-uid")
@@ -96,12 +95,6 @@ def test_a_path_is_used_as_it_is() -> None:
     assert (mount.model_dir, mount.volumes, mount.mounts) == ("/opt/weights/llama", [], [])
 
 
-@pytest.mark.parametrize("weights", ["s3://bucket/llama", "hf://meta/llama", "relative/path", "pvc:///x"])
-def test_other_weights_are_an_input_error(weights: str) -> None:
-    with pytest.raises(HelixInputError, match=r"spec\.model\.weights"):
-        weights_mount(weights)
-
-
 # -- the objects ------------------------------------------------------------------------------------
 
 def test_every_object_is_owned_and_labelled() -> None:
@@ -165,7 +158,8 @@ def test_a_plan_node_that_no_longer_exists_gets_no_pod() -> None:
 
 
 def test_the_router_serves_the_plan_from_the_config_map() -> None:
-    rollout = make_rollout(make_spec(router={"replicas": 2, "port": 9000, "maxQueue": 7, "requestTimeoutSeconds": 90},
+    rollout = make_rollout(make_spec(router={"replicas": 2, "port": 9000, "maxQueue": 7, "requestTimeoutSeconds": 90,
+                                             "resources": {"requests": {"cpu": "500m"}, "limits": {"memory": "2Gi"}}},
                                      scheduling={"method": "swarm"}))
     objects = owned_objects(rollout)
     deployment = objects.router_deployment
@@ -190,6 +184,7 @@ def test_the_router_serves_the_plan_from_the_config_map() -> None:
     assert worker_address(OWNER, "gpu-a", 5555) == "tcp://llama-worker-gpu-a.llama-workers.serving.svc:5555"
     assert {"name": "plan", "configMap": {"name": "llama-plan"}} in pod_spec["volumes"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["resources"] == {"requests": {"cpu": "500m"}, "limits": {"memory": "2Gi"}}
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert objects.router_service["spec"]["ports"] == [{"name": "http", "port": 9000, "targetPort": "http",
                                                         "protocol": "TCP"}]

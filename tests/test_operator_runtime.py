@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -13,9 +15,10 @@ from typer.testing import CliRunner
 from helix.cli.app import app
 from helix.operator.crd import HelixClusterSpec
 from helix.operator.discovery import discover
-from helix.operator.handlers import digest, node_facts, owner_name
+from helix.operator.handlers import EVENT_ATTEMPTS, FINGERPRINT_ANNOTATION, digest, node_changed, node_facts, owner_name
 from helix.operator.kube import HELIX_CLUSTERS, PODS, ApiError, Kind
 from helix.operator.metrics import METRIC_NAMES, OperatorMetrics
+from helix.operator.reconcile import Runtime, node_fingerprint
 from helix.operator.settings import OperatorSettings, split_namespaces
 from helix.operator.status import (
     condition,
@@ -219,6 +222,54 @@ def test_heartbeats_do_not_change_a_nodes_digest_but_facts_do() -> None:
     assert digest(node_facts(node)) == before
     node["spec"]["unschedulable"] = True
     assert digest(node_facts(node)) != before
+
+
+class RefusingKube:
+    """Refuses every patch while `refusing`; records the ones it takes."""
+
+    def __init__(self) -> None:
+        self.refusing = True
+        self.refused = 0
+        self.patches: list[tuple[Kind, str | None, str, dict[str, Any]]] = []
+
+    def patch(self, kind: Kind, namespace: str | None, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        if self.refusing:
+            self.refused += 1
+            raise ApiError(503, "ServiceUnavailable", "the API server is restarting", "PATCH")
+        self.patches.append((kind, namespace, name, body))
+        return body
+
+
+def test_a_node_change_the_api_refused_is_marked_on_the_next_node_event() -> None:
+    """kopf drops a failed event handler: a change still unmarked after the retries is marked by the next
+    node event, even one that changes nothing (a heartbeat), and only once."""
+    example = yaml.safe_load((REPO / "examples" / "helixcluster.yaml").read_text())
+    gone, *nodes = example_nodes()
+    kube = RefusingKube()
+    rt = Runtime(OperatorSettings(retry_delay_seconds=0.001), kube, OperatorMetrics())  # type: ignore[arg-type]
+    indexes = {"helix_nodes": {n["metadata"]["name"]: [node_facts(n)] for n in nodes},
+               "helix_clusters": {("default", "llama70b"): [{"spec": example["spec"], "paused": False,
+                                                             "fingerprint": None}]}}
+    rt.node_digests = {n["metadata"]["name"]: digest(node_facts(n)) for n in (gone, *nodes)}
+
+    def event(kind: str, node: dict[str, Any]) -> None:
+        asyncio.run(node_changed(type=kind, name=node["metadata"]["name"], body=node, memo={"runtime": rt},
+                                 logger=logging.getLogger("test"), **indexes))
+
+    try:
+        event("DELETED", gone)
+        assert (kube.refused, kube.patches, rt.node_change_unmarked) == (EVENT_ATTEMPTS, [], True)
+        kube.refusing = False
+        event("MODIFIED", nodes[0])  # a heartbeat
+        spec = HelixClusterSpec.model_validate(example["spec"])
+        fingerprint = node_fingerprint(spec, [node_facts(n) for n in nodes], "llama70b")
+        assert kube.patches == [(HELIX_CLUSTERS, "default", "llama70b",
+                                 {"metadata": {"annotations": {FINGERPRINT_ANNOTATION: fingerprint}}})]
+        assert not rt.node_change_unmarked
+        event("MODIFIED", nodes[0])
+        assert len(kube.patches) == 1
+    finally:
+        rt.close()
 
 
 # -- API paths --------------------------------------------------------------------------------------

@@ -62,10 +62,11 @@ app.kubernetes.io/component: operator
 {{- end }}
 
 {{/* What the operator does in a namespace it serves: reconcile HelixClusters (kopf patches them for
-     its progress annotations and finalizers, and their status), own the objects it rolls out, post
-     events. Every write is a create, a merge patch or a delete (never a PUT), so no `update`, except
-     `helixclusters/finalizers: update`: owned objects carry blockOwnerDeletion, which clusters with the
-     OwnerReferencesPermissionEnforcement admission plugin allow only with it. */}}
+     its progress annotations, the operator their status; no finalizer: there is no deletion handler),
+     own the objects it rolls out, post events. Every write is a create, a merge patch or a delete
+     (never a PUT), so no `update`, except `helixclusters/finalizers: update`: owned objects carry
+     blockOwnerDeletion, which clusters with the OwnerReferencesPermissionEnforcement admission plugin
+     (OpenShift, hardened clusters) allow only with it. */}}
 {{- define "helix.workloadRules" -}}
 - apiGroups: ["helix.ai"]
   resources: ["helixclusters"]
