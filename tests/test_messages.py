@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 
 from helix.worker.messages import (
+    DEFAULT_MAX_MESSAGE_BYTES,
     DTYPES,
+    FORWARD_HEADER_RESERVE_BYTES,
     KINDS,
+    MAX_ROUTE_HOPS,
     MAX_TENSORS,
     PROTOCOL_VERSION,
     Error,
@@ -32,6 +35,7 @@ from helix.worker.messages import (
     Token,
     decode,
     encode,
+    max_hidden_tokens,
 )
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -235,6 +239,35 @@ def test_oversize_is_refused_on_both_sides() -> None:
     with pytest.raises(MessageTooLarge):
         decode(frames, max_bytes=128 * 1024)
     assert Forward.decode(frames, max_bytes=512 * 1024) == msg
+
+
+@pytest.mark.parametrize(("hidden_size", "dtype"), [(16384, "bfloat16"), (8192, "float32")])
+def test_a_prompt_chunk_of_max_hidden_tokens_fits_one_message(hidden_size: int, dtype: str) -> None:
+    """The sizes where the router's old fixed 2048-token chunk was a 64 MiB message or more."""
+    chunk = max_hidden_tokens(hidden_size, dtype)
+    assert 2000 < chunk < 2048
+
+    def hop_message(tokens: int) -> Forward:
+        return first_hop().advance(Tensor(np.zeros((tokens, hidden_size), dtype=DTYPES[dtype]), dtype), TIMING)
+
+    assert sum(len(f) for f in encode(hop_message(chunk))) <= DEFAULT_MAX_MESSAGE_BYTES
+    with pytest.raises(MessageTooLarge):
+        encode(hop_message(2048))
+    assert max_hidden_tokens(hidden_size, "float16", 2 * DEFAULT_MAX_MESSAGE_BYTES) > 2048 > max_hidden_tokens(
+        hidden_size, "float32", DEFAULT_MAX_MESSAGE_BYTES)
+    with pytest.raises(MessageError, match="int64"):
+        max_hidden_tokens(hidden_size, "int64")
+
+
+def test_the_longest_hidden_state_header_fits_its_reserve() -> None:
+    """Every header field at its decoder's limit: the room max_hidden_tokens leaves is enough."""
+    route = [Hop("n" * 256, i, i + 1, "tcp://" + "h" * 1012 + ":65535") for i in range(MAX_ROUTE_HOPS)]
+    timings = [HopTiming("n" * 256, 1e12, 1e12, 1e12, 2**31) for _ in range(MAX_ROUTE_HOPS - 1)]
+    msg = Forward("r" * 256, route, MAX_ROUTE_HOPS - 1, "prompt", 2**31, reply_to="tcp://" + "h" * 1012 + ":65535",
+                  sampling=Sampling(1e6, 1.0, 2**31 - 1, 2**31, 2**64 - 1, tuple([2**31 - 1] * 1024)),
+                  hidden=Tensor(np.zeros((1, 1), dtype=np.float32)), attempt=2**31, generated=2**31,
+                  deadline=1e12, timings=timings)
+    assert len(encode(msg)[0]) < FORWARD_HEADER_RESERVE_BYTES
 
 
 def _corruptions() -> list[tuple[str, list[Any]]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -29,7 +30,17 @@ from helix.cli.app import app as cli_app
 from helix.simulator.flow import max_flow
 from helix.simulator.plan import NodeAssignment, Plan
 from helix.worker.api import ServedModel, TextStream, create_app, load_served_model
-from helix.worker.messages import Error, Forward, HopTiming, Ping, Release, Status, Token
+from helix.worker.messages import (
+    FORWARD_HEADER_RESERVE_BYTES,
+    Error,
+    Forward,
+    HopTiming,
+    Ping,
+    Release,
+    Status,
+    Token,
+    max_hidden_tokens,
+)
 from helix.worker.metrics import METRIC_NAMES
 from helix.worker.route_log import RouteLog, read_route_log, summarize
 from helix.worker.router import (
@@ -75,6 +86,7 @@ class FakeWorker:
     kv: dict[str, list[int]] = field(default_factory=dict)
     releases: list[tuple[str, int | None]] = field(default_factory=list)
     forwards: int = 0
+    pings: int = 0
     _receiver: Receiver | None = None
     _peers: Peers | None = None
     _task: asyncio.Task[None] | None = None
@@ -101,6 +113,7 @@ class FakeWorker:
         assert self._receiver is not None and self._peers is not None
         async for msg in self._receiver:
             if isinstance(msg, Ping):
+                self.pings += 1
                 if not self.silent:
                     await self._peers.send(msg.reply_to, self.status(msg.nonce))
             elif isinstance(msg, Release):
@@ -255,7 +268,7 @@ def test_local_plan_survives_any_single_worker(workers: int) -> None:
 
 def test_parse_workers() -> None:
     assert parse_workers("a=tcp://h:1, b=tcp://h:2") == [WorkerAddress("a", "tcp://h:1"), WorkerAddress("b", "tcp://h:2")]
-    for bad in ("a", "a=", "=tcp://h:1", "a=h:1", ""):
+    for bad in ("a", "a=", "=tcp://h:1", "a=h:1", "", "a=tcp://127.0.0.1", "a=tcp://h:0", "a=tcp://h:*"):
         with pytest.raises(ValueError):
             parse_workers(bad)
 
@@ -681,15 +694,83 @@ def test_router_cli_rejects_bad_input(model_dir: Path, tmp_path: Path) -> None:
         (["--workers", "a=tcp://x:1,b=tcp://x:2,c=tcp://x:3", "--max-queue", "-1"], "--max-queue"),
         (["--workers", "a=tcp://x:1,b=tcp://x:2,c=tcp://x:3", "--port", "70000"], "--port"),
         (["--workers", "nonsense"], "--workers"),
+        (["--workers", "a=tcp://127.0.0.1,b=tcp://x:2,c=tcp://x:3"],
+         "--workers: a: 'tcp://127.0.0.1' is not a ZeroMQ endpoint to connect to: write tcp://HOST:PORT"),
+        (["--workers", "a=tcp://x:1,b=tcp://x:2,c=tcp://x:3", "--activation-dtype", "int8"], "--activation-dtype"),
     ]
     for args, text in cases:
         out = runner.invoke(cli_app, [*base, *args])
-        assert out.exit_code == 2 and text in out.output, out.output
+        lines = out.stderr.strip().splitlines()
+        assert out.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], (
+            out.output)
     wrong = tmp_path / "wrong.json"
     local_plan(8, 2).save(wrong)
     out = runner.invoke(cli_app, ["router", "--plan", str(wrong), "--model", str(model_dir), "--workers",
                                   "w0=tcp://x:1,w1=tcp://x:2"])
     assert out.exit_code == 2 and "8 layers" in out.output
+
+
+def test_prefill_chunks_are_clamped_so_their_hidden_states_fit_one_message(served: ServedModel,
+                                                                            tmp_path: Path) -> None:
+    """A 2048-token chunk of 16384-wide bf16 (or 8192-wide fp32) hidden states is a 64 MiB message:
+    the next hop could never be sent it and the request failed as a bad request."""
+    addresses = [WorkerAddress(n, "tcp://127.0.0.1:1") for n in ("a", "b", "c")]
+
+    def chunk(hidden_size: int, **options: Any) -> int:
+        spec = _spec().model_copy(update={"hidden_size": hidden_size})
+        return Router(Topology.from_plan(three_node_plan(), spec), addresses, RouterOptions(**options)
+                      ).prefill_chunk_tokens
+
+    assert chunk(8) == 2048 and chunk(4096) == 2048
+    assert chunk(8192) == max_hidden_tokens(8192, "float32") < 2048
+    assert chunk(16384) == max_hidden_tokens(16384, "float32") < chunk(16384, activation_dtype="bfloat16") < 2048
+    assert chunk(16384, activation_dtype="bfloat16") == max_hidden_tokens(16384, "bfloat16")
+
+    async def test() -> None:  # the clamped chunk is the one sent: room for 3 tokens of 8 float32s
+        room = TransportOptions(send_timeout_s=0.3, heartbeat_ivl_s=0,
+                                max_message_bytes=FORWARD_HEADER_RESERVE_BYTES + 3 * 8 * 4 + 10)
+        async with rig(served, tmp_path, transport=room) as r:
+            assert r.router.prefill_chunk_tokens == 3
+            prompt = [1, *range(10, 17)]  # 8 tokens: chunks of 3, 3, 2
+            resp = await r.client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2})
+            assert (await resp.json())["choices"][0]["text"] == served.tokenizer.decode(reference(prompt, 2))
+        steps = [(e["phase"], e["tokens"]) for e in read_route_log(r.route_log) if e["event"] == "step"]
+        assert steps == [("prompt", 3), ("prompt", 3), ("prompt", 2), ("decode", 1)]
+
+    run(test)
+
+
+def test_a_worker_address_zeromq_refuses_marks_it_down_and_heartbeats_go_on(
+        served: ServedModel, caplog: pytest.LogCaptureFixture) -> None:
+    """`tcp://127.0.0.1` (no port) used to raise inside the heartbeat task, which died silently."""
+    caplog.set_level(logging.WARNING, logger="helix.worker.router")
+
+    async def test() -> None:
+        a, b = await FakeWorker("a", 0, 2).start(), await FakeWorker("b", 2, 4).start()
+        router = Router(Topology.from_plan(three_node_plan(), _spec()),
+                        [WorkerAddress("a", a.address), WorkerAddress("b", b.address),
+                         WorkerAddress("c", "tcp://127.0.0.1")],
+                        RouterOptions(heartbeat_interval_s=0.05, heartbeat_misses=6, transport=FAST,
+                                      max_model_len=served.max_model_len))
+        try:
+            async with router:
+                await until(lambda: router.healthy, 5.0)
+                pinged = a.pings
+                await asyncio.sleep(0.5)  # ten heartbeat rounds
+                assert a.pings >= pinged + 5
+                health = router.health()["workers"]
+                assert not health["c"]["up"] and health["a"]["up"] and health["a"]["down_reason"] is None
+                assert health["c"]["down_reason"] == "cannot connect: Invalid argument (addr='tcp://127.0.0.1')"
+                handle = await router.submit(GenerationParams((1, 40, 50), 5))
+                tokens = [t async for event in handle for t in event.token_ids]
+                assert tokens == reference([1, 40, 50], 5)
+        finally:
+            await a.stop()
+            await b.stop()
+
+    run(test)
+    downs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("worker c is down")]
+    assert downs == ["worker c is down (cannot connect: Invalid argument (addr='tcp://127.0.0.1'))"]
 
 
 def test_long_prompts_are_prefilled_in_chunks(served: ServedModel, tmp_path: Path) -> None:

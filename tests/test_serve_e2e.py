@@ -1,18 +1,21 @@
 """`helix serve --local` end to end: a real router and real workers as processes on loopback.
 
-One serve process for the module (three workers: w0 [0, 4) → w1 [4, 8) and w2 [0, 8)). Greedy
-answers must equal the whole tiny model run in this process; killing a worker mid-generation must
-not lose a request (the router re-routes and re-prefills), and its restart must bring it back into
-the flows; garbage sent to the router's ports must not hurt it; stopping serve must leave no
-process behind.
+One serve process for most of the module (three workers: w0 [0, 4) → w1 [4, 8) and w2 [0, 8)).
+Greedy answers must equal the whole tiny model run in this process; the endpoint and curl example
+it prints must work; killing a worker mid-generation must not lose a request (the router re-routes
+and re-prefills), and its restart must bring it back into the flows; garbage sent to the router's
+ports must not hurt it; SIGTERM must leave no process behind. A second, smaller serve runs a given
+plan file and is stopped with Ctrl-C. Bad input is refused in-process, before anything starts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import queue
+import shlex
 import signal
 import socket
 import subprocess
@@ -31,12 +34,13 @@ transformers = pytest.importorskip("transformers")
 
 import aiohttp  # noqa: E402
 import zmq  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
 
+from helix.cli.app import app  # noqa: E402
+from helix.simulator.plan import NodeAssignment, Plan  # noqa: E402
 from helix.worker.metrics import METRIC_NAMES  # noqa: E402
 from helix.worker.route_log import summarize  # noqa: E402
 from helix.worker.tiny_model import create_tiny_model  # noqa: E402
-
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 STARTUP_S = 150.0
 
@@ -115,12 +119,13 @@ def tokenizer(model_dir: Path) -> Any:
     return transformers.AutoTokenizer.from_pretrained(str(model_dir))
 
 
-@pytest.fixture(scope="module")
-def serve(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
-    tmp = tmp_path_factory.mktemp("serve")
+@contextlib.contextmanager
+def serving(model_dir: Path, tmp: Path, *args: str) -> Iterator[Serve]:
+    """`helix serve --local` on the model with `args`, in its own session (as a shell job is), once it
+    printed its `serving` line; on exit whatever is left of it is stopped."""
     stderr = tmp / "serve.err"
     cmd = [sys.executable, "-m", "helix.cli.app", "serve", "--local", "--model", str(model_dir), "--port", "0",
-           "--workers", "3", "--threads", "1", "--route-log", str(tmp / "routes.jsonl"), "--log-dir", str(tmp)]
+           "--threads", "1", "--route-log", str(tmp / "routes.jsonl"), *args]
     with stderr.open("w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
     s = Serve(proc, stderr, tmp / "routes.jsonl")
@@ -146,6 +151,20 @@ def serve(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         for pid in s.pids:  # a test failed before checking: do not leave anything running
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def serve(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
+    tmp = tmp_path_factory.mktemp("serve")
+    with serving(model_dir, tmp, "--workers", "3", "--log-dir", str(tmp)) as s:
+        yield s
+
+
+def metric_value(metrics: str, sample: str) -> float:
+    """The value of one sample (`name{labels}` exactly as exposed); an absent sample fails."""
+    values = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.rsplit(" ", 1)[0] == sample]
+    assert len(values) == 1, f"{sample} is not in /metrics once: {values}"
+    return values[0]
 
 
 async def complete(session: aiohttp.ClientSession, url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -183,6 +202,8 @@ async def stream(session: aiohttp.ClientSession, url: str, path: str, body: dict
 PROMPTS = ["The capital of France is", "def fib(n):", "1, 2, 3,"]
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_greedy_completions_and_chat_equal_the_whole_model(serve: Serve, greedy: Any, tokenizer: Any) -> None:
     async def test() -> None:
         async with aiohttp.ClientSession() as session:
@@ -211,6 +232,36 @@ def test_greedy_completions_and_chat_equal_the_whole_model(serve: Serve, greedy:
     asyncio.run(asyncio.wait_for(test(), 60))
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_it_prints_the_endpoint_and_a_curl_example_that_works(serve: Serve, greedy: Any, tokenizer: Any) -> None:
+    text = serve.stderr.read_text()
+    url, pids = serve.url, serve.info["pids"]
+    assert f"Helix is serving tiny at {url}/v1  (3 workers, " in text
+    assert f"  router  pid {pids['router']}  {url}  (health {url}/healthz, metrics {url}/metrics)" in text
+    for name, layers in (("w0", "[0, 4)"), ("w1", "[4, 8)"), ("w2", "[0, 8)")):
+        assert f"  {name:<6}  pid {pids[name]}  layers {layers}  {serve.info['workers'][name]}" in text
+    assert "Ctrl-C stops everything." in text
+    curls = [line.strip() for line in text.splitlines() if line.strip().startswith("curl ")]
+    assert len(curls) == 1, text
+    argv = shlex.split(curls[0])  # what a shell makes of it
+    assert argv[:5] == ["curl", f"{url}/v1/completions", "-H", "Content-Type: application/json", "-d"], argv
+    assert len(argv) == 6
+    body = json.loads(argv[5])
+    assert body == {"model": "tiny", "prompt": "The capital of France is", "max_tokens": 16}
+
+    async def test() -> None:
+        async with aiohttp.ClientSession() as session:
+            got = await complete(session, url, "/v1/completions", {**body, "temperature": 0, "ignore_eos": True})
+        assert got["model"] == "tiny" and got["usage"]["completion_tokens"] == 16
+        ids = tokenizer(body["prompt"])["input_ids"]
+        assert got["choices"][0]["text"] == tokenizer.decode(greedy(ids, 16), skip_special_tokens=True)
+
+    asyncio.run(asyncio.wait_for(test(), 30))
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_killed_worker_loses_no_request_and_its_restart_restores_it(serve: Serve, greedy: Any,
                                                                     tokenizer: Any) -> None:
     victim = "w0"  # [0, 4): on the plan's main path (w0 → w1), so requests are routed through it
@@ -234,7 +285,7 @@ def test_killed_worker_loses_no_request_and_its_restart_restores_it(serve: Serve
                 assert (text, finish) == (want, "length")
             async with session.get(serve.url + "/metrics") as resp:
                 metrics = await resp.text()
-            assert f'helix_worker_down_total{{worker="{victim}"}} 0.0' not in metrics
+            assert metric_value(metrics, f'helix_worker_down_total{{worker="{victim}"}}') == 1.0
             rerouted = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                            if line.startswith("helix_reroutes_total{"))
             assert rerouted >= 1
@@ -259,6 +310,8 @@ def test_killed_worker_loses_no_request_and_its_restart_restores_it(serve: Serve
     assert [e["up"] for e in events if e["event"] == "node" and e["node"] == victim][:3] == [True, False, True]
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_garbage_on_the_router_ports_does_not_hurt(serve: Serve) -> None:
     async def test() -> None:
         async with aiohttp.ClientSession() as session:
@@ -291,6 +344,8 @@ def test_garbage_on_the_router_ports_does_not_hurt(serve: Serve) -> None:
     asyncio.run(asyncio.wait_for(test(), 30))
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_stop_leaves_no_process_and_the_route_log_reports(serve: Serve) -> None:
     assert serve.proc.poll() is None
     children = set(serve.pids) - {serve.proc.pid}
@@ -302,3 +357,64 @@ def test_stop_leaves_no_process_and_the_route_log_reports(serve: Serve) -> None:
     result = summarize(serve.route_log)
     assert result.requests_finished >= 10 and result.config["reroutes"] >= 1
     assert {n.name for n in result.nodes} == {"w0", "w1", "w2"}
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_given_plan_is_served_and_ctrl_c_stops_everything(model_dir: Path, tmp_path: Path, greedy: Any,
+                                                            tokenizer: Any) -> None:
+    """Runs after the module's serve has stopped, so the two never share the CPUs."""
+    plan = Plan(model="tiny", num_layers=8, method="test", objective_tokens_per_s=0.0,
+                nodes=[NodeAssignment(name="head", gpu="cpu", start_layer=0, end_layer=5),
+                       NodeAssignment(name="tail", gpu="cpu", start_layer=5, end_layer=8)])
+    plan.save(tmp_path / "plan.json")
+    with serving(model_dir, tmp_path, "--plan", str(tmp_path / "plan.json")) as s:
+        assert set(s.info["workers"]) == {"head", "tail"} and set(s.info["pids"]) == {"head", "tail", "router"}
+
+        async def test() -> None:
+            async with aiohttp.ClientSession() as session:
+                async with session.get(s.url + "/healthz") as resp:
+                    health = await resp.json()
+                assert {n: w["layers"] for n, w in health["workers"].items()} == {"head": [0, 5], "tail": [5, 8]}
+                prompt = PROMPTS[0]
+                got = await complete(session, s.url, "/v1/completions", {"prompt": prompt, "max_tokens": 8,
+                                                                           "temperature": 0, "ignore_eos": True})
+                want = tokenizer.decode(greedy(tokenizer(prompt)["input_ids"], 8), skip_special_tokens=True)
+                assert got["choices"][0]["text"] == want
+
+        asyncio.run(asyncio.wait_for(test(), 30))
+        os.killpg(s.proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the foreground process group
+        assert s.proc.wait(30) == 0, s.stderr.read_text()[-2000:]
+        time.sleep(0.2)
+        assert not [p for p in s.pids if _alive(p)]
+        assert not Path(s.info["logs"]).parent.exists()  # the temporary folder (the logs were in it) is gone
+        assert "stopped" in s.stderr.read_text()
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    ([], "error: serve: only --local is implemented here"),
+    (["--local", "--workers", "0"], "error: --workers: must be at least 1, got 0"),
+    (["--local", "--workers", "20"], "error: --workers: 20 workers cannot split 8 layers into two lanes"),
+    (["--local", "--port", "70000"], "error: --port: must be in 0..65535, got 70000"),
+    (["--local", "--scheduler", "fifo"], "error: --scheduler: unknown scheduler 'fifo'; choose one of maxflow"),
+    (["--local", "--max-queue", "-1"], "error: --max-queue: must be 0 or more, got -1"),
+    (["--local", "--request-timeout", "0"], "error: --request-timeout: must be positive, got 0"),
+    (["--local", "--threads", "0"], "error: --threads: must be at least 1, got 0"),
+    (["--local", "--kv-capacity-tokens", "0"], "error: --kv-capacity-tokens: must be at least 1, got 0"),
+    (["--local", "--route-log", "{tmp}/nope/routes.jsonl"], "error: --route-log: folder {tmp}/nope does not exist"),
+    (["--local", "--engine", "nope"], "error: --engine: unknown engine 'nope'; choose one of"),
+    (["--local", "--model", "{tmp}"], "error: --model: {tmp}: not a model folder (no config.json)"),
+    (["--local", "--plan", "{tmp}/missing.json"], "error: {tmp}/missing.json: cannot read plan"),
+    (["--local", "--plan", "{tmp}/broken.json"], "error: {tmp}/broken.json: malformed plan file"),
+    (["--local", "--plan", "{tmp}/plan6.json"], "error: {tmp}/plan6.json: the plan is for 6 layers but the model "
+                                                "has 8"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], expected: str) -> None:
+    """In-process and fast: each is refused before a model is created or a process started."""
+    (tmp_path / "broken.json").write_text('{"nodes": [')
+    Plan(model="m", num_layers=6, method="test", objective_tokens_per_s=0.0,
+         nodes=[NodeAssignment(name="a", gpu="cpu", start_layer=0, end_layer=6)]).save(tmp_path / "plan6.json")
+    result = CliRunner().invoke(app, ["serve", *(a.format(tmp=tmp_path) for a in args)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected.format(tmp=tmp_path)), result.stderr

@@ -292,6 +292,17 @@ def test_bad_steps_are_rejected(model_dir: Path) -> None:
         load(model_dir, 5, 9)
 
 
+def test_a_device_or_config_the_engine_cannot_use_is_an_engine_error(model_dir: Path, tmp_path: Path) -> None:
+    """Raised in the worker's load thread: anything but an EngineError reached its user as a traceback."""
+    with pytest.raises(EngineError, match=r"unknown device 'bogus'; use cpu, cuda or cuda:N"):
+        load(model_dir, 0, 2, device="bogus")
+    with pytest.raises(EngineError, match="device 'cuda:99': "):
+        load(model_dir, 0, 2, device="cuda:99")
+    (tmp_path / "config.json").write_text((model_dir / "config.json").read_text().replace('"llama"', '"nonsense"'))
+    with pytest.raises(EngineError, match=r"transformers cannot read it: .*`nonsense`.* Fix config\.json"):
+        load(tmp_path, 0, 2)
+
+
 def test_loads_only_its_layers(model_dir: Path) -> None:
     middle = load(model_dir, 3, 5)
     assert {n.split(".")[2] for n in middle.loaded_weight_names} == {"3", "4"}

@@ -35,6 +35,7 @@ from helix.worker.transport import (
     SendTimeout,
     TransportClosed,
     TransportOptions,
+    endpoint_problem,
 )
 
 # Fast reconnects and short timeouts keep the whole file well under the 3 s budget.
@@ -375,3 +376,19 @@ def test_a_bad_address_raises_and_leaves_no_socket_behind() -> None:
         Sender("tcp://no-port-here", ctx=ctx)
     # term() blocks while any socket of the context is open: it returns only if the failed one was closed.
     ctx.term()
+
+
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:5555", "tcp://worker-3.svc:1", "tcp://[::1]:65535",
+                                     "ipc:///tmp/helix.sock", "inproc://w0"])
+def test_endpoint_problem_accepts_what_a_socket_can_connect_to(address: str) -> None:
+    assert endpoint_problem(address) is None
+    ctx = zmq.asyncio.Context()
+    Sender(address, ctx=ctx).close()
+    ctx.term()
+
+
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1", "tcp://127.0.0.1:*", "tcp://127.0.0.1:0",
+                                     "tcp://127.0.0.1:70000", "127.0.0.1:5555", "ipc://", "udp://h:1", ""])
+def test_endpoint_problem_names_addresses_that_cannot_be_connected_to(address: str) -> None:
+    problem = endpoint_problem(address)
+    assert problem is not None and repr(address) in problem and "tcp://HOST:PORT" in problem

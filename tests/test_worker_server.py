@@ -640,6 +640,48 @@ def test_in_process_server_attempts_deadline_kv_full_heartbeat(model_dir: Path, 
     run(test)
 
 
+@pytest.mark.parametrize("limit", [{"max_queue": 2}, {"max_queue_bytes": 1}], ids=["chunks", "bytes"])
+def test_a_full_queue_refuses_work_and_still_serves_pings_and_releases(model_dir: Path, tmp_path: Path,
+                                                                       limit: dict[str, int]) -> None:
+    """The engine loop is held for real: its one allowed pending send waits on a next hop nobody
+    listens at, so chunks pile up. A reader that paused for room would leave the Ping unanswered (the
+    router would mark a busy worker down) and the Releases unread (no KV could be freed)."""
+    from helix.worker.engines import load_engine
+    from helix.worker.server import WorkerServer
+
+    engine = load_engine("torch", model_dir, 0, 3)
+    queued = limit.get("max_queue", 1)  # a byte limit below one chunk still lets one chunk wait
+
+    async def test() -> None:
+        async with Driver() as d:
+            server = WorkerServer(model_dir, 0, 3, engine=engine, name="busy", max_pending_sends=1,
+                                  transport=TransportOptions(reconnect_ivl_s=0.01, send_timeout_s=30.0), **limit)
+            async with server:
+                await server.wait_ready(10)
+                route = [Hop("busy", 0, 3, server.address), Hop("nobody", 3, L, f"ipc://{tmp_path}/nobody")]
+                await d.send(server.address, d.forward("stuck", route, "prompt", 0, PROMPTS[0]))
+                assert (await d.status_when(server.address, in_flight_is(1))).in_flight == 1
+                for i in range(queued):
+                    await d.send(server.address, d.forward(f"q{i}", route, "prompt", 0, PROMPTS[1]))
+                await d.send(server.address, d.forward("extra", route, "prompt", 0, PROMPTS[2]))
+                refused = await d.error("extra", 2.0)
+                assert refused.code == "overloaded" and "queue full" in refused.message, refused
+
+                status = await d.ping(server.address, 1.0)  # answered while the queue is full
+                assert (status.queue_len, status.in_flight) == (queued, 1)
+                await d.send(server.address, Release("q0"))  # drops the queued chunk: room again
+                status = await d.status_when(server.address, lambda s: s.queue_len == queued - 1, 1.0)
+                assert status.queue_len == queued - 1
+                await d.send(server.address, d.forward("later", route, "prompt", 0, PROMPTS[3]))
+                status = await d.status_when(server.address, lambda s: s.queue_len == queued, 1.0)
+                assert status.queue_len == queued  # accepted, not refused
+                await d.send(server.address, Release("stuck"))  # its KV is freed while the loop is held
+                assert (await d.status_when(server.address, in_flight_is(0), 1.0)).in_flight == 0
+            assert server.stats.errors == {"overloaded": 1}
+
+    run(test, 20.0)
+
+
 # -- the command line -------------------------------------------------------------------------------
 
 
@@ -651,6 +693,13 @@ def test_in_process_server_attempts_deadline_kv_full_heartbeat(model_dir: Path, 
         (["--layers", "5:2"], "need 0 <= A < B"),
         (["--layers", "0:2", "--engine", "nope"], "unknown engine 'nope'"),
         (["--layers", "0:2", "--threads", "0"], "--threads: must be at least 1"),
+        (["--layers", "0:2", "--device", "bogus"], "--device: unknown device 'bogus'; use cpu, cuda or cuda:N"),
+        (["--layers", "0:2", "--device", "cuda:99"], "--device: device 'cuda:99': "),
+        pytest.param(["--layers", "0:2", "--device", "cuda"],
+                     "--device: device 'cuda': torch " + torch.__version__ + " is built without CUDA; use cpu, or "
+                     "install a CUDA build of torch",
+                     marks=pytest.mark.skipif(torch.version.cuda is not None, reason="a CUDA build of torch")),
+        (["--layers", "0:2", "--dtype", "int8"], "--dtype: unknown dtype 'int8'"),
     ],
 )
 def test_cli_input_errors_are_one_line_exit_2(model_dir: Path, args: list[str], expected: str) -> None:
@@ -658,6 +707,23 @@ def test_cli_input_errors_are_one_line_exit_2(model_dir: Path, args: list[str], 
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"model_type": "nonsense"}, "has model type `nonsense` but Transformers does not recognize this architecture"),
+    ({"model_type": None}, "Should have a `model_type` key"),
+])
+def test_cli_config_transformers_cannot_read_is_one_line(model_dir: Path, tmp_path: Path, change: dict[str, Any],
+                                                         expected: str) -> None:
+    config = {k: v for k, v in json.loads((model_dir / "config.json").read_text()).items() if k not in change}
+    config.update({k: v for k, v in change.items() if v is not None})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(app, ["worker", "--model", str(tmp_path), "--layers", "0:2"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --model: {tmp_path / 'config.json'}: transformers cannot "
+                                                   "read it: "), result.stderr
+    assert expected in lines[0] and "Fix config.json" in lines[0]
 
 
 def test_cli_missing_model_dir(tmp_path: Path) -> None:

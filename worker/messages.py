@@ -13,7 +13,8 @@ wrong numbers, never code execution. Decoding is strict; every problem raises `M
 out-of-range values, a dtype outside the allow-list, a shape that disagrees with the frame's
 length, more or fewer frames than declared, or more bytes than `max_bytes` (default 64 MiB). Any
 change to the fields is a version bump: peers of different versions reject each other loudly
-rather than misread each other.
+rather than misread each other. The size limit caps a prompt chunk: `max_hidden_tokens` is the
+longest chunk whose hidden states fit one Forward (the router clamps its prefill chunks to it).
 
 Dtypes (`DTYPES`): float16, bfloat16, float32, int32, int64. numpy has no bfloat16, so a bfloat16
 tensor travels as its raw 16-bit pattern: `Tensor.array` is a uint16 view and `Tensor.dtype` says
@@ -83,6 +84,10 @@ MAX_ROUTE_HOPS = 256
 MAX_ID_CHARS = 256
 MAX_TEXT_CHARS = 8192
 MAX_TOKEN_ID = 2**31 - 1
+#: Room a Forward keeps for its header beside the hidden states: the longest header the limits above
+#: allow a hidden-state Forward (256 hops and their timings, 1 KiB addresses, 1024 stop tokens) is
+#: under 0.5 MiB.
+FORWARD_HEADER_RESERVE_BYTES = 1 << 20
 
 # Wire dtype name → numpy dtype of the frame (little-endian on the wire).
 DTYPES: dict[str, np.dtype[Any]] = {
@@ -810,6 +815,18 @@ class Ping(_Message):
         )
 
 
+def max_hidden_tokens(hidden_size: int, dtype: str = "float32", max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> int:
+    """The most tokens of [tokens, hidden_size] `dtype` hidden states one Forward carries within `max_bytes`
+    (at least 1).
+
+    A prompt chunk crosses every hop after the first as one message of hidden states, so a chunk
+    longer than this cannot be passed on: the sending hop fails it as a bad request.
+    """
+    if dtype not in FLOAT_DTYPES:
+        raise MessageError(f"hidden states travel as {', '.join(sorted(FLOAT_DTYPES))}, not {dtype!r}")
+    return max(1, (max_bytes - FORWARD_HEADER_RESERVE_BYTES) // (hidden_size * DTYPES[dtype].itemsize))
+
+
 Message: TypeAlias = Forward | Token | Release | Error | Status | Ping
 KINDS: dict[str, type[Message]] = {cls.KIND: cls for cls in (Forward, Token, Release, Error, Status, Ping)}
 
@@ -889,6 +906,8 @@ def _decode_tensor(spec: object, view: memoryview, where: str) -> Tensor:
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DTYPES",
+    "FLOAT_DTYPES",
+    "FORWARD_HEADER_RESERVE_BYTES",
     "KINDS",
     "PROTOCOL_VERSION",
     "Error",
@@ -907,4 +926,5 @@ __all__ = [
     "Token",
     "decode",
     "encode",
+    "max_hidden_tokens",
 ]

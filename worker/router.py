@@ -7,16 +7,19 @@ tokens on every layer the route runs on each node, as in simulation). When the s
 None the request waits in a bounded FIFO queue; a full queue or a wait longer than
 `queue_timeout_s` is answered 429 with Retry-After.
 
-Decoding is driven from here: the prompt goes to the first hop as one `Forward` (all prompt token
-ids, start_pos 0); each returned `Token` is streamed to the client and, unless the request is done
+Decoding is driven from here: the prompt goes to the first hop as `Forward`s of its token ids from
+start_pos 0, in chunks of `prefill_chunk_tokens` — clamped so that a chunk's hidden states (the
+model's hidden size × `activation_dtype`) fit one message on the hops after the first — and each
+returned `Token` is streamed to the client and, unless the request is done
 (stop token, max_tokens, context limit, or the client stopped it), fed back as the next `Forward`
 (that token at start_pos = tokens so far). The last hop's view of "finished" is advisory; the
 router decides.
 
 Faults. Workers are pinged every `heartbeat_interval_s`; every `Status` refreshes the node's KV and
-queue figures. A worker that misses `heartbeat_misses` heartbeats, or whose send times out, is
-marked down: flows are recomputed without it (`state.recompute_flows`), the scheduler is told, and
-every request whose route uses it is re-run from scratch on a new route: its KV on the old route is
+queue figures. A worker that misses `heartbeat_misses` heartbeats, whose send times out, or whose
+address ZeroMQ refuses (the reason is logged once and kept for /healthz) is marked down: flows are
+recomputed without it (`state.recompute_flows`), the scheduler is told, and every request whose
+route uses it is re-run from scratch on a new route: its KV on the old route is
 released, `attempt` is bumped (late replies of the old attempt are dropped), and the prompt plus the
 tokens generated so far are prefilled again, so the client's stream just continues (sampling
 depends only on the request id and position, so the tokens are the same ones a single run would
@@ -55,11 +58,18 @@ from helix.simulator.plan import NodeAssignment, Plan
 from helix.simulator.profiles.base import Profiles
 from helix.simulator.requests import Request
 from helix.simulator.schedulers import Scheduler, make_scheduler
-from helix.worker.messages import Error, Forward, Hop, Phase, Ping, Release, Sampling, Status, Token
+from helix.worker.messages import Error, Forward, Hop, Phase, Ping, Release, Sampling, Status, Token, max_hidden_tokens
 from helix.worker.messages import HopTiming as WireHopTiming
 from helix.worker.metrics import RouterMetrics
 from helix.worker.route_log import ROUTE_LOG_VERSION, RouteLog
-from helix.worker.transport import Peers, Receiver, SendTimeout, TransportClosed, TransportOptions
+from helix.worker.transport import (
+    Peers,
+    Receiver,
+    SendTimeout,
+    TransportClosed,
+    TransportOptions,
+    endpoint_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -261,8 +271,9 @@ def parse_workers(text: str) -> list[WorkerAddress]:
         name, sep, address = item.partition("=")
         if not sep or not name.strip() or not address.strip():
             raise HelixInputError(f"bad entry {item!r}; write NAME=ADDRESS, e.g. w0=tcp://10.0.0.5:5555", "--workers")
-        if "://" not in address:
-            raise HelixInputError(f"{name}: {address!r} is not a ZeroMQ address (tcp://HOST:PORT)", "--workers")
+        problem = endpoint_problem(address.strip())
+        if problem is not None:
+            raise HelixInputError(f"{name.strip()}: {problem}", "--workers")
         out.append(WorkerAddress(name.strip(), address.strip()))
     if not out:
         raise HelixInputError("no workers given", "--workers")
@@ -316,6 +327,7 @@ class RouterOptions:
     expected_output_tokens: int | None = None  # KV admission estimate; None: the request's max_tokens
     max_model_len: int = 1 << 20  # longest context (prompt + output) a request may reach
     prefill_chunk_tokens: int = 2048  # longer prompts are prefilled in chunks (workers bound a batch's tokens)
+    activation_dtype: str = "float32"  # widest dtype workers send hidden states in: bounds a chunk's message size
     seed: int = 0
     transport: TransportOptions = field(default_factory=TransportOptions)
 
@@ -417,6 +429,7 @@ class _Worker:
     last_seen: float = -math.inf  # monotonic time of the last Status
     status: Status | None = None
     mismatch_logged: bool = False
+    down_reason: str | None = None  # why it was last marked down or found unreachable (/healthz shows it)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,6 +474,13 @@ class Router:
         self.scheduler: Scheduler = make_scheduler(self.options.scheduler, self.state,
                                                    random.Random(f"{self.options.seed}-router"),
                                                    **dict(self.options.scheduler_options))
+        opts = self.options
+        fits = max_hidden_tokens(topology.model.hidden_size, opts.activation_dtype, opts.transport.max_message_bytes)
+        self.prefill_chunk_tokens = min(opts.prefill_chunk_tokens, fits)
+        if fits < opts.prefill_chunk_tokens:
+            log.info("prefill chunks of %d tokens, not %d: hidden states of %d x %s fit %d tokens in one %d-byte "
+                     "message", fits, opts.prefill_chunk_tokens, topology.model.hidden_size, opts.activation_dtype,
+                     fits, opts.transport.max_message_bytes)
         self.metrics.add_workers(names)
         self.metrics.planned_max_flow.set(self.planned_max_flow)
         self.metrics.max_flow.set(0.0)
@@ -552,7 +572,7 @@ class Router:
                 "up": node.up, "address": w.address, "layers": [node.start_layer, node.end_layer],
                 "last_seen_s": None if w.last_seen == -math.inf else round(now - w.last_seen, 3),
                 "in_flight": node.in_flight, "kv_used_tokens": s.kv_used_tokens if s else None,
-                "kv_capacity_tokens": s.kv_capacity_tokens if s else None,
+                "kv_capacity_tokens": s.kv_capacity_tokens if s else None, "down_reason": w.down_reason,
             }
         return {"status": "ok" if self.healthy else "unavailable", "max_flow_tokens_per_s": round(self.flow_value, 3),
                 "planned_max_flow_tokens_per_s": round(self.planned_max_flow, 3), "scheduler": self.options.scheduler,
@@ -716,7 +736,7 @@ class Router:
                             max_tokens=params.max_tokens, seed=params.seed, stop_token_ids=params.stop_token_ids)
         deadline = time.time() + (live.deadline - time.monotonic())
         fed = live.fed_tokens
-        chunk = self.options.prefill_chunk_tokens
+        chunk = self.prefill_chunk_tokens
         phase: Phase = "prompt"
         start, tokens = 0, fed[:chunk]
         while True:
@@ -866,7 +886,9 @@ class Router:
     # -- transport --------------------------------------------------------------------------------
 
     async def _send(self, node: str, msg: Forward | Ping | Release, timeout_s: float | None = None) -> bool:
-        """Send to a worker; a send timeout marks it down (False), as a closed transport does."""
+        """Send to a worker; False when it could not be sent. A timeout marks an up worker down (a
+        Release's does not: the worker frees idle KV itself); an address ZeroMQ refuses marks it
+        down with ZeroMQ's reason whatever was sent, since it will not get better by waiting."""
         assert self._peers is not None
         try:
             await self._peers.send(self.workers[node].address, msg,
@@ -874,9 +896,12 @@ class Router:
             return True
         except SendTimeout:
             if not isinstance(msg, Release):
-                self._mark_down(node, "send timeout")
+                self._mark_down(node, "heartbeat send timeout" if isinstance(msg, Ping) else "send timeout")
             return False
         except TransportClosed:
+            return False
+        except zmq.ZMQError as exc:
+            self._mark_down(node, f"cannot connect: {exc}")
             return False
 
     def _release_on(self, route: Route, request_id: str, attempt: int) -> None:
@@ -951,34 +976,37 @@ class Router:
     # -- health -----------------------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
+        """Ping every worker each interval; nothing may end this loop: without it no worker would
+        ever be marked up or down again."""
         interval = self.options.heartbeat_interval_s
         while True:
-            limit = interval * self.options.heartbeat_misses
             now = time.monotonic()
-            for name, worker in self.workers.items():
-                if self.state.nodes[name].up and now - worker.last_seen > limit:
-                    self._mark_down(name, f"missed {self.options.heartbeat_misses} heartbeats")
-            ping = Ping(reply_to=self.reply_to, nonce=next(self._nonces), sent_at=time.time())
-            await asyncio.gather(*(self._ping(name, ping) for name in self.workers))
+            try:
+                limit = interval * self.options.heartbeat_misses
+                for name, worker in self.workers.items():
+                    if self.state.nodes[name].up and now - worker.last_seen > limit:
+                        self._mark_down(name, f"missed {self.options.heartbeat_misses} heartbeats")
+                ping = Ping(reply_to=self.reply_to, nonce=next(self._nonces), sent_at=time.time())
+                await asyncio.gather(*(self._send(name, ping, interval) for name in self.workers))
+            except Exception:
+                log.exception("router: a heartbeat round failed")
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - now)))
 
-    async def _ping(self, name: str, ping: Ping) -> None:
-        assert self._peers is not None
-        try:
-            await self._peers.send(self.workers[name].address, ping, timeout_s=self.options.heartbeat_interval_s)
-        except SendTimeout:
-            if self.state.nodes[name].up:
-                self._mark_down(name, "heartbeat send timeout")
-        except TransportClosed:
-            pass
-
     def _mark_down(self, name: str, reason: str) -> None:
-        """Drop a worker from the flows and re-run every request routed through it."""
+        """Drop a worker from the flows and re-run every request routed through it.
+
+        A worker that is down already (or has never been up) only gets a new reason noted and
+        logged, so a failure repeating every heartbeat is logged once.
+        """
         node = self.state.nodes[name]
-        if not node.up or self._closed:
+        worker = self.workers[name]
+        if self._closed or (not node.up and worker.down_reason == reason):
+            return
+        worker.down_reason = reason
+        log.warning("worker %s is down (%s)", name, reason)
+        if not node.up:
             return
         node.up = False
-        log.warning("worker %s is down (%s)", name, reason)
         self._recompute()
         self.scheduler.on_node_down(name)
         self.metrics.worker_down.labels(name).inc()
@@ -993,6 +1021,7 @@ class Router:
     def _mark_up(self, name: str) -> None:
         node = self.state.nodes[name]
         node.up = True
+        self.workers[name].down_reason = None
         log.info("worker %s is up", name)
         self._recompute()
         self.scheduler.on_node_up(name)

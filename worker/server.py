@@ -3,9 +3,12 @@
 A `WorkerServer` binds one `Receiver` (it accepts `Forward`, `Release` and `Ping`) and runs three
 asyncio tasks beside it:
 
-* the receive loop files each `Forward` in a bounded FIFO (when it is full the loop stops reading,
-  so ZeroMQ's high-water marks push back on the senders), applies `Release` to that FIFO at once
-  and hands it to the engine loop, and answers each `Ping` with a `Status`;
+* the receive loop never stops reading: it files each `Forward` in a bounded FIFO (`max_queue`
+  chunks, `max_queue_bytes`) and refuses one that finds it full with an `Error` (code
+  "overloaded"; the router re-routes the request), applies `Release` to that FIFO at once and hands
+  it to the engine loop, and answers each `Ping` with a `Status`. Pausing the reads instead would
+  stall the control messages queued behind the work in the same socket: a busy worker would miss
+  its heartbeats and be marked down, and the Releases that make room could not arrive;
 * the engine loop does iteration-level continuous batching: whenever chunks are waiting it takes
   as many as the batch limits allow (in arrival order, at most one chunk per request, decodes put
   before prompts so requests already under way get KV before new ones), answers the ones that
@@ -36,7 +39,6 @@ import contextlib
 import logging
 import math
 import os
-import re
 import signal
 import socket
 import threading
@@ -75,7 +77,15 @@ from helix.worker.messages import (
     Tensor,
     Token,
 )
-from helix.worker.transport import Peers, Receiver, SendTimeout, TransportClosed, TransportError, TransportOptions
+from helix.worker.transport import (
+    Peers,
+    Receiver,
+    SendTimeout,
+    TransportClosed,
+    TransportError,
+    TransportOptions,
+    endpoint_problem,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -84,9 +94,6 @@ log = logging.getLogger(__name__)
 
 # Wire dtypes a hidden state may travel as; anything else (float64 in tests) is sent as float32.
 _WIRE_FLOATS = ("float16", "bfloat16", "float32")
-# What a peer address from the network must look like before a socket is made for it (a connect
-# that fails would leave the half-made socket behind).
-_ENDPOINT = re.compile(r"tcp://\S+:\d{1,5}|ipc://\S+|inproc://\S+")
 
 
 def default_threads() -> int:
@@ -224,7 +231,6 @@ class WorkerServer:
         self._stop = asyncio.Event()
         self._loaded = asyncio.Event()
         self._wake = asyncio.Event()  # engine loop: work or releases arrived
-        self._room = asyncio.Event()  # receive loop: the pending FIFO has room again
         self._pending: deque[_Pending] = deque()
         self._pending_bytes = 0
         self._releases: list[Release] = []
@@ -371,7 +377,6 @@ class WorkerServer:
         self._closed = True
         self._stop.set()
         self._wake.set()
-        self._room.set()
         self._send_room.set()
         engine_task = self._tasks[1] if len(self._tasks) > 1 else None
         for task in self._tasks:
@@ -486,18 +491,18 @@ class WorkerServer:
             except TransportClosed:
                 return
             try:
-                await self._dispatch(msg)
-            except asyncio.CancelledError:
-                raise
+                self._dispatch(msg)
             except Exception:  # a bug here must not stop the worker from receiving
                 log.exception("%s: failed to handle a %s message", self.name, msg.KIND)
 
-    async def _dispatch(self, msg: Message) -> None:
+    def _dispatch(self, msg: Message) -> None:
+        """Handle one message without waiting for anything, so the next one is read at once."""
         arrived = time.time()
         if isinstance(msg, Forward):
-            while self._queue_full() and not self._stop.is_set():
-                self._room.clear()  # backpressure: stop reading until the engine takes a batch
-                await self._room.wait()
+            if self._queue_full():
+                self._fail(msg, "overloaded", f"queue full: {len(self._pending)} chunks ({self._pending_bytes} bytes) "
+                           f"wait for a batch (limits: {self.max_queue} chunks, {self.max_queue_bytes} bytes)", True)
+                return
             item = _Pending(msg, arrived)
             self._pending.append(item)
             self._pending_bytes += item.nbytes
@@ -521,8 +526,6 @@ class WorkerServer:
     def _set_pending(self, items: deque[_Pending]) -> None:
         self._pending = items
         self._pending_bytes = sum(p.nbytes for p in items)
-        if not self._queue_full():
-            self._room.set()
 
     def _drop_queued(self, rel: Release) -> None:
         """A released request's chunks still waiting here would only recreate the KV just freed."""
@@ -858,8 +861,9 @@ class WorkerServer:
     async def _try_send(self, address: str, msg: Message, timeout_s: float | None) -> tuple[str | None, str]:
         """(None, "") when sent, else the Error code and text for the request it carried."""
         assert self._peers is not None
-        if not _ENDPOINT.fullmatch(address):
-            return "bad_request", f"{address!r} is not a ZeroMQ endpoint (tcp://HOST:PORT, ipc://PATH)"
+        problem = endpoint_problem(address)
+        if problem is not None:
+            return "bad_request", problem
         if address not in self._peers.addresses:
             self._evict_peers()
         self._peer_used[address] = time.monotonic()

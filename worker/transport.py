@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -55,6 +56,24 @@ from helix.worker.messages import (
 )
 
 log = logging.getLogger(__name__)
+
+
+# An endpoint a socket can connect to: ZeroMQ's own check comes only at connect time and says just
+# "Invalid argument" (a tcp address without its port), or accepts what can never connect (port 0).
+_CONNECT_ENDPOINT = re.compile(r"tcp://\S+:(?P<port>\d{1,5})|ipc://\S+|inproc://\S+")
+
+
+def endpoint_problem(address: str) -> str | None:
+    """Why `address` is not an endpoint to connect to (None when it is), in words for the person who wrote it.
+
+    Addresses come from the command line and from the network (the routes inside messages), so they
+    are checked before a socket is made for them.
+    """
+    match = _CONNECT_ENDPOINT.fullmatch(address)
+    if match is not None and (match["port"] is None or 1 <= int(match["port"]) <= 65535):
+        return None
+    return (f"{address!r} is not a ZeroMQ endpoint to connect to: write tcp://HOST:PORT (port 1-65535), "
+            "ipc://PATH or inproc://NAME")
 
 
 class TransportError(Exception):
@@ -395,4 +414,5 @@ __all__ = [
     "TransportClosed",
     "TransportError",
     "TransportOptions",
+    "endpoint_problem",
 ]

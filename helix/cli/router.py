@@ -60,23 +60,37 @@ def load_topology(plan_path: Path, model_dir: Path, cluster: Path | None, profil
     return Topology.from_cluster(plan, the_cluster, model, load_profiles(model, the_cluster, profiles))
 
 
-def router_options(scheduler: str, listen: str, advertise: str | None, max_queue: int, queue_timeout: float,
-                   request_timeout: float, step_timeout: float, heartbeat_interval: float,
-                   expected_output_tokens: int | None, max_model_len: int,
-                   prefill_chunk_tokens: int = 2048) -> RouterOptions:
+def check_admission(scheduler: str, max_queue: int, request_timeout: float) -> None:
+    """The router options `helix serve --local` passes on as well, checked where the user typed them
+    (in serve: before any process starts, not when its router child refuses them)."""
     from helix.simulator.errors import HelixInputError
     from helix.simulator.schedulers import SCHEDULERS
-    from helix.worker.router import RouterOptions
 
     if scheduler not in SCHEDULERS:
         raise HelixInputError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}",
                               "--scheduler")
     if max_queue < 0:
         raise HelixInputError(f"must be 0 or more, got {max_queue}", "--max-queue")
-    for option, seconds in (("--queue-timeout", queue_timeout), ("--request-timeout", request_timeout),
-                            ("--step-timeout", step_timeout), ("--heartbeat-interval", heartbeat_interval)):
+    if not request_timeout > 0:
+        raise HelixInputError(f"must be positive, got {request_timeout:g}", "--request-timeout")
+
+
+def router_options(scheduler: str, listen: str, advertise: str | None, max_queue: int, queue_timeout: float,
+                   request_timeout: float, step_timeout: float, heartbeat_interval: float,
+                   expected_output_tokens: int | None, max_model_len: int,
+                   prefill_chunk_tokens: int = 2048, activation_dtype: str = "float32") -> RouterOptions:
+    from helix.simulator.errors import HelixInputError
+    from helix.worker.messages import FLOAT_DTYPES
+    from helix.worker.router import RouterOptions
+
+    check_admission(scheduler, max_queue, request_timeout)
+    for option, seconds in (("--queue-timeout", queue_timeout), ("--step-timeout", step_timeout),
+                            ("--heartbeat-interval", heartbeat_interval)):
         if not seconds > 0:
             raise HelixInputError(f"must be positive, got {seconds:g}", option)
+    if activation_dtype not in FLOAT_DTYPES:
+        raise HelixInputError(f"unknown dtype {activation_dtype!r}; choose one of {', '.join(sorted(FLOAT_DTYPES))}",
+                              "--activation-dtype")
     for option, count in (("--expected-output-tokens", expected_output_tokens),
                           ("--prefill-chunk-tokens", prefill_chunk_tokens)):
         if count is not None and count < 1:
@@ -85,7 +99,8 @@ def router_options(scheduler: str, listen: str, advertise: str | None, max_queue
                          _zmq(advertise), max_queue=max_queue, queue_timeout_s=queue_timeout,
                          request_timeout_s=request_timeout, step_timeout_s=min(step_timeout, request_timeout),
                          heartbeat_interval_s=heartbeat_interval, expected_output_tokens=expected_output_tokens,
-                         max_model_len=max_model_len, prefill_chunk_tokens=prefill_chunk_tokens)
+                         max_model_len=max_model_len, prefill_chunk_tokens=prefill_chunk_tokens,
+                         activation_dtype=activation_dtype)
 
 
 def _zmq(address: str) -> str:
@@ -127,8 +142,14 @@ def router_command(
         help="Output tokens KV admission assumes per request (default: its max_tokens).")] = None,
     prefill_chunk_tokens: Annotated[int, typer.Option(
         "--prefill-chunk-tokens", metavar="N", rich_help_panel=ROUTING_PANEL,
-        help="Prompts longer than this are prefilled in chunks (keep it within the workers' --max-batch-tokens).")]
+        help="Prompts longer than this are prefilled in chunks (keep it within the workers' --max-batch-tokens). "
+             "Clamped so that a chunk's hidden states fit one 64 MiB message (see --activation-dtype).")]
         = 2048,
+    activation_dtype: Annotated[str, typer.Option(
+        "--activation-dtype", metavar="DTYPE", rich_help_panel=ROUTING_PANEL,
+        help="The widest dtype the workers pass hidden states in: float32 (safe for any worker; CPU workers "
+             "run float32), bfloat16 or float16 (only when every worker runs in that half precision: longer "
+             "chunks fit a message for models with a hidden size of 8192 or more).")] = "float32",
     heartbeat_interval: Annotated[float, typer.Option(
         "--heartbeat-interval", metavar="SECONDS", rich_help_panel=ROUTING_PANEL,
         help="Ping every worker this often; 3 missed answers mark it down.")] = 0.5,
@@ -177,7 +198,8 @@ def router_command(
 
     served = load_served_model(str(model), served_model_name)
     options = router_options(scheduler, listen, advertise, max_queue, queue_timeout, request_timeout, step_timeout,
-                             heartbeat_interval, expected_output_tokens, served.max_model_len, prefill_chunk_tokens)
+                             heartbeat_interval, expected_output_tokens, served.max_model_len, prefill_chunk_tokens,
+                             activation_dtype)
     import asyncio
 
     import zmq

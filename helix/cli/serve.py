@@ -18,6 +18,9 @@
    and removes the temporary folder. Children also get SIGTERM from the kernel if this process dies
    without cleaning up (Linux PR_SET_PDEATHSIG), so nothing is left behind.
 
+Bad input (options, the model folder, a plan that does not fit the model, router options it passes
+on) is one line on stderr and exit 2 before anything is created or started.
+
 `helix report --route-log FILE` turns a router's route log into the simulator's results table.
 """
 
@@ -46,6 +49,9 @@ if TYPE_CHECKING:
     from helix.simulator.results import SimulationResult
 
 DEFAULT_WORKERS = 3
+#: The model serve creates when none is given: its folder name (the served model name) and depth.
+TINY_NAME = "tiny-llama"
+TINY_LAYERS = 8
 STARTUP_TIMEOUT_S = 180.0
 STOP_GRACE_S = 5.0
 RESTART_DELAY_S = 0.5
@@ -223,8 +229,8 @@ def serve_command(
 
     Example: helix serve --local   (then: curl http://127.0.0.1:8000/v1/completions -d '{"prompt": "Hi"}' ...)
     """
+    from helix.cli.router import check_admission
     from helix.simulator.errors import HelixInputError
-    from helix.simulator.schedulers import SCHEDULERS
 
     if not local:
         raise HelixInputError("only --local is implemented here; on Kubernetes the operator starts the workers "
@@ -233,28 +239,22 @@ def serve_command(
         raise HelixInputError(f"must be at least 1, got {workers}", "--workers")
     if not 0 <= port <= 65535:
         raise HelixInputError(f"must be in 0..65535, got {port}", "--port")
-    if scheduler not in SCHEDULERS:
-        raise HelixInputError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}",
-                              "--scheduler")
+    check_admission(scheduler, max_queue, request_timeout)
     for option, value in (("--threads", threads), ("--kv-capacity-tokens", kv_capacity_tokens)):
         if value is not None and value < 1:
             raise HelixInputError(f"must be at least 1, got {value}", option)
     if route_log is not None and not route_log.parent.is_dir():
         raise HelixInputError(f"folder {route_log.parent} does not exist", "--route-log")
-    if model is not None:
-        _model_layers(model)
+    num_layers, model_name = _model_layers(model) if model is not None else (TINY_LAYERS, TINY_NAME)
     from helix.worker.engines import engine_names
 
     if engine not in engine_names():  # whether it is installed, each worker says (importing vLLM takes seconds)
         raise HelixInputError(f"unknown engine {engine!r}; choose one of {', '.join(engine_names())}", "--engine")
-    if plan is not None:
-        from helix.simulator.plan import load_plan
-
-        load_plan(plan)
+    served_plan = _resolve_plan(plan, num_layers, workers, model_name)
 
     tmp = Path(tempfile.mkdtemp(prefix="helix-serve-"))
     try:
-        code = asyncio.run(_serve(tmp, model, plan, workers, host, port, scheduler, route_log, engine, dtype,
+        code = asyncio.run(_serve(tmp, model, served_plan, host, port, scheduler, route_log, engine, dtype,
                                   threads, kv_capacity_tokens, restart, max_queue, request_timeout, log_dir, quiet))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -262,7 +262,7 @@ def serve_command(
         raise typer.Exit(code)
 
 
-async def _serve(tmp: Path, model: Path | None, plan_path: Path | None, workers: int, host: str, port: int,
+async def _serve(tmp: Path, model: Path | None, plan: Plan, host: str, port: int,
                  scheduler: str, route_log: Path | None, engine: str, dtype: str | None, threads: int | None,
                  kv_capacity_tokens: int | None, restart: bool, max_queue: int, request_timeout: float,
                  log_dir: Path | None, quiet: bool) -> int:
@@ -273,13 +273,12 @@ async def _serve(tmp: Path, model: Path | None, plan_path: Path | None, workers:
         loop.add_signal_handler(sig, stop.set)
 
     if model is None:
-        model = tmp / "tiny-llama"
+        model = tmp / TINY_NAME
         say(f"creating a tiny random-weight LLaMA-style model in {model} …")
         from helix.worker.tiny_model import create_tiny_model
 
-        await asyncio.to_thread(create_tiny_model, model)
-    num_layers, model_name = _model_layers(model)
-    plan = _resolve_plan(plan_path, num_layers, workers, model_name)
+        await asyncio.to_thread(create_tiny_model, model, num_layers=TINY_LAYERS)
+    model_name = model.name
     plan_file = tmp / "plan.json"
     plan.save(plan_file)
     logs = log_dir or tmp / "logs"
@@ -343,6 +342,7 @@ async def _serve(tmp: Path, model: Path | None, plan_path: Path | None, workers:
 
 
 def _resolve_plan(plan_path: Path | None, num_layers: int, workers: int, model_name: str) -> Plan:
+    """The plan to serve, checked against the model before any process starts."""
     from helix.simulator.errors import HelixInputError
     from helix.simulator.plan import load_plan
     from helix.worker.router import local_plan

@@ -1,8 +1,9 @@
 """`helix worker`: serve one layer shard of a model on a ZeroMQ address.
 
 Everything that can be checked without loading the model (the layer range against config.json,
-the engine being installed, option values) is checked first, so a typo costs one line on stderr
-and exit 2, not a model load. The worker prints two machine-readable lines on stdout, for the
+the engine being installed, transformers reading config.json, the device existing in this torch
+build, the dtype, option values) is checked first, so a typo costs one line on stderr and exit 2,
+not a model load or a traceback. The worker prints two machine-readable lines on stdout, for the
 processes that start it (`helix serve --local`, tests):
 
     listening {"node": ..., "address": "tcp://127.0.0.1:40123", ..., "ready": false}
@@ -19,7 +20,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
@@ -27,6 +28,8 @@ from helix.cli.errors import fail, handle_errors
 
 if TYPE_CHECKING:
     from helix.worker.server import WorkerServer
+
+T = TypeVar("T")
 
 ENGINE_PANEL = "Engine"
 #: Leave with os._exit(0) once the server has shut down cleanly. Tearing down the interpreter after
@@ -78,6 +81,17 @@ def check_model_dir(model: Path, end: int) -> None:
     num_layers = config.get("num_hidden_layers") if isinstance(config, dict) else None
     if isinstance(num_layers, int) and end > num_layers:
         raise HelixInputError(f"the model has {num_layers} decoder layers; B={end} is past its end", "--layers")
+
+
+def engine_check(option: str, check: Callable[[], T]) -> T:
+    """`check()`, with an engine's refusal of what `option` gave as a one-line input error: these are
+    checked before the socket is bound, as the load thread would only meet them after."""
+    from helix.worker.engines import EngineError, EngineUnavailableError
+
+    try:
+        return check()
+    except (EngineError, EngineUnavailableError) as exc:
+        fail(str(exc), option)
 
 
 def _announce(kind: str) -> Callable[[WorkerServer], None]:
@@ -162,12 +176,14 @@ def worker_command(
         raise HelixInputError(f"unknown log level {log_level!r}", "--log-level")
     check_model_dir(model, end)
 
-    from helix.worker.engines import EngineError, EngineUnavailableError, get_engine
+    from helix.worker.engines import EngineError, get_engine
 
-    try:
-        get_engine(engine)  # imports the engine's libraries: a missing one is a one-line error here
-    except (EngineUnavailableError, EngineError) as exc:
-        fail(str(exc), "--engine")
+    engine_check("--engine", lambda: get_engine(engine))  # imports the engine's libraries: a missing one is refused
+    from helix.worker.engines.torch_engine import load_config, resolve_device, resolve_dtype
+
+    config = engine_check("--model", lambda: load_config(model))
+    torch_device = engine_check("--device", lambda: resolve_device(device))
+    engine_check("--dtype", lambda: resolve_dtype(dtype, config, torch_device))
 
     import asyncio
 

@@ -78,6 +78,42 @@ def resolve_dtype(dtype: str | torch.dtype | None, config: PretrainedConfig, dev
         raise EngineError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(DTYPES))}") from None
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The device a shard goes on, checked before anything is loaded: torch answers a typo with a
+    list of twenty device types and a CPU-only build only fails at the first tensor copy."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EngineError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N") from None
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type != "cuda":
+        raise EngineError(f"device {str(device)!r} is not supported; use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            raise EngineError(f"device {str(device)!r}: torch {torch.__version__} is built without CUDA; use cpu, "
+                              "or install a CUDA build of torch")
+        raise EngineError(f"device {str(device)!r}: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU; "
+                          "check the NVIDIA driver and CUDA_VISIBLE_DEVICES, or use cpu")
+    count = torch.cuda.device_count()
+    if resolved.index is not None and resolved.index >= count:
+        raise EngineError(f"device {str(device)!r}: only {count} CUDA device(s) are visible (cuda:0 to "
+                          f"cuda:{count - 1})")
+    return resolved
+
+
+def load_config(model_dir: Path) -> PretrainedConfig:
+    """transformers' config of the model in `model_dir`. One it cannot read is refused with the first
+    paragraph of transformers' reason (the rest is generic advice) and what to fix."""
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except (ValueError, TypeError, KeyError, OSError) as exc:
+        reason = str(exc).split("\n\n")[0].strip() or type(exc).__name__
+        raise EngineError(f"{model_dir / 'config.json'}: transformers cannot read it: {reason} Fix config.json "
+                          f"(its model_type must be one transformers knows; the engines serve "
+                          f"{', '.join(sorted(ARCHITECTURES))}) or upgrade transformers") from None
+
+
 def sliding_window(config: PretrainedConfig, layer: int) -> int | None:
     """The attention window of `layer`, following the transformers attention modules' own rule."""
     window = getattr(config, "sliding_window", None)
@@ -296,14 +332,14 @@ class TorchEngine(Engine):
         if options:
             raise EngineError(f"torch engine: unknown options {sorted(options)}")
         model_dir = Path(model_dir)
-        config = AutoConfig.from_pretrained(model_dir)
+        config = load_config(model_dir)
         num_layers = config.num_hidden_layers
         if not 0 <= start_layer < end_layer <= num_layers:
             raise EngineError(f"layer range [{start_layer}, {end_layer}) is not inside the model's {num_layers} layers")
         if attn_implementation not in ("sdpa", "eager"):
             raise EngineError(f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}")
         config._attn_implementation = attn_implementation
-        torch_device = torch.device(device)
+        torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, config, torch_device)
         layer_cls, rotary_cls, norm_cls = _model_classes(config)
         reader = CheckpointReader(model_dir)

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig
 
 from helix.worker.engines import vllm_compat
 from helix.worker.engines.base import (
@@ -45,6 +44,8 @@ from helix.worker.engines.base import (
 from helix.worker.engines.torch_engine import (
     CPU_DEFAULT_KV_BYTES,
     DEFAULT_GPU_KV_FRACTION,
+    load_config,
+    resolve_device,
     resolve_dtype,
     sample_token,
 )
@@ -96,8 +97,8 @@ class VllmEngine(Engine):
         if options:
             raise EngineError(f"vllm engine: unknown options {sorted(options)}")
         model_dir = Path(model_dir)
-        torch_device = torch.device(device)
-        torch_dtype = resolve_dtype(dtype, AutoConfig.from_pretrained(model_dir), torch_device)
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, load_config(model_dir), torch_device)
 
         def kv_budget_bytes() -> int:
             if torch_device.type == "cuda":
