@@ -311,12 +311,12 @@ def kubectl(api: ApiServer) -> Kubectl:
     return Kubectl(api.url)
 
 
-@pytest.fixture
-def operator(api: ApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Operator:
-    kubeconfig = tmp_path / "kubeconfig"
+def configure_operator(api_url: str, folder: Path, monkeypatch: pytest.MonkeyPatch) -> Operator:
+    """A kubeconfig for the API at `api_url` and the operator's settings, in the environment kopf's runner reads."""
+    kubeconfig = folder / "kubeconfig"
     kubeconfig.write_text(json.dumps({
         "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-        "clusters": [{"name": "kmock", "cluster": {"server": api.url}}],
+        "clusters": [{"name": "kmock", "cluster": {"server": api_url}}],
         "users": [{"name": "tester", "user": {"token": "test-token"}}],
         "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "tester", "namespace": NAMESPACE}}],
     }))
@@ -327,6 +327,11 @@ def operator(api: ApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("HELIX_OPERATOR_RETRY_DELAY_SECONDS", "1")
     monkeypatch.setenv("HELIX_OPERATOR_ROUTER_IMAGE", "registry.test/helix-operator:1")
     return Operator(metrics_port, free_port())
+
+
+@pytest.fixture
+def operator(api: ApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Operator:
+    return configure_operator(api.url, tmp_path, monkeypatch)
 
 
 #: Two L4 nodes, a T4 node and a node without GPUs.

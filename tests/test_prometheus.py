@@ -2,11 +2,11 @@
 
 `helix serve --local` (router + two worker processes on loopback) serves a few completions; the
 Debian `prometheus` binary scrapes the router's /metrics every second from a temporary config and
-storage folder on a free loopback port. It also scrapes the operator's metrics endpoint
-(`OperatorMetrics.serve`, the one `helix operator` runs) after a plan is recorded on it the way the
-reconciler records one — there is no Kubernetes API here to run the operator itself against. Then,
-through Prometheus's HTTP API: every metric the dashboard (charts/helix/dashboards/helix.json) names
-has series, and every panel query evaluates without error to a non-empty result.
+storage folder on a free loopback port. It also scrapes the real operator's metrics endpoint: the
+operator runs under kopf's runner against KMock (the API server of tests/test_operator_e2e.py) and
+plans and rolls out a HelixCluster on three GPU Nodes. Then, through Prometheus's HTTP API: every
+metric the dashboard (charts/helix/dashboards/helix.json) names has series, every panel query
+evaluates without error to a non-empty result, and the layer map is the operator's plan.
 """
 
 from __future__ import annotations
@@ -142,31 +142,51 @@ class Prometheus:
         return list(body["data"])
 
 
-@pytest.fixture(scope="module")
-def operator_metrics() -> Iterator[str]:
-    """The operator's /metrics with one HelixCluster's plan in force, one reconcile and one solve recorded."""
-    from helix.operator.metrics import OperatorMetrics
-
-    metrics = OperatorMetrics()
-    server = metrics.serve("127.0.0.1", 0)
-    metrics.record_plan("default/tiny", [("w0", 0, 4), ("w1", 4, 8), ("w2", 0, 8)], planned=250.0, simulated=180.0)
-    metrics.reconciles.labels("rolled_out").inc()
-    metrics.solve_seconds.observe(0.4)
-    try:
-        yield f"127.0.0.1:{server.port}"
-    finally:
-        server.close()
+@dataclass
+class OperatorUnderTest:
+    metrics: str  # host:port of its /metrics
+    layers: set[tuple[str, int, int]]  # the plan in force: (node, start, end), from the HelixCluster's status
+    cluster: str  # namespace/name, the value of the helix_cluster label
 
 
 @pytest.fixture(scope="module")
-def prometheus(router_url: str, operator_metrics: str,
+def operator_metrics(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorUnderTest]:
+    """The operator, running as in a cluster against KMock, with one HelixCluster planned and rolled out."""
+    from tests.test_operator_e2e import (
+        NAME,
+        NAMESPACE,
+        NODES,
+        ApiServer,
+        Kubectl,
+        add_nodes,
+        configure_operator,
+        helix_cluster,
+        reconciled,
+        rolled_out,
+    )
+
+    with ApiServer() as api, pytest.MonkeyPatch.context() as monkeypatch:
+        operator = configure_operator(api.url, tmp_path_factory.mktemp("operator"), monkeypatch)
+        kubectl = Kubectl(api.url)
+        add_nodes(kubectl, NODES)
+        with operator.run():
+            kubectl.create(Kubectl.HXC, helix_cluster())
+            status = rolled_out(kubectl)
+            reconciled(operator)
+            yield OperatorUnderTest(f"127.0.0.1:{operator.metrics_port}",
+                                    {(layer["node"], layer["start"], layer["end"]) for layer in status["layers"]},
+                                    f"{NAMESPACE}/{NAME}")
+
+
+@pytest.fixture(scope="module")
+def prometheus(router_url: str, operator_metrics: OperatorUnderTest,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     tmp = tmp_path_factory.mktemp("prometheus")
     config = tmp / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n"
         f"  - job_name: helix-router\n    static_configs:\n      - targets: ['{router_url.removeprefix('http://')}']\n"
-        f"  - job_name: helix-operator\n    static_configs:\n      - targets: ['{operator_metrics}']\n")
+        f"  - job_name: helix-operator\n    static_configs:\n      - targets: ['{operator_metrics.metrics}']\n")
     if PROMTOOL is not None:
         check = subprocess.run([PROMTOOL, "check", "config", str(config)], capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
@@ -241,20 +261,21 @@ def test_panel_query_returns_data(served: Prometheus, title: str, expr: str) -> 
     assert result, f"panel {title!r}: {expr} returned nothing"
 
 
-def test_the_cluster_variable_finds_the_helix_cluster(served: Prometheus) -> None:
+def test_the_cluster_variable_finds_the_helix_cluster(served: Prometheus, operator_metrics: OperatorUnderTest) -> None:
     board = json.loads(DASHBOARD.read_text())
     (variable,) = [v for v in board["templating"]["list"] if v["name"] == "cluster"]
     found = re.fullmatch(r"label_values\((\w+), (\w+)\)", variable["definition"])
     assert found is not None, variable["definition"]
     metric, label = found.groups()
-    assert {s[label] for s in served.series(metric)} == {"default/tiny"}
+    assert {s[label] for s in served.series(metric)} == {operator_metrics.cluster}
 
 
-def test_the_layer_map_table_shows_the_plan(served: Prometheus) -> None:
+def test_the_layer_map_table_shows_the_plan(served: Prometheus, operator_metrics: OperatorUnderTest) -> None:
     (expr,) = [e for t, e in QUERIES if t == "Layer map"]
     rows = {(r["metric"]["node"], int(r["metric"]["start"]), int(r["metric"]["end"]), float(r["value"][1]))
             for r in served.query(grafana_substituted(expr))}
-    assert rows == {("w0", 0, 4, 4.0), ("w1", 4, 8, 4.0), ("w2", 0, 8, 8.0)}
+    assert rows == {(node, start, end, float(end - start)) for node, start, end in operator_metrics.layers}
+    assert operator_metrics.layers
 
 
 def test_the_router_exposition_passes_promtool(router_url: str) -> None:
