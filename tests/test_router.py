@@ -809,3 +809,25 @@ def test_generation_params_reach_the_last_hop(served: ServedModel, tmp_path: Pat
             await until(lambda: not router._live, 2.0)
 
     run(test)
+
+
+def test_maxflow_spreads_requests_over_routes_in_proportion_to_the_flows(served: ServedModel, tmp_path: Path) -> None:
+    """The router's IWRR: with identical requests, each first hop's share of them is its share of the flow."""
+    requests = 24
+
+    async def test() -> None:
+        async with rig(served, tmp_path) as r:
+            state = r.router.state
+            out = {b: f for (a, b), f in state.flows.items() if a == state.coordinator}
+            assert set(out) == {"a", "c"}
+            for i in range(requests):  # one at a time: every request sees the loads the previous ones left
+                resp = await r.client.post("/v1/completions", json={"prompt": [1, 2, i], "max_tokens": 4})
+                assert resp.status == 200
+        admitted = [json.loads(line) for line in r.route_log.read_text().splitlines()]
+        first_hops = [e["route"][0][0] for e in admitted if e["event"] == "admit"]
+        assert len(first_hops) == requests
+        total = sum(out.values())
+        for name, flow in out.items():
+            assert abs(first_hops.count(name) - requests * flow / total) <= 1.0, (name, first_hops, out)
+
+    run(test)
