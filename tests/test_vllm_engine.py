@@ -17,6 +17,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -105,6 +106,19 @@ def test_registry_and_description(shards: dict[tuple[int, int], VllmEngine]) -> 
     assert info["engine"] == "vllm" and info["dtype"] == "float32" and info["vllm_version"].startswith("0.32")
     assert (engine.start_layer, engine.end_layer, engine.is_first, engine.is_last) == (3, 6, False, False)
     assert engine.kv_usage().capacity_tokens == 1024
+
+
+@needs_vllm
+@pytest.mark.parametrize("layers", [(0, 3), (3, 6), (5, L), (0, L)], ids=["first", "middle", "last", "whole"])
+def test_a_shard_holds_only_its_layers(shards: dict[tuple[int, int], VllmEngine], layers: tuple[int, int]) -> None:
+    """Parameters exist for decoder layers [start, end) only, embeddings only at 0, final norm and LM head only at L."""
+    start, end = layers
+    names = [name for name, _ in shards[layers].shard.model.named_parameters()]
+    held = {int(m.group(1)) for name in names if (m := re.search(r"\blayers\.(\d+)\.", name))}
+    assert held == set(range(start, end))
+    assert any("embed_tokens" in name for name in names) == (start == 0)
+    assert any(name.startswith("lm_head") for name in names) == (end == L)
+    assert any(name == "model.norm.weight" for name in names) == (end == L)
 
 
 @needs_vllm
