@@ -16,9 +16,11 @@ import pytest
 
 from helix.simulator.generators import multi_region, single_region
 from helix.simulator.model import MODEL_CATALOG
+from helix.simulator.placement import milp as milp_module
 from helix.simulator.placement.base import PlacementOptions, PlacementProblem, plan_placement
 from helix.simulator.placement.coverage import CoverageModel
 from helix.simulator.placement.pruning import prune_edges
+from helix.simulator.plan import ProgressPoint
 from helix.simulator.profiles.roofline import RooflineProfiles
 from helix.simulator.validate import validate_plan
 
@@ -68,6 +70,49 @@ def test_without_warm_start_the_solver_still_finds_a_plan() -> None:
     plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=3, warm_start=False, selection="max-flow"))
     assert plan.objective_tokens_per_s > 0
     assert "warm_start_method" not in plan.config
+
+
+def test_without_warm_start_the_solvers_own_incumbent_improves_until_it_meets_the_bound() -> None:
+    """The first incumbent comes long before the proof, and later ones improve on it.
+
+    Without a warm start the coverage model's max-min objective is flat around the empty placement,
+    so CP-SAT used to report nothing until it had (nearly) proved the optimum.
+    """
+    problem = problem_for(single_region({"L4": 8, "T4": 8}))
+    points: list[ProgressPoint] = []
+    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=20, warm_start=False, prune_keep=0,
+                                                            progress=points.append, selection="max-flow"))
+    assert plan.status == "optimal" and plan.config["max_flow_status"] == "optimal"
+    assert validate_plan(plan, problem.cluster, problem.model, problem.profiles) == []
+    incumbents = [p for p in points if p.objective_tokens_per_s > 0]
+    values = [p.objective_tokens_per_s for p in incumbents]
+    assert values == sorted(values) and len(set(values)) >= 2, values
+    proven = next(p.seconds for p in points if p.bound_tokens_per_s is not None
+                  and p.objective_tokens_per_s >= p.bound_tokens_per_s * (1 - 1e-3))
+    assert incumbents[0].seconds < proven
+    assert all(p.bound_tokens_per_s >= p.objective_tokens_per_s - 1e-6 for p in points
+               if p.bound_tokens_per_s is not None)
+
+
+def test_a_search_that_finds_nothing_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No solve gets to run (as if stopped at once) and there is no warm start: no placement, and the
+    search's own status must not claim one."""
+    monkeypatch.setattr(milp_module._Search, "_solve", lambda *_args, **_kwargs: None)
+    problem = problem_for(single_region({"L4": 8, "T4": 8}))
+    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=1, warm_start=False, selection="max-flow"))
+    assert plan.nodes == [] and plan.objective_tokens_per_s == 0
+    assert plan.status == "no-solution" and plan.config["max_flow_status"] == "no-solution"
+
+
+def test_a_solve_cut_short_claims_no_bound() -> None:
+    """0.3 s on 42 nodes: the coverage solve ends before its presolve does, reporting 0 as its bound,
+    which must not be taken for a bound (it once made an empty search "optimal")."""
+    problem = problem_for(single_region({"A100-40G": 4, "V100": 6, "L4": 8, "L4x2": 4, "T4": 10, "T4x2": 6,
+                                         "T4x4": 4}))
+    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=0.3, warm_start=False, selection="max-flow"))
+    status = plan.config["max_flow_status"]
+    assert (status == "no-solution") == (plan.objective_tokens_per_s == 0) and status != "optimal"
+    assert plan.bound_tokens_per_s is None or plan.bound_tokens_per_s > plan.objective_tokens_per_s
 
 
 def test_coverage_model_counts_interchangeable_nodes_once() -> None:

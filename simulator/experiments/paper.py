@@ -5,8 +5,10 @@ section, a table column and row, or a labelled sentence) and looks it up when it
 that cannot be found — no reference data, or a file that changed — is None, printed "n/a".
 
 The file is markdown: `## ` sections holding pipe tables and prose lines such as
-`Geo-distributed, sim, offline: MaxFlow 99.8, Swarm 81.7` or
-`LLaMA-70B online latency (sim, Helix): prompt p50 2.64 s, p95 4.41 s; decode p50 0.98 s`.
+`Geo-distributed, sim, offline: MaxFlow 12.5, Swarm 10.25` or
+`LLaMA-70B online latency (sim, Helix): prompt p50 1.5 s, p95 2.5 s; decode p50 0.25 s` (the
+examples here are made up). The `# ` title opens a section too, holding the prose before the first
+`## `: the reference's README keeps one of the tutorial's numbers there.
 """
 
 from __future__ import annotations
@@ -21,18 +23,19 @@ from helix.simulator.errors import HelixInputError
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _ITEM = re.compile(r"^\s*(?P<name>.*?)\s+(?P<value>-?\d+(?:\.\d+)?)\b")
 _PERCENTILE = re.compile(r"p\d+")
+_HEADING = re.compile(r"#{1,2} ")  # the title and `## ` sections; deeper headings stay prose
 
 
 def parse_number(cell: str) -> float | None:
-    """A table cell as a number: `252.1` → 252.1; `—`, blanks and text such as `~10 min` → None."""
+    """A table cell as a number: `12.5` → 12.5; `—`, blanks and text such as `~10 min` → None."""
     text = cell.strip()
     return float(text) if _NUMBER.fullmatch(text) else None
 
 
 def labelled_values(text: str) -> dict[str, float]:
-    """`MaxFlow 99.8, Swarm 81.7, Shortest queue 83.6` → {"maxflow": 99.8, "swarm": 81.7, "shortest queue": 83.6}.
+    """`MaxFlow 12.5, Swarm 10, Shortest queue 8.25` → {"maxflow": 12.5, "swarm": 10.0, "shortest queue": 8.25}.
 
-    Items are separated by `,` or `;`. A bare percentile (`p95 4.41 s` after `prompt p50 2.64 s`)
+    Items are separated by `,` or `;`. A bare percentile (`p95 2.5 s` after `prompt p50 1.5 s`)
     belongs to the group named before it, so latency sentences give `prompt p50`, `prompt p95`.
     Keys are lower-case.
     """
@@ -129,9 +132,9 @@ class PaperResults:
 
         for raw in text.splitlines():
             line = raw.strip()
-            if line.startswith("## "):
+            if heading := _HEADING.match(line):
                 close_section()
-                title = line[3:].strip()
+                title = line[heading.end():].strip()
             elif line.startswith("|"):
                 cells = _split_row(line)
                 if not all(re.fullmatch(r":?-{3,}:?", c) for c in cells):  # skip the |---| rule

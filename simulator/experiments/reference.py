@@ -30,6 +30,8 @@ from helix.simulator.requests import TraceArrivals, TraceLengths
 #: Environment variable naming the reference folder (before the default locations are tried).
 REFERENCE_ENV = "HELIX_REFERENCE"
 PAPER_RESULTS = "paper-results.md"
+#: The reference's own description, which also records a tutorial number paper-results.md lacks.
+README = "README.md"
 PROFILES = Path("profiles") / "helix-profiles.json"
 
 
@@ -79,7 +81,12 @@ class Reference:
         return self.root / PAPER_RESULTS
 
     def paper(self) -> PaperResults | None:
-        return PaperResults.load(self.paper_path) if self.paper_path.is_file() else None
+        return self.document(PAPER_RESULTS)
+
+    def document(self, name: str) -> PaperResults | None:
+        """A markdown file of the reference, parsed like paper-results.md; None if it is not there."""
+        path = self.root / name
+        return PaperResults.load(path) if path.is_file() else None
 
     def lengths(self, trace: str = "azure-conv") -> TraceLengths:
         return TraceLengths.load(self.root / "traces" / f"lengths-{trace}.csv")

@@ -41,7 +41,7 @@ from helix.simulator.validate import assert_valid
 ONLINE_LOAD = 0.6
 MODES = ("offline", "online")
 #: `Context.plan`'s solver options and their defaults: a plan made with these is "the" plan of its method.
-PLAN_DEFAULTS: dict[str, Any] = {"warm_start": True, "prune_keep": None, "time_limit_s": None}
+PLAN_DEFAULTS: dict[str, Any] = {"warm_start": True, "prune_keep": None, "time_limit_s": None, "selection": "auto"}
 #: The paper's two models, as its tables name them.
 PAPER_MODELS: dict[str, str] = {"llama2-70b": "LLaMA-2 70B", "llama-30b": "LLaMA-1 30B"}
 
@@ -206,19 +206,25 @@ class Context:
 
     # --- placement ---------------------------------------------------------------------------------
     def plan(self, cluster: str, model: str, method: str, *, warm_start: bool = True, prune_keep: int | None = None,
-             time_limit_s: float | None = None) -> Plan:
-        """A validated plan, made once per (cluster, model, method, solver options)."""
+             time_limit_s: float | None = None, selection: str = "auto") -> Plan:
+        """A validated plan, made once per (cluster, model, method, solver options).
+
+        `selection="max-flow"` gives the MILP's whole budget to its max-flow search, for experiments
+        about that search rather than about what the plan serves.
+        """
         limit = self.config.budget.milp_time_limit_s if time_limit_s is None else time_limit_s
-        key = (cluster, model, method, warm_start, prune_keep, limit if method == "milp" else None)
+        solver = (limit, selection) if method == "milp" else None  # heuristics ignore both
+        key = (cluster, model, method, warm_start, prune_keep, solver)
         if key not in self._plans:
             problem = PlacementProblem(self.cluster(cluster), self.model(model), self.profiles(cluster, model))
             # Plan selection judges candidates on the lengths the experiment then simulates.
             options = PlacementOptions(time_limit_s=limit, seed=self.config.seed, warm_start=warm_start,
-                                       prune_keep=prune_keep, workers=self.config.workers,
+                                       prune_keep=prune_keep, workers=self.config.workers, selection=selection,
                                        workload=Workload(lengths=self.lengths()))
             self.log(f"{cluster} / {model}: placing with {method}"
                      + (f" ({limit:g} s limit, warm start {'on' if warm_start else 'off'}, prune_keep "
-                        f"{'default' if prune_keep is None else prune_keep})" if method == "milp" else ""))
+                        f"{'default' if prune_keep is None else prune_keep}, selection {selection})"
+                        if method == "milp" else ""))
             plan = plan_placement(problem, method, options)
             if plan.nodes:  # a MILP without a warm start may end its budget with no placement at all
                 assert_valid(plan, problem.cluster, problem.model, problem.profiles)

@@ -20,6 +20,8 @@ from helix.simulator.flow import node_capacity
 from helix.simulator.placement.base import PlacementProblem, Ranges
 
 SCALE = 10  # tenths of a token/s, capacities rounded up so the bound stays a bound
+#: A finished solve or a solution reported during one: both read variable values.
+Solution = cp_model.CpSolver | cp_model.CpSolverSolutionCallback
 
 
 @dataclass
@@ -63,6 +65,20 @@ class CoverageModel:
         m.maximize(objective)
         return out
 
+    def covering(self) -> cp_model.CpModel:
+        """A copy that only asks for every layer to be held somewhere: a first placement in a blink.
+
+        Without a warm start the coverage model's only easy solution is the empty one, and its
+        max-min objective is flat around it (no local move raises the least covered layer while
+        others stay bare), so CP-SAT finds nothing better until it has nearly proved the optimum.
+        This feasibility version is what its first-solution workers solve at once; hinted with it,
+        the coverage solve then improves step by step.
+        """
+        model = self.model.clone()
+        model.add(model.get_int_var_from_proto_index(self.objective.index) >= 1)
+        model.clear_objective()
+        return model
+
     def hint(self, ranges: Ranges) -> None:
         self.model.clear_hints()
         for names, counts in zip(self.classes, self.counts, strict=True):
@@ -74,7 +90,7 @@ class CoverageModel:
             for key, var in counts.items():
                 self.model.add_hint(var, used.get(key, 0))
 
-    def ranges(self, solver: cp_model.CpSolver) -> Ranges:
+    def ranges(self, solver: Solution) -> Ranges:
         """Hand each class's configurations to its nodes in cluster order."""
         out: Ranges = {}
         for names, counts in zip(self.classes, self.counts, strict=True):

@@ -1,8 +1,9 @@
 """Helix's placement MILP on OR-Tools CP-SAT, run as: warm start → coverage bound → LNS → full solve.
 
-The warm start is `greedy-flow` (which already keeps the best of every baseline). The coverage model
-(coverage.py) gives a bound valid on any network and often proves the warm start optimal. Then our
-own large-neighbourhood search and a full solve work on the per-link model below. docs/placement.md
+The warm start is `greedy-flow` (which already keeps the best of every baseline); without it, the
+coverage model's feasibility version gives the first placement. The coverage model (coverage.py)
+gives a bound valid on any network and often proves the incumbent optimal. Then our own
+large-neighbourhood search and a full solve work on the per-link model below. docs/placement.md
 explains the whole strategy.
 
 Per node: a start layer, a one-hot layer count, and so an end layer; per link: a flow and a
@@ -21,7 +22,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -37,7 +38,7 @@ from helix.simulator.placement.base import (
     Ranges,
     register_method,
 )
-from helix.simulator.placement.coverage import CoverageModel
+from helix.simulator.placement.coverage import CoverageModel, Solution
 from helix.simulator.placement.heuristics import check_fits
 from helix.simulator.placement.pruning import prune_edges
 from helix.simulator.placement.selection import MAX_FLOW_LABEL, SELECTION_SHARE, resolve_mode, select
@@ -46,6 +47,7 @@ from helix.simulator.plan import ProgressPoint
 SCALE = 10  # flow unit: 0.1 token/s
 DEFAULT_PRUNE_KEEP = 12
 COVERAGE_SHARE = 0.5  # of the time limit, for the coverage model (bound and candidates)
+FIRST_COVER_SHARE = 0.1  # of the coverage budget, for a first placement when there is no warm start
 WARM_START_METHOD = "greedy-flow"
 #: Heuristic placements also offered to selection (greedy-flow's comes with the warm start).
 SELECTION_BASELINES = ("petals", "swarm", "sp-plus")
@@ -208,7 +210,7 @@ class _Milp:
         solver.solve(0, 1)
         return {e: solver.flow(arc) for e, arc in arcs.items()}
 
-    def ranges(self, solver: cp_model.CpSolver) -> Ranges:
+    def ranges(self, solver: Solution) -> Ranges:
         out: Ranges = {}
         for name, start_var in self.v.starts.items():
             k = sum(count for count, var in self.v.counts[name].items() if solver.boolean_value(var))
@@ -243,6 +245,18 @@ class _Progress:
         self.points.append(point)
         if self.options.progress is not None:
             self.options.progress(point)
+
+
+class _Offer(cp_model.CpSolverSolutionCallback):
+    """Hands each solution to the search the moment CP-SAT finds it, so the progress record shows
+    when every incumbent appeared rather than when the solve ended."""
+
+    def __init__(self, read: Callable[[Solution], Ranges], offer: Callable[[Ranges], bool]) -> None:
+        super().__init__()
+        self.read, self.offer = read, offer
+
+    def on_solution_callback(self) -> None:
+        self.offer(self.read(self))
 
 
 class _Stopper:
@@ -303,7 +317,7 @@ class _Search:
         self.bound: float | None = None
         self.compute_bound = compute_bound(problem.cluster, problem.model, problem.profiles)
         self.last_status = cp_model.UNKNOWN
-        self.status = "feasible"
+        self.status = "no-solution"  # until an incumbent serves something; then feasible, maybe optimal
         self.rng = random.Random(options.seed)
 
     def remaining(self) -> float:
@@ -314,17 +328,23 @@ class _Search:
                          self.options.partial_inference).value
         if value > self.best.value + 1e-6:
             self.best = _Incumbent(dict(ranges), value)
+            if self.status == "no-solution":
+                self.status = "feasible"
             self.progress.improved(value)
             return True
         return False
 
-    def _solve(self, model: cp_model.CpModel, seconds: float, global_bound: bool = False) -> cp_model.CpSolver | None:
-        """Run CP-SAT; None when stopped before starting. Check `found` before reading a solution."""
+    def _solve(self, model: cp_model.CpModel, seconds: float, global_bound: bool = False,
+               solutions: Callable[[Solution], Ranges] | None = None) -> cp_model.CpSolver | None:
+        """Run CP-SAT; None when stopped before starting. Check `found` before reading a solution.
+
+        `solutions` reads a placement from each solution, which is offered as soon as it is found.
+        """
         if self.stopper.stopped or seconds <= 0:
             return None
         solver = cp_model.CpSolver()
         if global_bound:  # report the bound as it improves, not only at the end
-            solver.best_bound_callback = lambda bound: self.progress.bounded(min(bound / SCALE, self.compute_bound))
+            solver.best_bound_callback = lambda bound: self.tighten(min(bound / SCALE, self.compute_bound))
         solver.parameters.max_time_in_seconds = max(0.05, seconds)
         solver.parameters.num_workers = max(1, self.options.workers)
         solver.parameters.random_seed = self.rng.randrange(1 << 30)
@@ -333,7 +353,8 @@ class _Search:
         # Solve in a helper thread: Python runs signal handlers only in the main thread and only
         # between bytecodes, so the main thread must not sit inside the C++ solve.
         outcome: list[cp_model.CpSolverStatus] = []
-        worker = threading.Thread(target=lambda: outcome.append(solver.solve(model)), daemon=True)
+        callback = None if solutions is None else _Offer(solutions, self.offer)
+        worker = threading.Thread(target=lambda: outcome.append(solver.solve(model, callback)), daemon=True)
         worker.start()
         while worker.is_alive():
             worker.join(0.1)
@@ -343,7 +364,16 @@ class _Search:
 
     @property
     def found(self) -> bool:
+        """Whether the last solve ended with a solution, and so with a bound worth reading.
+
+        A solve that ends UNKNOWN (its time ran out before presolve did) reports 0 as its bound.
+        """
         return self.last_status in (cp_model.OPTIMAL, cp_model.FEASIBLE)
+
+    def tighten(self, bound: float) -> None:
+        """Record a proven upper bound on max flow (tokens/s), keeping the tightest one."""
+        self.bound = bound if self.bound is None else min(self.bound, bound)
+        self.progress.bounded(self.bound)
 
     def full(self, seconds: float, bound_is_global: bool) -> None:
         """Solve the whole per-link model (hinted with the incumbent) for better placements.
@@ -353,31 +383,29 @@ class _Search:
         model = self.base.model.clone()
         if self.best.ranges:
             self.base.hint(model, self.best.ranges)
-        solver = self._solve(model, seconds)
-        if solver is None:
-            return
-        if self.found:
-            self.offer(self.base.ranges(solver))
-        if bound_is_global:
-            bound = solver.best_objective_bound / SCALE
-            self.bound = bound if self.bound is None else min(self.bound, bound)
-            self.progress.bounded(self.bound)
+        solver = self._solve(model, seconds, solutions=self.base.ranges)
+        if solver is not None and bound_is_global and self.found:
+            self.tighten(solver.best_objective_bound / SCALE)
             if self.last_status == cp_model.OPTIMAL:
                 self.status = "optimal"
 
     def coverage(self, seconds: float) -> None:
-        """Solve the network-free coverage model: a global bound, and candidate placements."""
+        """Solve the network-free coverage model: a global bound, and candidate placements.
+
+        Without an incumbent (no warm start) it first solves for any placement that holds every
+        layer (`CoverageModel.covering`), so the search has a start of its own to improve on.
+        """
         cover = CoverageModel.build(self.problem)
+        if not self.best.ranges:
+            started = time.monotonic()
+            self._solve(cover.covering(), seconds * FIRST_COVER_SHARE, solutions=cover.ranges)
+            seconds -= time.monotonic() - started
         if self.best.ranges:
             cover.hint(self.best.ranges)
-        solver = self._solve(cover.model, seconds, global_bound=True)
-        if solver is None:
-            return
-        if self.found:
-            self.offer(cover.ranges(solver))
-        self.bound = min(solver.best_objective_bound / SCALE, self.compute_bound)
-        self.progress.bounded(self.bound)
-        if self.best.value >= self.bound - 1e-3 * max(1.0, self.bound):
+        solver = self._solve(cover.model, seconds, global_bound=True, solutions=cover.ranges)
+        if solver is not None and self.found:
+            self.tighten(min(solver.best_objective_bound / SCALE, self.compute_bound))
+        if self.best.ranges and self.bound is not None and self.best.value >= self.bound - 1e-3 * max(1.0, self.bound):
             self.status = "optimal"
 
     def lns(self, until: float) -> None:
