@@ -476,6 +476,7 @@ def test_the_dashboard_shows_what_the_issue_asks_for() -> None:
     panel_with("helix_inter_token_latency_seconds")
     panel_with("helix_worker_kv_used_tokens", "helix_worker_kv_capacity_tokens")
     panel_with("helix_worker_in_flight_requests")
+    panel_with("helix_worker_busy_seconds_total")  # per-node utilization
     panel_with("helix_worker_up")
     panel_with("helix_queue_depth")
     panel_with("helix_operator_reconciles_total")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -483,6 +484,12 @@ def test_metrics_and_health(served: ServedModel, tmp_path: Path) -> None:
             assert 'helix_generated_tokens_total 3.0' in text
             assert "helix_time_to_first_token_seconds_count 1.0" in text
             assert "helix_inter_token_latency_seconds_count 2.0" in text
+            # The fake workers report 0.1 ms of compute per batch of one: 3 steps over the route a → b, or c.
+            busy = {w: float(re.search(rf'helix_worker_busy_seconds_total{{worker="{w}"}} (\S+)', text)[1])
+                    for w in "abc"}
+            used = {w for w, seconds in busy.items() if seconds > 0}
+            assert used in ({"a", "b"}, {"c"}), busy
+            assert all(busy[w] == pytest.approx(3 * 0.0001) for w in used), busy
 
     run(test)
 

@@ -46,6 +46,7 @@ METRIC_NAMES = (
     "helix_worker_kv_capacity_tokens",
     "helix_worker_kv_expected_tokens",
     "helix_worker_down_total",
+    "helix_worker_busy_seconds_total",
     "helix_planned_max_flow_tokens_per_second",
     "helix_max_flow_tokens_per_second",
     "helix_router_messages_dropped_total",
@@ -103,6 +104,11 @@ class RouterMetrics:
         self.worker_kv_expected = Gauge("helix_worker_kv_expected_tokens", "KV the router's admission expects the "
                                         "worker's admitted requests to use, tokens per layer.", ["worker"], registry=r)
         self.worker_down = Counter("helix_worker_down", "Times a worker was marked down.", ["worker"], registry=r)
+        # From the hop timings that come back with every token: a batch's compute time, shared out over
+        # the requests in it, so the sum over requests counts each batch once and its rate is utilization.
+        self.worker_busy = Counter("helix_worker_busy_seconds", "Compute time of the worker's batches (each "
+                                   "request's hop timing counts batch time / batch size); its rate is the "
+                                   "worker's utilization.", ["worker"], registry=r)
         self.planned_max_flow = Gauge("helix_planned_max_flow_tokens_per_second", "The plan's max flow with every "
                                       "worker up.", registry=r)
         self.max_flow = Gauge("helix_max_flow_tokens_per_second", "Max flow over the workers up now.", registry=r)
@@ -114,6 +120,7 @@ class RouterMetrics:
                           self.worker_kv_capacity, self.worker_kv_expected):
                 gauge.labels(name)
             self.worker_down.labels(name)
+            self.worker_busy.labels(name)
 
     def watch_receiver(self, read: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_DroppedMessages(read))

@@ -784,6 +784,7 @@ class Router:
                 log.debug("request %s: token at position %d, expected %d; dropped", live.request_id, msg.position,
                           want)
                 continue
+            self._count_busy(msg.timings)
             self._feedback(route, msg.timings, sent, time.time())
             return _Reply(msg, sent)
 
@@ -825,6 +826,16 @@ class Router:
         self.metrics.generated_tokens.inc(len(accepted))
         live.events.put_nowait(StreamEvent(tuple(accepted)))
         return finish
+
+    def _count_busy(self, timings: Sequence[WireHopTiming]) -> None:
+        """Each hop's share of its batch's compute time, for helix_worker_busy_seconds_total (utilization).
+
+        Only names of plan nodes become series: the timings come off the network.
+        """
+        for timing in timings:
+            if timing.node in self.state.nodes:
+                share = max(0.0, timing.compute_s) / max(1, timing.batch_size)
+                self.metrics.worker_busy.labels(timing.node).inc(share)
 
     def _feedback(self, route: Route, timings: Sequence[WireHopTiming], sent: float, now: float) -> None:
         """Per-hop delays for schedulers that learn from them (Swarm)."""
