@@ -5,8 +5,9 @@ kubeconfig, our settings from HELIX_OPERATOR_* variables); the test plays the us
 kubelet (pod and Deployment status) through the same HTTP API. KMock stores and streams objects;
 `ApiServerEmulator` adds the fields a real API server stamps (uid, resourceVersion, generation,
 creationTimestamp), which kopf relies on to tell its own writes from stale events. Nothing here is a
-controller manager: no garbage collection, no ReplicaSets. KMock cannot list namespaces, so the
-operator runs with --all-namespaces.
+controller manager: no garbage collection, no ReplicaSets. KMock cannot list namespaces (its path
+parser fails on `GET /api/v1/namespaces`, which kopf sends for `--namespace` even with an exact
+name), so the operator runs with --all-namespaces.
 """
 
 from __future__ import annotations
