@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from helix import __version__
 from helix.operator.apply import Applied, ForeignObjectError, apply_objects, component_pods
 from helix.operator.crd import ConditionType, HelixClusterSpec, Reason
-from helix.operator.discovery import discover
+from helix.operator.discovery import RESOURCE_GPU, discover
 from helix.operator.kube import CONFIG_MAPS, DEPLOYMENTS, HELIX_CLUSTERS, ApiError, KubeClient
 from helix.operator.metrics import MetricsServer, OperatorMetrics
 from helix.operator.planning import PlanningOutcome, PreviousPlan, plan_for, plan_hash
@@ -259,9 +259,22 @@ async def _reconcile(rt: Runtime, owner: Owner, body: kopf.Body, nodes: Sequence
         status["endpoint"] = endpoint(owner, spec)
         await roll_out(rt, owner, spec, target, nodes, generation, status, conditions)
     await publish(rt, owner, spec, status | {"observedGeneration": generation}, conditions, generation, applied=True)
-    if result == "rolled_out":
+    if result == "rolled_out" and target is not None:
         kopf.event(body, type="Normal", reason="RolledOut", message=str(status.get("message") or "new plan"))
+        cpu_only = cpu_worker_nodes(target, nodes)
+        if cpu_only:
+            # On kind this is the point; on a GPU cluster it usually means the device plugin is not up yet.
+            message = (f"nodes {', '.join(cpu_only)} advertise no allocatable {RESOURCE_GPU}: their workers run on "
+                       "the CPU (check the NVIDIA device plugin if these nodes have GPUs)")
+            logger.warning("%s: %s", owner.key, message)
+            kopf.event(body, type="Warning", reason="CPUWorkers", message=message)
     return result
+
+
+def cpu_worker_nodes(target: InForce, nodes: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The plan's nodes whose worker gets no GPU, because the node's allocatable lists none."""
+    gpus = node_gpus(nodes)
+    return sorted(n.name for n in target.plan.nodes if gpus.get(n.name, 0) == 0)
 
 
 async def solve(rt: Runtime, owner: Owner, spec: HelixClusterSpec, nodes: Sequence[Mapping[str, Any]],

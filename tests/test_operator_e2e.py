@@ -80,6 +80,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         if request.resource is not None and isinstance(data, dict):
             meta = data.setdefault("metadata", {})
             if request.action == kmock.action.CREATE:
+                if "name" not in meta and "generateName" in meta:  # kopf's events: one name each, as the API does
+                    meta["name"] = f"{meta['generateName']}{uuid.uuid4().hex[:5]}"
                 meta.setdefault("uid", str(uuid.uuid4()))
                 meta.setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
                 meta.setdefault("generation", 1)
@@ -399,6 +401,11 @@ def test_rollout_creates_the_owned_objects_and_reports_ready(api: ApiServer, kub
         assert kubectl.condition("PlacementSolved")["status"] == "True"
         assert kubectl.condition("WorkersReady")["reason"] == "PodsPending"
         assert kubectl.condition("Ready")["status"] == "False"
+        def event_reasons() -> set[str]:
+            return {str(e.get("reason")) for e in kubectl.items(f"/api/v1/namespaces/{NAMESPACE}/events")}
+
+        wait_for("the RolledOut event", lambda: "RolledOut" in event_reasons())
+        assert "CPUWorkers" not in event_reasons()  # every node advertises its GPUs
 
         owner_ref = {"apiVersion": API_VERSION, "kind": KIND, "name": NAME, "uid": kubectl.hxc()["metadata"]["uid"],
                      "controller": True,
@@ -734,3 +741,33 @@ def test_planning_never_blocks_the_event_loop(api: ApiServer, kubectl: Kubectl, 
     # A blocked loop would hold one answer for the whole solve; the solver threads only compete for
     # the GIL and the two cores, which costs the odd answer a fraction of a second.
     assert sorted(latencies)[len(latencies) // 2] < 0.05 and max(latencies) < planning_s / 4, (planning_s, latencies)
+
+
+@pytest.mark.slow
+def test_nodes_without_allocatable_gpus_get_cpu_workers_and_a_warning(api: ApiServer, kubectl: Kubectl,
+                                                                     operator: Operator) -> None:
+    """The kind path (GPU labels set by hand, no device plugin): CPU workers, said in a Warning event."""
+    bare = []
+    for item in NODES[:2]:
+        labelled = json.loads(json.dumps(item))
+        del labelled["status"]["allocatable"]
+        bare.append(labelled)
+    add_nodes(kubectl, (*bare, NODES[2]))
+    with operator.run():
+        kubectl.create(Kubectl.HXC, helix_cluster())
+        status = rolled_out(kubectl)
+        used = {layer["node"] for layer in status["layers"]}
+        for pod in kubectl.pods().values():
+            command = pod["spec"]["containers"][0]["command"]
+            gpu_node = pod["spec"]["nodeName"] == "gpu-t4-a"
+            assert flag(command, "--device") == ("cuda" if gpu_node else "cpu"), command
+        expected = sorted(used - {"gpu-t4-a"})
+        assert expected  # the plan uses at least one of the bare nodes
+
+        def warned() -> list[dict[str, Any]]:
+            events = kubectl.items(f"/api/v1/namespaces/{NAMESPACE}/events")
+            return [e for e in events if e.get("reason") == "CPUWorkers"]
+
+        (event,) = wait_for("the CPUWorkers event", warned)
+        assert event["type"] == "Warning"
+        assert f"nodes {', '.join(expected)} advertise no allocatable" in event["message"]
