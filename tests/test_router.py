@@ -85,6 +85,7 @@ class FakeWorker:
     silent: bool = False  # stop answering Pings
     drop: Callable[[Forward], bool] = lambda fwd: False  # swallow matching Forwards
     kv: dict[str, list[int]] = field(default_factory=dict)
+    kv_attempt: dict[str, int] = field(default_factory=dict)  # which attempt's prefill made the KV
     releases: list[tuple[str, int | None]] = field(default_factory=list)
     forwards: int = 0
     pings: int = 0
@@ -109,6 +110,7 @@ class FakeWorker:
         if self._peers is not None:
             self._peers.close()
         self.kv.clear()
+        self.kv_attempt.clear()
 
     async def _loop(self) -> None:
         assert self._receiver is not None and self._peers is not None
@@ -119,7 +121,10 @@ class FakeWorker:
                     await self._peers.send(msg.reply_to, self.status(msg.nonce))
             elif isinstance(msg, Release):
                 self.releases.append((msg.request_id, msg.attempt))
-                self.kv.pop(msg.request_id, None)
+                # As the real worker: a late Release of an abandoned attempt (sent in the background)
+                # must not free the KV a newer attempt's prefill already made.
+                if msg.attempt is None or self.kv_attempt.get(msg.request_id, -1) <= msg.attempt:
+                    self.kv.pop(msg.request_id, None)
             elif isinstance(msg, Forward):
                 asyncio.get_running_loop().create_task(self._forward(msg))
 
@@ -143,6 +148,7 @@ class FakeWorker:
             new = [int(x) for x in fwd.hidden.array[:, 0]]
         if fwd.start_pos == 0:
             self.kv[fwd.request_id] = []
+            self.kv_attempt[fwd.request_id] = fwd.attempt
         held = self.kv.get(fwd.request_id)
         if held is None or len(held) != fwd.start_pos:
             await self._peers.send(fwd.reply_to, Error(fwd.request_id, "unknown_request", "no KV", self.name,
