@@ -5,14 +5,16 @@ kubeconfig, our settings from HELIX_OPERATOR_* variables); the test plays the us
 kubelet (pod and Deployment status) through the same HTTP API. KMock stores and streams objects;
 `ApiServerEmulator` adds the fields a real API server stamps (uid, resourceVersion, generation,
 creationTimestamp), which kopf relies on to tell its own writes from stale events. Nothing here is a
-controller manager: no garbage collection, no ReplicaSets. KMock cannot list namespaces (its path
-parser fails on `GET /api/v1/namespaces`, which kopf sends for `--namespace` even with an exact
-name), so the operator runs with --all-namespaces.
+controller manager: no garbage collection, no ReplicaSets. KMock 0.8's path parser reads every
+`/api/v1/namespaces…` path as a namespaced one, so it fails on `GET /api/v1/namespaces` (the Namespace
+list kopf watches in `--namespace` mode); `namespace_paths_parsed` mends that for the one resource
+while the API server runs. Most tests run the operator with --all-namespaces, as the chart's default.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import re
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import kmock
+import kmock._internal.parsing as kmock_parsing
 import pytest
 from kopf.testing import KopfRunner
 
@@ -108,10 +111,35 @@ RESOURCES: dict[str, tuple[str, bool, tuple[str, ...]]] = {
 }
 
 
+@contextlib.contextmanager
+def namespace_paths_parsed() -> Iterator[None]:
+    """Parse `/api/v1/namespaces[/NAME]` as the cluster-scoped Namespace resource, as the API server does.
+
+    KMock 0.8 takes the segment after `namespaces/` as a namespace and then fails to unpack an empty
+    rest (a 500 for the Namespace list); every other path goes to its parser unchanged.
+    """
+    original = kmock_parsing.parse_path
+
+    def parse_path(path: str) -> Any:
+        parts = path.strip("/").split("/")
+        if parts[:3] == ["api", "v1", "namespaces"] and len(parts) <= 4:
+            return kmock_parsing.ParsedPath(group="", version="v1", plural="namespaces",
+                                            name=parts[3] if len(parts) == 4 else None)
+        return original(path)
+
+    kmock_parsing.parse_path = parse_path
+    try:
+        yield
+    finally:
+        kmock_parsing.parse_path = original
+
+
 class ApiServer:
     """KMock on its own event loop in a thread, with the resources the operator uses declared."""
 
     def __enter__(self) -> ApiServer:
+        self._parsing = namespace_paths_parsed()
+        self._parsing.__enter__()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -138,6 +166,7 @@ class ApiServer:
         asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+        self._parsing.__exit__(None, None, None)
 
     @property
     def url(self) -> str:
@@ -146,7 +175,7 @@ class ApiServer:
     def writes(self, since: int = 0) -> list[tuple[str, str, str | None]]:
         """(method, resource plural, name) of every write request after the `since`-th request."""
         requests = list(self.mock)[since:]
-        return [(str(r.method.value), r.resource.plural, r.name) for r in requests
+        return [(str(r.method.value), str(r.resource.plural), r.name) for r in requests
                 if r.resource is not None and str(r.method.value) in ("POST", "PATCH", "PUT", "DELETE")]
 
     def request_count(self) -> int:
@@ -298,8 +327,10 @@ class Operator:
         self.metrics_port = metrics_port
         self.health_port = health_port
 
-    def run(self) -> KopfRunner:
-        return KopfRunner(["run", "-m", "helix.operator.main", "--all-namespaces", "--standalone",
+    def run(self, namespaces: tuple[str, ...] = ()) -> KopfRunner:
+        """Cluster-wide, or watching only `namespaces` (the chart's `watchNamespaces`)."""
+        scope = [arg for ns in namespaces for arg in ("--namespace", ns)] or ["--all-namespaces"]
+        return KopfRunner(["run", "-m", "helix.operator.main", *scope, "--standalone",
                            "--liveness", f"http://127.0.0.1:{self.health_port}/healthz"], timeout=30)
 
 
@@ -771,3 +802,30 @@ def test_nodes_without_allocatable_gpus_get_cpu_workers_and_a_warning(api: ApiSe
         (event,) = wait_for("the CPUWorkers event", warned)
         assert event["type"] == "Warning"
         assert f"nodes {', '.join(expected)} advertise no allocatable" in event["message"]
+
+
+def test_watched_namespace_mode_serves_its_namespace_only(api: ApiServer, kubectl: Kubectl,
+                                                         operator: Operator) -> None:
+    """`--namespace default` (the chart with watchNamespaces): a HelixCluster elsewhere is never touched."""
+    other = "team-b"
+    kubectl.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": other}})
+    assert {n["metadata"]["name"] for n in kubectl.items("/api/v1/namespaces")} == {NAMESPACE, other}
+    add_nodes(kubectl)
+    elsewhere = helix_cluster()
+    elsewhere["metadata"]["namespace"] = other
+    kubectl.create(f"/apis/{API_VERSION}/namespaces/{other}/{PLURAL}", elsewhere)
+    with operator.run(namespaces=(NAMESPACE,)) as runner:
+        kubectl.create(Kubectl.HXC, helix_cluster(replan={"minGainPercent": 1000}))
+        status = rolled_out(kubectl)
+        assert status["endpoint"] == f"http://{NAME}-router.{NAMESPACE}.svc:8000"
+        kubectl.create("/api/v1/nodes", node("gpu-l4-c"))  # Nodes are cluster-scoped: still watched
+        wait_for("the joining node to be weighed", lambda: kubectl.condition("PlacementSolved").get(
+            "reason") == "GainBelowThreshold")
+    assert runner.exit_code == 0, runner.output
+    sent_there = [f"{r.method.value} {r.url.path}" for r in list(api.mock)
+                  if r.namespace == other and str(r.method.value) != "GET"]
+    assert sent_there == [f"POST /apis/{API_VERSION}/namespaces/{other}/{PLURAL}"]  # the test's own create
+    assert not (kubectl.get(f"/apis/{API_VERSION}/namespaces/{other}/{PLURAL}/{NAME}") or {}).get("status")
+    for plural in ("pods", "configmaps", "services", "events"):
+        assert kubectl.items(f"/api/v1/namespaces/{other}/{plural}") == [], plural
+    assert kubectl.items(f"/apis/apps/v1/namespaces/{other}/deployments") == []
