@@ -178,6 +178,28 @@ def test_simulation_selection_runs_the_head_to_head_first_and_keeps_the_best_lea
     assert all(first[record["chosen"]] >= first[label] for label in first if label not in leaders)
 
 
+def test_the_shortlist_simulates_every_heuristic_as_given_not_only_its_climb() -> None:
+    """A climb improves the estimate, which is only a model: on the geo cluster `separate+climb`
+    simulated at 128 tokens/s where `separate` itself serves 193, so both must run."""
+    from helix.simulator.placement.candidates import Candidate
+    from helix.simulator.placement.selection import GATE_CANDIDATES, _shortlist
+    from helix.simulator.placement.served import ServedEstimate
+
+    def cand(label: str, estimate: float, node: str) -> Candidate:
+        return Candidate(label, {node: (0, 4)}, ServedEstimate(estimate, estimate, 1.0, 1.0, 1.0, 0.5))
+
+    pool = [cand("separate+climb", 620, "a"), cand("join-kv/x#1+climb", 600, "b"), cand("join-kv/x#1", 590, "c"),
+            cand(MAX_FLOW_LABEL, 410, "d"), cand("separate", 300, "e"), cand("petals", 0, "f"),
+            cand("sp-plus", 300, "e"),  # the same ranges as separate: run once
+            *(cand(f"join-throughput/y#{i}", 100 - i, f"n{i}") for i in range(20))]
+    labels = [c.label for c in _shortlist(pool, {"separate", "sp-plus", "petals"})]
+    assert labels[:2] == ["separate+climb", MAX_FLOW_LABEL]  # the head-to-head first
+    assert labels[2:4] == ["join-kv/x#1+climb", "separate"]  # then by the estimate: the heuristic as given too
+    assert "join-kv/x#1" not in labels  # one per generated family
+    assert "sp-plus" not in labels and "petals" not in labels  # a repeat; a placement that serves nothing
+    assert len(labels) == GATE_CANDIDATES
+
+
 def test_auto_simulates_only_where_it_is_cheap() -> None:
     small = problem_for()
     large = PlacementProblem(single_region({"T4": AUTO_MAX_NODES + 1}), MODEL, RooflineProfiles(MODEL))

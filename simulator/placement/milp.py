@@ -50,7 +50,7 @@ COVERAGE_SHARE = 0.5  # of the time limit, for the coverage model (bound and can
 FIRST_COVER_SHARE = 0.1  # of the coverage budget, for a first placement when there is no warm start
 WARM_START_METHOD = "greedy-flow"
 #: Heuristic placements also offered to selection (greedy-flow's comes with the warm start).
-SELECTION_BASELINES = ("petals", "swarm", "sp-plus")
+SELECTION_BASELINES = ("petals", "swarm", "separate", "sp-plus")
 
 
 @dataclass

@@ -8,12 +8,13 @@ picks one of them, by one of four modes (`PlacementOptions.selection`):
 * `max-flow`: the MILP's optimum, as before (max flow is all that counts);
 * `estimate`: the candidate with the highest served estimate;
 * `simulate`: the best candidate by the estimate, the max-flow optimum, then the next best by the
-  estimate (one per family member: a climbed placement or its starting point, not both) are each
-  simulated for a short offline run (maxflow scheduler, the plan's workload lengths —
-  `PlacementOptions.workload`, by default the simulator's —, the same seed for all) while the time
-  budget lasts; the two leaders run again with the next seed, and the higher mean decode
+  estimate (one per family member: a climbed placement or its starting point, not both; but the
+  heuristics handed in also run as they came, since a climb on the estimate — only a model — can
+  serve less than its start) are each simulated for a short offline run (maxflow scheduler, the
+  plan's workload lengths — `PlacementOptions.workload`, by default the simulator's —, the same
+  seed for all) while the time budget lasts; the two leaders run again with the next seed, and the higher mean decode
   throughput wins. Once both the best estimate and the max-flow optimum have run, the choice never
-  simulates worse than the optimum in these runs;
+  simulates worse than the optimum in these runs, nor than any heuristic the budget reached;
 * `auto` (default): `simulate` when it is cheap — clusters of at most `AUTO_MAX_NODES` nodes —
   else `max-flow`.
 
@@ -36,7 +37,7 @@ from helix.simulator.requests import Workload
 
 SELECTION_MODES = ("auto", "simulate", "estimate", "max-flow")
 AUTO_MAX_NODES = 100
-GATE_CANDIDATES = 12  # at most this many candidates are simulated
+GATE_CANDIDATES = 14  # at most this many candidates are simulated
 #: Simulated seconds per run, the first GATE_WARMUP_S unmeasured: long enough that the window holds
 #: more than one request lifetime (a few hundred output tokens at 1–2 s each), since shorter
 #: windows rank placements by how they fill up rather than by how they serve.
@@ -121,9 +122,10 @@ def gate_config(options: PlacementOptions) -> dict[str, Any]:
             "workload": _workload(options).describe()}
 
 
-def _shortlist(pool: list[Candidate]) -> list[Candidate]:
-    """The best by the estimate, the max-flow optimum, then the next best by the estimate: one per family
-    (climbed or not), no repeats, nothing the model says serves nothing. The first two are the
+def _shortlist(pool: list[Candidate], given: set[str]) -> list[Candidate]:
+    """The best by the estimate, the max-flow optimum, then the next best by the estimate: no repeats,
+    nothing the model says serves nothing, and one per family (climbed or not) except for the
+    placements handed in (labels `given`), which also run as they came. The first two are the
     head-to-head that matters, so they run first when the budget is short."""
     out: list[Candidate] = []
     seen: set[tuple[tuple[str, int, int], ...]] = set()
@@ -133,7 +135,8 @@ def _shortlist(pool: list[Candidate]) -> list[Candidate]:
     for cand in [ranked[0], optimum, *ranked[1:]]:
         key = tuple(sorted((n, s, e) for n, (s, e) in cand.ranges.items()))
         family = cand.label.removesuffix(CLIMB_SUFFIX)
-        if key in seen or (cand is not optimum and (family in families or cand.estimate.tokens_per_s <= 0)):
+        if key in seen or (cand is not optimum and (cand.estimate.tokens_per_s <= 0 or (
+                family in families and cand.label not in given))):
             continue
         seen.add(key)
         families.add(family)
@@ -161,7 +164,7 @@ def select(problem: PlacementProblem, options: PlacementOptions, best_max_flow: 
     search_deadline = started + max(0.0, deadline - started) * (SEARCH_SHARE if mode == "simulate" else 1.0)
     search = ServedSearch(problem, options, search_deadline, stopped)
     pool = search.candidates([(MAX_FLOW_LABEL, best_max_flow), *others])
-    gated = [_Gated(c) for c in _shortlist(pool)]
+    gated = [_Gated(c) for c in _shortlist(pool, {label for label, ranges in others if ranges})]
     if mode == "simulate":
         gate = _Gate(problem, options, deadline, stopped)
         for g in gated:
