@@ -12,9 +12,10 @@ picks one of them, by one of four modes (`PlacementOptions.selection`):
   heuristics handed in also run as they came, since a climb on the estimate — only a model — can
   serve less than its start) are each simulated for a short offline run (maxflow scheduler, the
   plan's workload lengths — `PlacementOptions.workload`, by default the simulator's —, the same
-  seed for all) while the time budget lasts; the two leaders run again with the next seed, and the higher mean decode
-  throughput wins. Once both the best estimate and the max-flow optimum have run, the choice never
-  simulates worse than the optimum in these runs, nor than any heuristic the budget reached;
+  seed for all) while the time budget lasts; the two leaders run again with the next seed, and
+  the higher mean decode throughput wins. Once both the best estimate and the max-flow optimum
+  have run, the choice never simulates worse than the optimum in these runs, nor than any
+  heuristic the budget reached;
 * `auto` (default): `simulate` when it is cheap — clusters of at most `AUTO_MAX_NODES` nodes —
   else `max-flow`.
 
