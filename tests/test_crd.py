@@ -26,7 +26,7 @@ from helix.operator.crd import (
 )
 from helix.simulator.placement import milp  # noqa: F401  (importing it registers every placement method)
 from helix.simulator.placement.base import PLACEMENT_METHODS
-from helix.simulator.placement.selection import AUTO_MAX_NODES, SELECTION_MODES, SELECTION_SHARE
+from helix.simulator.placement.selection import AUTO_MAX_NODES, SELECTION_MODES
 
 REPO = Path(__file__).resolve().parents[1]
 COPIES = [REPO / "crds" / "helixclusters.helix.ai.yaml",
@@ -174,10 +174,10 @@ def test_placement_methods_are_the_registrys() -> None:
 
 
 def test_selection_description_states_the_planners_numbers() -> None:
-    """The CRD states selection.py's auto threshold and time share without importing the planner."""
+    """The CRD states selection.py's auto threshold and budget rule without importing the planner."""
     text = schema()["properties"]["spec"]["properties"]["placement"]["properties"]["selection"]["description"]
     assert f"up to {AUTO_MAX_NODES} nodes" in text
-    assert f"up to {SELECTION_SHARE:.0%} of timeLimitSeconds" in text
+    assert "deterministic units that grow with timeLimitSeconds" in text
     assert all(mode in text for mode in SELECTION_MODES)
 
 
@@ -283,6 +283,35 @@ def test_exactly_one_model_source() -> None:
             HelixClusterSpec.model_validate({"model": model})
 
 
+def test_latency_targets_need_a_load_and_a_minimum_capacity_needs_targets() -> None:
+    """The CEL rules' twins in the model: a latency target means nothing without the load it is judged at."""
+    rules = [r["rule"] for r in schema()["properties"]["spec"]["properties"]["slo"]["x-kubernetes-validations"]]
+    assert len(rules) == 2 and all("has(self.maxP95TtftSeconds)" in r for r in rules)
+    for slo, match in (({"maxP95TtftSeconds": 5}, "a latency target is judged at a load"),
+                       ({"maxP95InterTokenSeconds": 1}, "a latency target is judged at a load"),
+                       ({"minCapacityRequestsPerSecond": 2}, "minCapacityRequestsPerSecond needs")):
+        with pytest.raises(ValidationError, match=match):
+            HelixClusterSpec.model_validate({**MINIMAL, "slo": slo})
+    for slo in ({"maxP95TtftSeconds": 5, "requestsPerSecond": 1}, {"requestsPerSecond": 1},
+                {"maxP95InterTokenSeconds": 1, "minCapacityRequestsPerSecond": 2}):
+        HelixClusterSpec.model_validate({**MINIMAL, "slo": slo})
+
+
+def test_throughput_targets_and_status_say_which_figure_they_are() -> None:
+    """minTokensPerSecond is served decode tokens/s from simulation, never the planned max flow."""
+    props = schema()["properties"]
+    text = props["spec"]["properties"]["slo"]["properties"]["minTokensPerSecond"]["description"]
+    assert "decode (output) tokens per second" in text and "prompt tokens not counted" in text
+    assert "offline simulation" in text and "Never the planned max flow" in text
+    assert "served decode tokens/s" in props["spec"]["properties"]["replan"]["properties"]["minGainPercent"][
+        "description"]
+    status = props["status"]["properties"]
+    assert "not what it serves" in status["plannedTokensPerSecond"]["description"]
+    assert "Served decode tokens/s" in status["simulatedTokensPerSecond"]["description"]
+    assert "requestsPerSecond" in status["simulatedP95TtftSeconds"]["description"]
+    assert {"capacityAtSloRequestsPerSecond", "capacityAtSloTokensPerSecond", "skippedNodes"} <= set(status)
+
+
 def test_snake_and_camel_case_both_build_a_spec() -> None:
     by_alias = HelixClusterSpec.model_validate({**MINIMAL, "network": {"nicBandwidthGbps": 25}})
     by_name = HelixClusterSpec(model=MINIMAL["model"], network={"nic_bandwidth_gbps": 25})  # type: ignore[arg-type]
@@ -293,7 +322,10 @@ def test_snake_and_camel_case_both_build_a_spec() -> None:
 def test_status_validates_against_the_schema() -> None:
     status = HelixClusterStatus.model_validate({
         "phase": "Ready", "observedGeneration": 3, "plannedTokensPerSecond": 812.5, "nodesUsed": 2,
-        "layers": [{"node": "a", "start": 0, "end": 40}, {"node": "b", "start": 40, "end": 80}],
+        "layers": [{"node": "a", "start": 0, "end": 40, "gpus": 1}, {"node": "b", "start": 40, "end": 80}],
+        "skippedNodes": [{"node": "c", "reason": "GPUsInUse", "message": "its GPU is held by others"}],
+        "simulatedTokensPerSecond": 250.1, "capacityAtSloRequestsPerSecond": 0.5,
+        "capacityAtSloTokensPerSecond": 116.0,
         "conditions": [{"type": "Ready", "status": "True", "reason": "PodsReady", "message": "",
                         "lastTransitionTime": "2025-01-01T00:00:00Z"}],
         "endpoint": "http://x-router.default.svc:8000"})

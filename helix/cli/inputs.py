@@ -204,9 +204,10 @@ def selection_option(panel: str) -> Any:
         "--selection", metavar="MODE", rich_help_panel=panel,
         help="MILP: which placement to serve (auto, simulate, estimate, max-flow). max-flow: the max-flow "
              "optimum; estimate: the candidate placement with the highest served-throughput estimate; simulate: "
-             "the shortlisted candidates (the optimum among them) in short simulations of --lengths, the best "
-             "served wins; auto: simulate on clusters of up to 100 nodes, else max-flow. Selection takes up to 70% "
-             "of --time-limit.")
+             "every heuristic baseline as it is, the optimum and the best candidates by the estimate in short "
+             "simulations of --lengths, the best served wins (never below a baseline); auto: simulate on clusters "
+             "of up to 300 nodes, else max-flow. Work is budgeted in deterministic units that grow with "
+             "--time-limit (same inputs, same plan on any machine); the limit only caps the wall clock.")
 
 
 def check_selection(value: str, method: str) -> None:

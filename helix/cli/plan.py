@@ -92,7 +92,9 @@ def plan_command(
         help="MILP: start from the best heuristic placement.")] = True,
     seed: SeedOption = 0,
     workers: Annotated[int, typer.Option(
-        "--workers", metavar="N", rich_help_panel=SOLVER_PANEL, help="MILP: CP-SAT worker threads.")] = 2,
+        "--workers", metavar="N", rich_help_panel=SOLVER_PANEL,
+        help="MILP: CP-SAT worker threads (1: its single-worker search; more: its interleaved search; both "
+             "deterministic, the second reaches less per unit of work on these models).")] = 1,
     selection: Annotated[str, selection_option(SOLVER_PANEL)] = DEFAULT_SELECTION,
     lengths: LengthsOption = None,
     output: Annotated[Path | None, typer.Option(
@@ -449,16 +451,27 @@ def _selection_text(record: dict[str, Any]) -> str:
     if "chosen_by" not in record:
         why = " (stopped)" if record.get("skipped") else ""
         return f"{record.get('resolved', record.get('mode'))}: the max-flow optimum{why}"
-    shortlist = {c["label"]: c for c in record.get("shortlist", [])}
+    shortlist = record.get("shortlist", [])
+    by_label = {label: c for c in shortlist for label in (c["label"], *c.get("same_as", []))}
+
+    def simulated(entry: dict[str, Any]) -> float | None:
+        runs = entry.get("simulated_decode_tokens_per_s") or []
+        return sum(runs) / len(runs) if runs and record["chosen_by"] == "simulation" else None
 
     def served(label: str) -> str:
-        runs = shortlist.get(label, {}).get("simulated_decode_tokens_per_s") or []
-        if record["chosen_by"] == "simulation" and runs:
-            return f"{sum(runs) / len(runs):.1f} decode tokens/s simulated"
-        return f"{shortlist.get(label, {}).get('served_tokens_per_s', 0):.1f} tokens/s estimated served"
+        entry = by_label.get(label, {})
+        value = simulated(entry)
+        if value is not None:
+            return f"{value:.1f} decode tokens/s simulated"
+        return f"{entry.get('served_tokens_per_s', 0):.1f} tokens/s estimated served"
 
     text = f"{record['chosen_by']} chose {chosen} ({served(chosen)}"
-    if chosen != "max-flow" and "max-flow" in shortlist:
+    baselines = [(simulated(c), c["label"]) for c in shortlist if c.get("baseline") and simulated(c) is not None]
+    if baselines:
+        value, label = max(baselines)
+        if label != chosen:
+            text += f"; best baseline: {label} {value:.1f}"
+    if chosen != "max-flow" and "max-flow" in by_label and by_label["max-flow"] is not by_label.get(chosen):
         text += f"; max-flow optimum: {served('max-flow')}"
     return text + f"; {len(shortlist)} of {record.get('candidates_scored', 0)} candidates shortlisted)"
 

@@ -40,10 +40,13 @@ class PlacementOptions:
 
     partial_inference: bool = True
     time_limit_s: float = 60.0
+    #: Scales the deterministic work budgets the time limit sets (budget.py) without moving the
+    #: wall-clock cap: below 1, a quicker search with room to spare on a slow or busy machine.
+    effort: float = 1.0
     seed: int = 0
     warm_start: bool = True
     prune_keep: int | None = None  # links kept per node by pruning; None = method default, 0 = no pruning
-    workers: int = 2
+    workers: int = 1  # CP-SAT workers: 1 searches deterministically; more use its interleaved search
     #: How the MILP picks the plan to serve: auto, simulate, estimate or max-flow (see selection.py).
     selection: str = "auto"
     #: The workload the plan will serve, for selection's model and simulations (None: the simulator's

@@ -14,18 +14,19 @@ heuristics), are then improved by iterated local search on the estimate: hill cl
 moves (shift, grow, shrink or drop a node's range, or move a node anywhere), then random kicks
 (a few nodes moved at once) to leave local optima.
 
-Determinism: choices depend on the seed and on evaluation counts; the clock and Ctrl-C only cut
-the search short.
+Determinism: choices depend on the seed and on evaluation counts — the search is budgeted in fresh
+estimate evaluations (`ServedSearch.evals_left`, sized by budget.py from the time limit and the
+cluster's size); the clock is only a safety cap and Ctrl-C cuts the search short.
 """
 
 from __future__ import annotations
 
 import random
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from helix.simulator.placement.base import PlacementOptions, PlacementProblem, Ranges
+from helix.simulator.placement.budget import WallCap
 from helix.simulator.placement.greedy import neighbours
 from helix.simulator.placement.heuristics import Tables
 from helix.simulator.placement.served import ServedEstimate, served_estimate
@@ -34,9 +35,10 @@ from helix.simulator.requests import Workload
 #: Layer budgets of the family: every GPU type at one of these shares of its most layers, then
 #: random per-type layer counts between a third of the most and the most.
 LAYER_BUDGETS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
-FAMILY_SIZE = 200  # layer-count assignments tried, each with both join weights
+FAMILY_SIZE = 200  # most layer-count assignments tried, each with both join weights
+FAMILY_SHARE = 0.3  # of the evaluation budget, at most, for the family; the climbs share the rest
 CLIMB_STARTS = 6  # placements hill-climbed on the estimate
-CLIMB_EVALS = 1500  # estimate evaluations per climb
+CLIMB_EVALS = 1500  # most estimate evaluations per climb
 CLIMB_SUFFIX = "+climb"  # appended to the label of a climbed candidate
 
 
@@ -72,9 +74,9 @@ def balanced_join(problem: PlacementProblem, tables: Tables, counts: dict[str, i
 class ServedSearch:
     """Scores placements by the served estimate (memoized) and improves them by hill climbing."""
 
-    def __init__(self, problem: PlacementProblem, options: PlacementOptions, deadline: float,
-                 stopped: Callable[[], bool] = lambda: False) -> None:
-        self.problem, self.options, self.deadline, self.stopped = problem, options, deadline, stopped
+    def __init__(self, problem: PlacementProblem, options: PlacementOptions, evals: int, cap: WallCap) -> None:
+        self.problem, self.options, self.cap = problem, options, cap
+        self.evals_budget = self.evals_left = evals  # fresh (not memoized) estimate evaluations
         self.tables = Tables.build(problem)
         self.rng = random.Random(options.seed)
         lengths = (options.workload or Workload()).lengths
@@ -82,12 +84,13 @@ class ServedSearch:
         self._scores: dict[tuple[tuple[str, int, int], ...], ServedEstimate] = {}
 
     def _over(self) -> bool:
-        return time.monotonic() > self.deadline or self.stopped()
+        return self.evals_left <= 0 or self.cap.over()
 
     def estimate(self, ranges: Ranges) -> ServedEstimate:
         key = tuple(sorted((n, s, e) for n, (s, e) in ranges.items()))
         found = self._scores.get(key)
         if found is None:
+            self.evals_left -= 1
             found = self._scores[key] = served_estimate(self.problem, ranges, self.options.partial_inference,
                                                         lengths=self.lengths)
         return found
@@ -105,6 +108,7 @@ class ServedSearch:
         while len(assignments) < FAMILY_SIZE:
             assignments.append({t: rng.randint(max(1, -(-top[t] // 3)), top[t]) for t in types})
         out: list[Candidate] = []
+        floor = self.evals_left - self.evals_budget * FAMILY_SHARE
         for i, counts in enumerate(assignments):
             order = list(names)
             rng.shuffle(order)
@@ -112,12 +116,12 @@ class ServedSearch:
                 ranges = balanced_join(self.problem, self.tables, counts, order, weight)
                 label = f"join-{weight}/" + ",".join(f"{t}:{counts[t]}" for t in types) + f"#{i}"
                 out.append(Candidate(label, ranges, self.estimate(ranges)))
-            if self._over():
+            if self._over() or self.evals_left <= floor:
                 break
         return out
 
     def _local(self, ranges: Ranges, best: ServedEstimate, budget: int) -> tuple[Ranges, ServedEstimate, int]:
-        """First-improvement hill climbing until no move helps or `budget` evaluations are spent."""
+        """First-improvement hill climbing until no move helps or `budget` moves are tried."""
         names = sorted(self.tables.max_layers)
         L = self.problem.num_layers
         evals = 0
@@ -140,18 +144,18 @@ class ServedSearch:
                     break
         return ranges, best, evals
 
-    def climb(self, start: Candidate) -> Candidate:
+    def climb(self, start: Candidate, budget: int) -> Candidate:
         """Iterated local search on the served estimate: climb, then kick a few nodes to new random
-        ranges and climb again, keeping the best, until CLIMB_EVALS evaluations are spent."""
-        best_ranges, best, evals = self._local(dict(start.ranges), start.estimate, CLIMB_EVALS)
+        ranges and climb again, keeping the best, until `budget` moves are tried."""
+        best_ranges, best, evals = self._local(dict(start.ranges), start.estimate, budget)
         L = self.problem.num_layers
-        while evals < CLIMB_EVALS and not self._over():
+        while evals < budget and not self._over():
             kicked = dict(best_ranges)
             for name in self.rng.sample(sorted(self.tables.max_layers), min(3, len(self.tables.max_layers))):
                 k = self.rng.randint(1, self.tables.max_layers[name])
                 first = self.rng.randint(0, L - k)
                 kicked[name] = (first, first + k)
-            ranges, score, spent = self._local(kicked, self.estimate(kicked), CLIMB_EVALS - evals)
+            ranges, score, spent = self._local(kicked, self.estimate(kicked), budget - evals)
             evals += spent + 1
             if score.tokens_per_s > best.tokens_per_s * (1 + 1e-6):
                 best_ranges, best = ranges, score
@@ -162,9 +166,10 @@ class ServedSearch:
         pool = [Candidate(label, ranges, self.estimate(ranges)) for label, ranges in given if ranges]
         pool += self.family()
         pool.sort(key=lambda c: -c.estimate.tokens_per_s)
+        per_climb = min(CLIMB_EVALS, self.evals_left // CLIMB_STARTS)
         for start in list(pool[:CLIMB_STARTS]):
-            if self._over():
+            if self._over() or per_climb < 1:
                 break
-            pool.append(self.climb(start))
+            pool.append(self.climb(start, per_climb))
         pool.sort(key=lambda c: -c.estimate.tokens_per_s)
         return pool

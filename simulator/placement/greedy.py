@@ -26,8 +26,8 @@ chaining binds), it is first hill-climbed on the real max flow with small moves 
 shrink, drop one node).
 
 Determinism: every choice is driven by `options.seed` and by iteration counts, not by the clock;
-the clock is only a safety cap (`min(max(time_limit_s / 2, 0.5 s), 10 s)`) that the reference
-clusters never reach (0.1-0.4 s).
+the clock is only a safety cap (half the time limit, at least 0.5 s) that the reference clusters
+never reach (0.1-0.4 s); `wall_cap_hit` in the details says when it did.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from helix.simulator.placement.base import (
     Ranges,
     register_method,
 )
+from helix.simulator.placement.budget import WallCap
 from helix.simulator.placement.heuristics import Tables, _prepare, ensure_flow, flow_value
 
 BASELINES = ("swarm", "sp-plus", "homogeneous", "petals")
@@ -67,10 +68,10 @@ class _State:
 class _Cover:
     """Min-cover optimizer over the usable nodes of a Tables."""
 
-    def __init__(self, tables: Tables, rng: random.Random, deadline: float) -> None:
+    def __init__(self, tables: Tables, rng: random.Random, cap: WallCap) -> None:
         self.t = tables
         self.rng = rng
-        self.deadline = deadline
+        self.cap = cap
         self.L = tables.num_layers
         self.names = [n.name for n in tables.nodes]
         self.n = len(self.names)
@@ -180,7 +181,7 @@ class _Cover:
         targets = np.array([target, target * 1.05])
         cov = self.coverage(state)
         for _ in range(max_passes):
-            if time.monotonic() > self.deadline:
+            if self.cap.over():
                 break
             improved = False
             order = [i for i in range(self.n) if self.movable[i]]
@@ -218,7 +219,7 @@ class _Cover:
         step = 0.02
         failures = 0
         for _ in range(rounds):
-            if time.monotonic() > self.deadline or step < 2e-4:
+            if step < 2e-4 or self.cap.over():
                 break
             target = best_val * (1 + step) if best_val > 0 else float(self.caps[:, 1].max())
             trial = best.copy()
@@ -376,11 +377,11 @@ def neighbours(ranges: Ranges, tables: Tables, name: str) -> list[Ranges]:
 
 
 def _flow_climb(problem: PlacementProblem, options: PlacementOptions, tables: Tables, ranges: Ranges,
-                value: float, rng: random.Random, deadline: float, max_evals: int) -> tuple[Ranges, float]:
+                value: float, rng: random.Random, cap: WallCap, max_evals: int) -> tuple[Ranges, float]:
     """First-improvement hill climbing on the real max flow (links and chaining rules included)."""
     evals = 0
     improved = True
-    while improved and evals < max_evals and time.monotonic() < deadline:
+    while improved and evals < max_evals and not cap.over():
         improved = False
         names = sorted(ranges)
         rng.shuffle(names)
@@ -393,13 +394,13 @@ def _flow_climb(problem: PlacementProblem, options: PlacementOptions, tables: Ta
                 if v > value * (1 + 1e-9):
                     ranges, value, improved = cand, v, True
                     break
-                if evals >= max_evals or time.monotonic() > deadline:
+                if evals >= max_evals or cap.over():
                     return ranges, value
     return ranges, value
 
 
 def _region_candidates(problem: PlacementProblem, options: PlacementOptions, tables: Tables,
-                       regions: list[list[str]], rng: random.Random, deadline: float) -> list[tuple[str, Ranges]]:
+                       regions: list[list[str]], rng: random.Random, cap: WallCap) -> list[tuple[str, Ranges]]:
     """Region-block layouts for every region order (≤ 4 regions) and crossing stack size 1..6; the
     best few by real max flow are then improved by the min-cover search inside their blocks."""
     orders = itertools.permutations(regions) if len(regions) <= 4 else [sorted(regions, key=len, reverse=True)]
@@ -414,7 +415,7 @@ def _region_candidates(problem: PlacementProblem, options: PlacementOptions, tab
     out = [(label, layout.ranges) for _, _, label, layout in layouts[:3]]
     if options.partial_inference:
         for _, _, label, layout in layouts[:2]:
-            cover = _Cover(tables, rng, deadline)
+            cover = _Cover(tables, rng, cap)
             cover.restrict(layout.windows, layout.fixed)
             best = cover.optimize(cover.from_ranges(layout.ranges), rounds=40)
             out.append((f"{label}+min-cover", cover.ranges(best)))
@@ -427,10 +428,10 @@ def greedy_flow(problem: PlacementProblem, options: PlacementOptions) -> Placeme
     climbing; never worse than the baselines (they are candidates too)."""
     started = time.monotonic()
     tables = _prepare(problem)
-    deadline = started + min(max(options.time_limit_s / 2, 0.5), 10.0)
+    cap = WallCap.after(max(options.time_limit_s / 2, 0.5))
     rng = random.Random(options.seed)
     pi = options.partial_inference
-    cover = _Cover(tables, rng, deadline)
+    cover = _Cover(tables, rng, cap)
 
     order = _region_order(tables)
     tiled = cover.tiling(order)
@@ -439,7 +440,7 @@ def greedy_flow(problem: PlacementProblem, options: PlacementOptions) -> Placeme
         candidates.append(("min-cover", cover.ranges(cover.optimize(tiled, rounds=60))))
     regions = link_regions(problem, tables, float(cover.coverage(tiled).min()))
     if len(regions) > 1:
-        candidates.extend(_region_candidates(problem, options, tables, regions, rng, deadline))
+        candidates.extend(_region_candidates(problem, options, tables, regions, rng, cap))
     for name in BASELINES:
         candidates.append((name, PLACEMENT_METHODS[name](problem, options).ranges))
 
@@ -449,8 +450,9 @@ def greedy_flow(problem: PlacementProblem, options: PlacementOptions) -> Placeme
     details: dict[str, object] = {"start_from": label, "link_regions": len(regions),
                                   "candidates": {lbl: round(v, 3) for v, _, lbl, _ in scored}}
     if not pi or value < min_cover * (1 - 1e-6):
-        ranges, value = _flow_climb(problem, options, tables, ranges, value, rng, deadline, max_evals=1500)
+        ranges, value = _flow_climb(problem, options, tables, ranges, value, rng, cap, max_evals=1500)
         details["flow_climb"] = True
     details["min_cover_tokens_per_s"] = round(min_cover, 3)
     details["seconds"] = round(time.monotonic() - started, 3)
+    details["wall_cap_hit"] = cap.hit
     return ensure_flow(problem, options, tables, ranges, details)

@@ -1,5 +1,9 @@
 """Helix's placement MILP on OR-Tools CP-SAT, run as: warm start → coverage bound → LNS → full solve.
 
+Every solve is budgeted in CP-SAT's deterministic time on one worker (or CP-SAT's interleaved search
+when more are asked for: also deterministic), so the same inputs give the same plan on any machine
+under any load; the wall clock only caps the run (budget.py).
+
 The warm start is `greedy-flow` (which already keeps the best of every baseline); without it, the
 coverage model's feasibility version gives the first placement. The coverage model (coverage.py)
 gives a bound valid on any network and often proves the incumbent optimal. Then our own
@@ -38,19 +42,26 @@ from helix.simulator.placement.base import (
     Ranges,
     register_method,
 )
+from helix.simulator.placement.budget import SearchBudget, WallCap
+from helix.simulator.placement.chain import ChainModel, forced_counts
 from helix.simulator.placement.coverage import CoverageModel, Solution
 from helix.simulator.placement.heuristics import check_fits
 from helix.simulator.placement.pruning import prune_edges
-from helix.simulator.placement.selection import MAX_FLOW_LABEL, SELECTION_SHARE, resolve_mode, select
+from helix.simulator.placement.selection import resolve_mode, select
 from helix.simulator.plan import ProgressPoint
 
 SCALE = 10  # flow unit: 0.1 token/s
 DEFAULT_PRUNE_KEEP = 12
-COVERAGE_SHARE = 0.5  # of the time limit, for the coverage model (bound and candidates)
+COVERAGE_SHARE = 0.5  # of the deterministic budget, for the coverage model (bound and candidates)
+LNS_SHARE = 0.6  # of what the coverage model leaves, for the large-neighbourhood search; the full model gets the rest
 FIRST_COVER_SHARE = 0.1  # of the coverage budget, for a first placement when there is no warm start
+LNS_STEP_DTIME = 1.0  # most deterministic time per neighbourhood solve
+#: Least deterministic time a neighbourhood solve is charged, so a budget always means a bounded
+#: number of solves (a small neighbourhood can be solved in almost no deterministic time).
+LNS_MIN_CHARGE = 0.02
 WARM_START_METHOD = "greedy-flow"
-#: Heuristic placements also offered to selection (greedy-flow's comes with the warm start).
-SELECTION_BASELINES = ("petals", "swarm", "separate", "sp-plus")
+#: Heuristic placements selection simulates as they are (greedy-flow's comes with the warm start).
+SELECTION_BASELINES = ("petals", "swarm", "homogeneous", "separate", "sp-plus")
 
 
 @dataclass
@@ -286,13 +297,14 @@ class _Stopper:
                 signal.signal(sig, handler)
 
 
-def warm_start(problem: PlacementProblem, options: PlacementOptions) -> tuple[str, Ranges, float]:
-    """`greedy-flow`'s placement (the best of its own search and every baseline) and its max flow."""
+def warm_start(problem: PlacementProblem, options: PlacementOptions) -> tuple[str, Ranges, float, bool]:
+    """`greedy-flow`'s placement (the best of its own search and every baseline), its max flow, and
+    whether its wall-clock cap bit (its search is bounded by counts; the cap is half the limit)."""
     budget = PlacementOptions(partial_inference=options.partial_inference, seed=options.seed,
-                              time_limit_s=max(1.0, options.time_limit_s * 0.1))
-    ranges = PLACEMENT_METHODS[WARM_START_METHOD](problem, budget).ranges
-    value = max_flow(problem.cluster, problem.model, problem.profiles, ranges, options.partial_inference).value
-    return WARM_START_METHOD, ranges, value
+                              time_limit_s=options.time_limit_s)
+    result = PLACEMENT_METHODS[WARM_START_METHOD](problem, budget)
+    value = max_flow(problem.cluster, problem.model, problem.profiles, result.ranges, options.partial_inference).value
+    return WARM_START_METHOD, result.ranges, value, bool(result.details.get("wall_cap_hit"))
 
 
 @dataclass
@@ -310,18 +322,16 @@ class _Search:
     """
 
     def __init__(self, problem: PlacementProblem, options: PlacementOptions, base: _Milp,
-                 progress: _Progress, stopper: _Stopper, deadline: float) -> None:
+                 progress: _Progress, stopper: _Stopper, cap: WallCap) -> None:
         self.problem, self.options, self.base = problem, options, base
-        self.progress, self.stopper, self.deadline = progress, stopper, deadline
+        self.progress, self.stopper, self.cap = progress, stopper, cap
+        self.dtime_used = 0.0  # CP-SAT deterministic time spent so far
         self.best = _Incumbent({}, 0.0)
         self.bound: float | None = None
         self.compute_bound = compute_bound(problem.cluster, problem.model, problem.profiles)
         self.last_status = cp_model.UNKNOWN
         self.status = "no-solution"  # until an incumbent serves something; then feasible, maybe optimal
         self.rng = random.Random(options.seed)
-
-    def remaining(self) -> float:
-        return self.deadline - time.monotonic()
 
     def offer(self, ranges: Ranges) -> bool:
         value = max_flow(self.problem.cluster, self.problem.model, self.problem.profiles, ranges,
@@ -334,19 +344,24 @@ class _Search:
             return True
         return False
 
-    def _solve(self, model: cp_model.CpModel, seconds: float, global_bound: bool = False,
+    def _solve(self, model: cp_model.CpModel, dtime: float, global_bound: bool = False,
                solutions: Callable[[Solution], Ranges] | None = None) -> cp_model.CpSolver | None:
-        """Run CP-SAT; None when stopped before starting. Check `found` before reading a solution.
+        """Run CP-SAT for `dtime` deterministic time; None when stopped (or capped) before starting.
+        Check `found` before reading a solution.
 
         `solutions` reads a placement from each solution, which is offered as soon as it is found.
         """
-        if self.stopper.stopped or seconds <= 0:
+        if self.stopper.stopped or dtime <= 0 or self.cap.over():
             return None
         solver = cp_model.CpSolver()
         if global_bound:  # report the bound as it improves, not only at the end
             solver.best_bound_callback = lambda bound: self.tighten(min(bound / SCALE, self.compute_bound))
-        solver.parameters.max_time_in_seconds = max(0.05, seconds)
+        solver.parameters.max_deterministic_time = dtime
+        solver.parameters.max_time_in_seconds = max(0.05, self.cap.remaining())  # the safety cap only
+        # One worker is deterministic; more run the interleaved search, which is too (the parallel
+        # portfolio is not), though it reaches less per unit of deterministic time on these models.
         solver.parameters.num_workers = max(1, self.options.workers)
+        solver.parameters.interleave_search = self.options.workers > 1
         solver.parameters.random_seed = self.rng.randrange(1 << 30)
         solver.parameters.catch_sigint_signal = False  # our handler stops it, in any thread
         self.stopper.solver = solver
@@ -360,6 +375,8 @@ class _Search:
             worker.join(0.1)
         self.stopper.solver = None
         self.last_status = outcome[0] if outcome else cp_model.UNKNOWN
+        self.dtime_used += solver.deterministic_time
+        self.cap.over()  # records whether the cap, rather than the budget, ended this solve
         return solver
 
     @property
@@ -375,7 +392,7 @@ class _Search:
         self.bound = bound if self.bound is None else min(self.bound, bound)
         self.progress.bounded(self.bound)
 
-    def full(self, seconds: float, bound_is_global: bool) -> None:
+    def full(self, dtime: float, bound_is_global: bool) -> None:
         """Solve the whole per-link model (hinted with the incumbent) for better placements.
 
         Its bound is only global when nothing was pruned; then it can tighten the coverage bound.
@@ -383,13 +400,13 @@ class _Search:
         model = self.base.model.clone()
         if self.best.ranges:
             self.base.hint(model, self.best.ranges)
-        solver = self._solve(model, seconds, solutions=self.base.ranges)
+        solver = self._solve(model, dtime, solutions=self.base.ranges)
         if solver is not None and bound_is_global and self.found:
             self.tighten(solver.best_objective_bound / SCALE)
             if self.last_status == cp_model.OPTIMAL:
                 self.status = "optimal"
 
-    def coverage(self, seconds: float) -> None:
+    def coverage(self, dtime: float) -> None:
         """Solve the network-free coverage model: a global bound, and candidate placements.
 
         Without an incumbent (no warm start) it first solves for any placement that holds every
@@ -397,27 +414,51 @@ class _Search:
         """
         cover = CoverageModel.build(self.problem)
         if not self.best.ranges:
-            started = time.monotonic()
-            self._solve(cover.covering(), seconds * FIRST_COVER_SHARE, solutions=cover.ranges)
-            seconds -= time.monotonic() - started
+            used = self.dtime_used
+            self._solve(cover.covering(), dtime * FIRST_COVER_SHARE, solutions=cover.ranges)
+            dtime -= self.dtime_used - used
         if self.best.ranges:
             cover.hint(self.best.ranges)
-        solver = self._solve(cover.model, seconds, global_bound=True, solutions=cover.ranges)
+        solver = self._solve(cover.model, dtime, global_bound=True, solutions=cover.ranges)
         if solver is not None and self.found:
             self.tighten(min(solver.best_objective_bound / SCALE, self.compute_bound))
+        self._settle()
+
+    def chain(self, counts: dict[str, int], dtime: float) -> None:
+        """The forced pipeline (chain.py): its best order, with a bound that proves it."""
+        chain = ChainModel.build(self.problem, counts)
+        solver = self._solve(chain.model, dtime)
+        if solver is None:
+            return
+        if self.last_status == cp_model.INFEASIBLE:  # no order links every node
+            self.tighten(0.0)
+        elif self.found:
+            self.offer(chain.ranges(solver))
+            self.tighten(min(chain.bound(solver), self.compute_bound))
+        self._settle()
+
+    def _settle(self) -> None:
+        """Optimal once the incumbent meets the proven bound."""
         if self.best.ranges and self.bound is not None and self.best.value >= self.bound - 1e-3 * max(1.0, self.bound):
             self.status = "optimal"
 
-    def lns(self, until: float) -> None:
+    def lns(self, dtime: float) -> None:
+        """Re-solve one neighbourhood at a time until `dtime` deterministic time is spent (each solve
+        charged at least LNS_MIN_CHARGE)."""
         names = list(self.base.v.starts)
         size = min(len(names), 8)
-        while time.monotonic() < until and not self.stopper.stopped and self.best.ranges:
+        spent = 0.0
+        while spent < dtime and not self.stopper.stopped and self.best.ranges:
             free = self._neighbourhood(names, size)
             model = self.base.model.clone()
             self.base.fix(model, self.best.ranges, [n for n in names if n not in free])
             self.base.hint(model, self.best.ranges)
-            solver = self._solve(model, min(3.0, until - time.monotonic()))
-            if solver is not None and self.found and self.offer(self.base.ranges(solver)):
+            used = self.dtime_used
+            solver = self._solve(model, min(LNS_STEP_DTIME, dtime - spent))
+            if solver is None:
+                return
+            spent += max(LNS_MIN_CHARGE, self.dtime_used - used)
+            if self.found and self.offer(self.base.ranges(solver)):
                 continue
             if self.last_status == cp_model.OPTIMAL:  # neighbourhood exhausted quickly: widen it
                 size = min(len(names), size + 2)
@@ -451,13 +492,15 @@ def milp(problem: PlacementProblem, options: PlacementOptions) -> PlacementResul
     check_fits(problem)
     mode = resolve_mode(problem, options)
     started = time.monotonic()
-    search_limit = options.time_limit_s * (1 - SELECTION_SHARE if mode != "max-flow" else 1.0)
-    details: dict[str, object] = {}
+    budget = SearchBudget.of(options, len(problem.cluster.nodes), with_selection=mode != "max-flow")
+    details: dict[str, object] = {"budget": budget.as_dict()}
     stopper = _Stopper()
+    cap = WallCap(started + budget.wall_cap_s, lambda: stopper.stopped)
+    warm_capped = False
     with stopper.installed():
         seed_ranges: Ranges = {}
         if options.warm_start:
-            method, seed_ranges, value = warm_start(problem, options)
+            method, seed_ranges, value, warm_capped = warm_start(problem, options)
             details |= {"warm_start_method": method, "warm_start_tokens_per_s": round(value, 3)}
         keep = options.prune_keep if options.prune_keep is not None else DEFAULT_PRUNE_KEEP
         edges = prune_edges(problem.cluster, problem.model, keep)
@@ -471,26 +514,32 @@ def milp(problem: PlacementProblem, options: PlacementOptions) -> PlacementResul
                     "model_size": {"variables": len(base.model.proto.variables),
                                    "constraints": len(base.model.proto.constraints)}}
         progress = _Progress(options, started)
-        search = _Search(problem, options, base, progress, stopper, started + search_limit)
+        search = _Search(problem, options, base, progress, stopper, cap)
         if seed_ranges:
             search.offer(seed_ranges)
-        search.coverage(search.remaining() * COVERAGE_SHARE)
+        forced = forced_counts(problem)
+        if forced is not None:
+            search.chain(forced, budget.cpsat_dtime * COVERAGE_SHARE)
+            details["forced_chain"] = True
         if search.status != "optimal" and not stopper.stopped:
-            search.lns(time.monotonic() + search.remaining() * 0.6)
+            search.coverage(budget.cpsat_dtime * COVERAGE_SHARE)
         if search.status != "optimal" and not stopper.stopped:
-            search.full(search.remaining(), bound_is_global=keep == 0)
+            search.lns((budget.cpsat_dtime - search.dtime_used) * LNS_SHARE)
+        if search.status != "optimal" and not stopper.stopped:
+            search.full(budget.cpsat_dtime - search.dtime_used, bound_is_global=keep == 0)
         others = [(WARM_START_METHOD, seed_ranges)] if seed_ranges else []
         if mode != "max-flow":
             others += [(name, PLACEMENT_METHODS[name](problem, options).ranges) for name in SELECTION_BASELINES]
-        ranges, selection = select(problem, options, search.best.ranges, others,
-                                   started + options.time_limit_s, lambda: stopper.stopped)
+        ranges, selection = select(problem, options, search.best.ranges, others, budget, cap)
     details["stopped_early"] = stopper.stopped
+    details["cpsat_deterministic_time"] = round(search.dtime_used, 3)
+    details["wall_cap_hit"] = cap.hit or warm_capped
     details["max_flow_optimum_tokens_per_s"] = round(search.best.value, 3)
     details["max_flow_status"] = search.status
     details["selection"] = selection
     if not ranges:
         status = "no-solution"
-    elif selection["chosen"] == MAX_FLOW_LABEL:
+    elif ranges == search.best.ranges:
         status = search.status
     else:
         status = f"{selection['chosen_by']}-selected"

@@ -1,0 +1,206 @@
+"""Plan selection: baselines simulated first, deterministic budgets, and the forced chain's bound."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+
+import pytest
+
+from helix.simulator.errors import HelixInputError
+from helix.simulator.flow import max_flow
+from helix.simulator.generators import multi_region, single_region
+from helix.simulator.model import MODEL_CATALOG
+from helix.simulator.placement.base import PlacementOptions, PlacementProblem, plan_placement
+from helix.simulator.placement.budget import SearchBudget, WallCap
+from helix.simulator.placement.candidates import Candidate
+from helix.simulator.placement.chain import forced_counts
+from helix.simulator.placement.milp import SELECTION_BASELINES, WARM_START_METHOD
+from helix.simulator.placement.selection import (
+    AUTO_MAX_NODES,
+    GATE_CANDIDATES,
+    MAX_FLOW_LABEL,
+    _shortlist,
+    resolve_mode,
+)
+from helix.simulator.placement.served import ServedEstimate
+from helix.simulator.plan import Plan
+from helix.simulator.profiles.roofline import RooflineProfiles
+from helix.simulator.validate import validate_plan
+from tests.conftest import make_cluster
+
+MODEL = MODEL_CATALOG["llama-30b"]  # 60 layers: A100-40G holds up to 18, L4 11, T4 7
+MIX = {"A100-40G": 2, "L4": 4, "T4": 4}
+SMALL_MIX = {"A100-40G": 1, "L4": 3, "T4": 3}  # cheap to simulate, yet baselines and candidates differ
+BASELINES = {WARM_START_METHOD, *SELECTION_BASELINES}
+
+
+def problem_for(mix: dict[str, int] | None = None) -> PlacementProblem:
+    return PlacementProblem(make_cluster(mix or MIX), MODEL, RooflineProfiles(MODEL))
+
+
+def check_plan(problem: PlacementProblem, plan: Plan) -> None:
+    assert validate_plan(plan, problem.cluster, problem.model, problem.profiles) == []
+    recomputed = max_flow(problem.cluster, problem.model, problem.profiles, plan.ranges).value
+    assert plan.objective_tokens_per_s == pytest.approx(recomputed, rel=1e-6, abs=1e-3)
+
+
+def entry(record: dict, label: str) -> dict:
+    """The shortlist entry that ran `label` (identical placements run once, under the first label)."""
+    return next(c for c in record["shortlist"] if label in (c["label"], *c["same_as"]))
+
+
+def test_max_flow_selection_is_the_milp_optimum() -> None:
+    problem = problem_for()
+    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=2, selection="max-flow"))
+    check_plan(problem, plan)
+    assert plan.config["selection"] == {"mode": "max-flow", "resolved": "max-flow", "chosen": MAX_FLOW_LABEL}
+    assert plan.objective_tokens_per_s == pytest.approx(plan.config["max_flow_optimum_tokens_per_s"], abs=1e-3)
+
+
+def test_estimate_selection_serves_the_best_estimate_and_reports_the_max_flow_it_gave_up() -> None:
+    problem = problem_for()
+    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=3, selection="estimate"))
+    check_plan(problem, plan)
+    record = plan.config["selection"]
+    assert record["chosen_by"] == "estimate" and "simulation" not in record
+    assert entry(record, MAX_FLOW_LABEL)["max_flow_tokens_per_s"] == pytest.approx(
+        plan.config["max_flow_optimum_tokens_per_s"], abs=1e-2)
+    chosen = entry(record, record["chosen"])
+    assert chosen["served_tokens_per_s"] == max(c["served_tokens_per_s"] for c in record["shortlist"])
+    assert chosen["max_flow_tokens_per_s"] == pytest.approx(plan.objective_tokens_per_s, abs=1e-2)
+    assert all(not c["simulated_decode_tokens_per_s"] for c in record["shortlist"])
+
+
+#: A quick search (a tenth of the work a 120 s limit buys) under a cap with room to spare.
+SIMULATE = PlacementOptions(time_limit_s=120, effort=0.1, selection="simulate")
+
+
+@pytest.fixture(scope="module")
+def simulated() -> tuple[PlacementProblem, Plan]:
+    problem = problem_for(SMALL_MIX)
+    return problem, plan_placement(problem, "milp", SIMULATE)
+
+
+@pytest.mark.slow
+def test_simulation_selection_runs_every_baseline_and_serves_no_less(simulated: tuple[PlacementProblem, Plan]) -> None:
+    """Every heuristic runs as it is, first; the winner is a confirmed leader and no baseline beat it."""
+    problem, plan = simulated
+    check_plan(problem, plan)
+    record = plan.config["selection"]
+    assert record["chosen_by"] == "simulation" and not record["wall_cap_hit"]
+    shortlist = record["shortlist"]
+    ran = {label for c in shortlist for label in (c["label"], *c["same_as"])}
+    assert BASELINES | {MAX_FLOW_LABEL} <= ran
+    first_non_baseline = next(i for i, c in enumerate(shortlist) if not c["baseline"])
+    assert all(c["baseline"] for c in shortlist[:first_non_baseline])
+    assert all(entry(record, b)["simulated_decode_tokens_per_s"] for b in BASELINES)  # always simulated
+    runs = {c["label"]: c["simulated_decode_tokens_per_s"] for c in shortlist if c["simulated_decode_tokens_per_s"]}
+    confirmed = max(len(r) for r in runs.values())
+    assert confirmed == 2
+    leaders = {label: sum(r) / len(r) for label, r in runs.items() if len(r) == confirmed}
+    assert record["chosen"] in leaders and leaders[record["chosen"]] == max(leaders.values())
+    first = {label: r[0] for label, r in runs.items()}
+    assert all(first[record["chosen"]] >= first[label] for label in first if label not in leaders)
+    simulation = record["simulation"]
+    assert simulation["events"] <= simulation["events_budget"] * 1.5  # baselines may overrun a little, no more
+
+
+def gated(label: str, estimate: float, node: str) -> Candidate:
+    return Candidate(label, {node: (0, 4)}, ServedEstimate(estimate, estimate, 1.0, 1.0, 1.0, 0.5))
+
+
+def test_the_shortlist_puts_the_baselines_first_then_the_optimum_then_the_estimate() -> None:
+    """A climb improves the estimate, which is only a model: on the geo cluster `separate+climb`
+    simulated at 128 tokens/s where `separate` itself serves 193, so the heuristics run as given."""
+    pool = [gated("separate+climb", 620, "a"), gated("join-kv/x#1+climb", 600, "b"), gated("join-kv/x#1", 590, "c"),
+            gated(MAX_FLOW_LABEL, 410, "d"), gated("separate", 300, "e"), gated("petals", 0, "f"),
+            gated("sp-plus", 300, "e"),  # the same ranges as separate: run once
+            *(gated(f"join-throughput/y#{i}", 100 - i, f"n{i}") for i in range(20))]
+    shortlist = _shortlist(pool, {"separate", "sp-plus", "petals"})
+    labels = [g.candidate.label for g in shortlist]
+    assert labels[:3] == ["separate", "petals", MAX_FLOW_LABEL]  # baselines (even one serving nothing), optimum
+    assert shortlist[0].same_as == ["sp-plus"] and [g.baseline for g in shortlist[:3]] == [True, True, False]
+    assert labels[3:5] == ["separate+climb", "join-kv/x#1+climb"]  # then by the estimate
+    assert "join-kv/x#1" not in labels  # one per generated family
+    assert len(labels) == GATE_CANDIDATES
+
+
+def test_auto_simulates_up_to_its_size_threshold() -> None:
+    small = problem_for()
+    large = PlacementProblem(single_region({"T4": AUTO_MAX_NODES + 1}), MODEL, RooflineProfiles(MODEL))
+    assert resolve_mode(small, PlacementOptions()) == "simulate"
+    assert resolve_mode(large, PlacementOptions()) == "max-flow"
+    assert resolve_mode(large, PlacementOptions(selection="estimate")) == "estimate"
+
+
+def test_an_unknown_selection_is_an_input_error() -> None:
+    with pytest.raises(HelixInputError, match="unknown selection 'best'"):
+        plan_placement(problem_for(), "milp", PlacementOptions(selection="best"))
+
+
+def test_budgets_grow_with_the_limit_and_shrink_with_the_cluster() -> None:
+    options, longer = PlacementOptions(time_limit_s=60), PlacementOptions(time_limit_s=120)
+    small, large = SearchBudget.of(options, 24, True), SearchBudget.of(options, 200, True)
+    assert SearchBudget.of(longer, 24, True).cpsat_dtime > small.cpsat_dtime
+    assert SearchBudget.of(longer, 24, True).selection_events > small.selection_events
+    assert large.estimate_evals < small.estimate_evals and large.selection_events == small.selection_events
+    assert SearchBudget.of(options, 24, False).selection_events == 0
+    assert SearchBudget.of(options, 24, False).cpsat_dtime > small.cpsat_dtime  # max-flow mode searches longer
+    quick = SearchBudget.of(PlacementOptions(time_limit_s=600, effort=0.1), 24, True)
+    assert quick.selection_events == small.selection_events and quick.wall_cap_s == 600  # effort moves no cap
+
+
+def test_the_wall_cap_is_reported_when_it_bites() -> None:
+    """A cap of almost nothing cuts the search: the plan is still valid and says it was cut."""
+    problem = problem_for()
+    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=0.01, selection="simulate"))
+    check_plan(problem, plan)
+    assert plan.config["wall_cap_hit"] is True and plan.config["selection"]["wall_cap_hit"] is True
+    cap = WallCap.after(60)
+    assert not cap.over() and not cap.hit
+
+
+def _fingerprint(plan: Plan) -> tuple:
+    assert not plan.config["wall_cap_hit"]
+    record = plan.config["selection"]
+    return (tuple(sorted(plan.ranges.items())), plan.bound_tokens_per_s, record["chosen"],
+            tuple((c["label"], tuple(c["simulated_decode_tokens_per_s"])) for c in record["shortlist"]))
+
+
+@pytest.mark.slow
+def test_the_same_inputs_give_the_same_plan_beside_a_cpu_hog(simulated: tuple[PlacementProblem, Plan]) -> None:
+    """Budgets are deterministic work, not seconds: a busy machine changes nothing but the wall time."""
+    problem, quiet = simulated
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        busy = plan_placement(problem, "milp", SIMULATE)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert _fingerprint(busy) == _fingerprint(quiet)
+
+
+def test_a_forced_placement_is_solved_and_proven() -> None:
+    """Layer maxima adding up to exactly the model's layers leave only the order of one pipeline to
+    choose; on two regions joined by slow links the coverage bound alone stayed far above it."""
+    model = MODEL_CATALOG["llama2-70b"]  # 80 layers: A100-40G holds 11, L4 7, T4 4
+    cluster = multi_region({"us": {"A100-40G": 2, "L4": 2}, "eu": {"A100-40G": 2, "L4": 2, "T4": 2}}, seed=1)
+    problem = PlacementProblem(cluster, model, RooflineProfiles(model))
+    assert forced_counts(problem) is not None
+    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=20, selection="max-flow"))
+    check_plan(problem, plan)
+    assert plan.status == "optimal" and plan.config["forced_chain"] is True
+    assert plan.bound_tokens_per_s == pytest.approx(plan.objective_tokens_per_s, rel=1e-3)
+    # one pipeline crossing the ocean once: every node at its most layers, ordered region by region
+    order = sorted(plan.nodes, key=lambda n: n.start_layer)
+    assert [n.num_layers for n in order] == [min(problem.profiles.max_layers(cluster.node_map[n.name]), 80)
+                                             for n in order]
+    regions = [cluster.node_map[n.name].region for n in order]
+    assert sum(a != b for a, b in itertools.pairwise(regions)) == 1
+
+
+def test_a_cluster_with_room_to_spare_is_not_forced() -> None:
+    assert forced_counts(problem_for()) is None
