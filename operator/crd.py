@@ -163,7 +163,9 @@ class PlacementSpec(CrdModel):
 
     method: PlacementMethod = Field("milp", description=(
         "Placement method: milp, or a heuristic (greedy-flow, petals, swarm, homogeneous, separate, sp-plus)."))
-    time_limit_seconds: float = Field(60.0, gt=0, description="Wall-clock budget of the solver.")
+    time_limit_seconds: float = Field(60.0, gt=0, description=(
+        "Sets the planner's deterministic work budget (it grows with this) and caps its wall clock; a plan cut by the "
+        "cap says so (wall_cap_hit in the plan's config)."))
     partial_inference: bool = Field(True, description="Let a node run only a suffix of its layers.")
     pruning: int | None = Field(None, ge=0, description=(
         "MILP: network links kept per node after pruning (0: no pruning). Default: the solver's."))
@@ -172,9 +174,10 @@ class PlacementSpec(CrdModel):
         "in the operator's container (docs/profile-format.md)."))
     selection: Literal["auto", "simulate", "estimate", "max-flow"] = Field("auto", description=(
         "milp: which placement to serve. max-flow: the max-flow optimum; estimate: the candidate placement with the "
-        "highest served-throughput estimate; simulate: the shortlisted candidates (the max-flow optimum among them) "
-        "in short offline simulations, the best served wins; auto: simulate on clusters of up to 100 nodes, else "
-        "max-flow. Selection takes up to 70% of timeLimitSeconds (the max-flow search gets the rest)."))
+        "highest served-throughput estimate; simulate: every heuristic baseline as it is, the optimum and the best "
+        "candidates by the estimate in short offline simulations, the best served wins (never below a baseline); "
+        "auto: simulate on clusters of up to 300 nodes, else max-flow. Work is budgeted in deterministic units that "
+        "grow with timeLimitSeconds (same inputs, same plan on any machine); the limit only caps the wall clock."))
 
 
 class SchedulingSpec(CrdModel):
@@ -214,28 +217,61 @@ class WorkersSpec(CrdModel):
 
 
 class SloSpec(CrdModel):
-    """The rollout gate: a plan is rolled out only when it meets every target given here."""
+    """The rollout gate: a plan is rolled out only when its simulation meets every target given here.
+
+    Throughput is judged served, never planned: max flow is an upper bound that long pipelines miss by
+    an order of magnitude. Latency is judged at a load, never at saturation, where every queue is full.
+    """
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "!(has(self.maxP95TtftSeconds) || has(self.maxP95InterTokenSeconds)) || has(self.requestsPerSecond)"
+                 " || has(self.minCapacityRequestsPerSecond)",
+         "message": "a latency target is judged at a load: give requestsPerSecond or minCapacityRequestsPerSecond"},
+        {"rule": "!has(self.minCapacityRequestsPerSecond) || has(self.maxP95TtftSeconds)"
+                 " || has(self.maxP95InterTokenSeconds)",
+         "message": "minCapacityRequestsPerSecond needs maxP95TtftSeconds or maxP95InterTokenSeconds"}]})
 
     min_tokens_per_second: float | None = Field(None, ge=0, description=(
-        "The plan's max flow (planned tokens/s) must reach this."))
+        "Served throughput the plan must reach, in decode (output) tokens per second — prompt tokens not counted, "
+        "the figure of every throughput table in the docs — from the gate's offline simulation with the cluster "
+        "kept full (status.simulatedTokensPerSecond). Never the planned max flow, an upper bound."))
     max_p95_ttft_seconds: float | None = Field(None, gt=0, description=(
-        "Simulated p95 time to first token must stay at or below this."))
+        "p95 time to first token (queueing at the router included) in an online simulation at requestsPerSecond "
+        "must stay at or below this; also a target of the capacity at SLO."))
     max_p95_inter_token_seconds: float | None = Field(None, gt=0, description=(
-        "Simulated p95 time between two output tokens must stay at or below this."))
-    simulation_seconds: float = Field(300.0, gt=0, description=(
-        "Simulated seconds of the gate's simulation (the first seventh is warm-up). Requests through a long pipeline "
-        "take minutes: much shorter runs measure mostly prompt passes. Shortened for fast models so that the plan's "
-        "max flow moves at most 2 million tokens (the simulation's cost grows with tokens, not seconds)."))
+        "p95 time between two output tokens in an online simulation at requestsPerSecond must stay at or below "
+        "this; also a target of the capacity at SLO."))
     requests_per_second: float | None = Field(None, gt=0, description=(
-        "Simulate Poisson arrivals at this rate. Default: offline, the cluster kept full (latencies at saturation)."))
+        "The load latency is judged at: Poisson arrivals at this rate in an online simulation, whose p95 latencies "
+        "go into the status. Needed for the latency targets to gate at this rate."))
+    min_capacity_requests_per_second: float | None = Field(None, gt=0, description=(
+        "The capacity at SLO (the highest request rate whose simulated p95 latencies meet maxP95TtftSeconds and "
+        "maxP95InterTokenSeconds, found by bisection over rates up to the plan's saturated rate) must reach this."))
+    simulation_seconds: float = Field(300.0, gt=0, description=(
+        "Simulated seconds of each gate simulation (the first seventh is warm-up). Requests through a long pipeline "
+        "take minutes: much shorter runs measure mostly prompt passes. Shortened by budgets of simulated work (the "
+        "simulation's cost grows with tokens, not seconds): the offline run stops after 200,000 decode tokens, each "
+        "online run lasts until it has offered at most 30,000."))
+
+    @model_validator(mode="after")
+    def _loads(self) -> SloSpec:
+        latency = self.max_p95_ttft_seconds is not None or self.max_p95_inter_token_seconds is not None
+        if latency and self.requests_per_second is None and self.min_capacity_requests_per_second is None:
+            raise ValueError("a latency target is judged at a load: give slo.requestsPerSecond or "
+                             "slo.minCapacityRequestsPerSecond")
+        if self.min_capacity_requests_per_second is not None and not latency:
+            raise ValueError("slo.minCapacityRequestsPerSecond needs slo.maxP95TtftSeconds or "
+                             "slo.maxP95InterTokenSeconds")
+        return self
 
 
 class ReplanSpec(CrdModel):
     """When a running cluster gets a new plan."""
 
     min_gain_percent: float = Field(10.0, ge=0, description=(
-        "Roll out a new plan only when its planned tokens/s beat the current plan's (on the current nodes) by "
-        "this much; otherwise keep the current plan (reason GainBelowThreshold)."))
+        "Roll out a new plan only when its served decode tokens/s (simulated offline, as slo.minTokensPerSecond) "
+        "beat the current plan's — its layer ranges on the current nodes, simulated the same way — by this much; "
+        "otherwise keep the current plan (reason GainBelowThreshold)."))
     on_node_change: bool = Field(True, description="Re-plan when selected nodes join, leave or change.")
 
 
@@ -274,6 +310,16 @@ class LayerRange(CrdModel):
     node: str = Field(description="Kubernetes node name.")
     start: int = Field(ge=0, description="First layer.")
     end: int = Field(ge=1, description="One past the last layer.")
+    gpus: int | None = Field(None, ge=0, description=(
+        "GPUs of the node this plan claims (no other HelixCluster plans on them while this plan is in force)."))
+
+
+class SkippedNode(CrdModel):
+    """A selected node the plan cannot use, and why."""
+
+    node: str = Field(description="Kubernetes node name.")
+    reason: str = Field(description="NotReady, Unschedulable, NoGPULabels, UnknownGPU, InvalidLabel, GPUsInUse, ...")
+    message: str = Field("", description="What to do about it, with numbers.")
 
 
 class HelixClusterStatus(CrdModel):
@@ -284,12 +330,21 @@ class HelixClusterStatus(CrdModel):
     conditions: list[Condition] = Field(default_factory=list, description="Standard conditions.", json_schema_extra={
         "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
     layers: list[LayerRange] = Field(default_factory=list, description="The plan's layer map.")
-    planned_tokens_per_second: float | None = Field(None, ge=0, description="The plan's max flow.")
+    skipped_nodes: list[SkippedNode] = Field(default_factory=list, description=(
+        "Selected nodes planning could not use, with the reason (nodes the selector leaves out are not listed)."))
+    planned_tokens_per_second: float | None = Field(None, ge=0, description=(
+        "The plan's max flow: an upper bound on throughput, not what it serves."))
     simulated_tokens_per_second: float | None = Field(None, ge=0, description=(
-        "Decode tokens/s the gate's simulation achieved."))
-    simulated_p95_ttft_seconds: float | None = Field(None, ge=0, description="Simulated p95 time to first token.")
+        "Served decode tokens/s in the gate's offline simulation, the cluster kept full: what "
+        "spec.slo.minTokensPerSecond and the re-plan gain are held against."))
+    simulated_p95_ttft_seconds: float | None = Field(None, ge=0, description=(
+        "Simulated p95 time to first token at spec.slo.requestsPerSecond."))
     simulated_p95_inter_token_seconds: float | None = Field(None, ge=0, description=(
-        "Simulated p95 time between output tokens."))
+        "Simulated p95 time between output tokens at spec.slo.requestsPerSecond."))
+    capacity_at_slo_requests_per_second: float | None = Field(None, ge=0, description=(
+        "The highest request rate whose simulated p95 latencies meet the spec's latency targets (0: none does)."))
+    capacity_at_slo_tokens_per_second: float | None = Field(None, ge=0, description=(
+        "The capacity at SLO in decode tokens/s: its request rate × the mean output length."))
     nodes_used: int | None = Field(None, ge=0, description="GPU nodes holding layers.")
     plan_hash: str | None = Field(None, description="Identifies the plan (layers and flows) the router serves.")
     endpoint: str | None = Field(None, description="The router Service URL.")
@@ -334,6 +389,7 @@ def crd_manifest() -> dict[str, Any]:
         ("Nodes", "integer", ".status.nodesUsed"),
         ("Planned tok/s", "number", ".status.plannedTokensPerSecond"),
         ("Simulated tok/s", "number", ".status.simulatedTokensPerSecond"),
+        ("Capacity req/s", "number", ".status.capacityAtSloRequestsPerSecond"),
         ("Endpoint", "string", ".status.endpoint"),
         ("Age", "date", ".metadata.creationTimestamp"),
     ]

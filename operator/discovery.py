@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from helix.operator.crd import GROUP, HelixClusterSpec
+from helix.operator.gpus import RESOURCE_GPU, GpuUsage, gpu_quantity
 from helix.simulator.cluster import COORDINATOR, Cluster, Coordinator, GpuNode, LinkSpec, MeshDefaults, RegionLink
 from helix.simulator.errors import HelixInputError
 from helix.simulator.gpus import GPU_SPECS, resolve_gpu
@@ -29,7 +30,6 @@ LABEL_GPU_COUNT = "nvidia.com/gpu.count"
 LABEL_GPU_MEMORY = "nvidia.com/gpu.memory"  # MiB per GPU
 LABEL_REGION = "topology.kubernetes.io/region"
 LABEL_ZONE = "topology.kubernetes.io/zone"
-RESOURCE_GPU = "nvidia.com/gpu"
 ANNOTATION_GPU_TYPE = f"{GROUP}/gpu-type"
 ANNOTATION_REGION = f"{GROUP}/region"
 ANNOTATION_NIC = f"{GROUP}/nic-bandwidth-gbps"
@@ -46,6 +46,7 @@ class SkipReason(StrEnum):
     UNKNOWN_GPU = "UnknownGPU"
     INVALID_LABEL = "InvalidLabel"
     RESERVED_NAME = "ReservedName"
+    GPUS_IN_USE = "GPUsInUse"
 
 
 class DiscoveredNode(BaseModel):
@@ -61,6 +62,7 @@ class DiscoveredNode(BaseModel):
     zone: str | None
     nic_gbps: float
     gpu_source: str
+    gpus_held_by_others: int = 0
 
     def gpu_node(self) -> GpuNode:
         vram = None if self.gpu_memory_mib is None else float(self.gpu_memory_mib * MIB * self.gpu_count)
@@ -105,8 +107,11 @@ class _Skip(Exception):
         self.message = message
 
 
-def discover(spec: HelixClusterSpec, nodes: Sequence[Mapping[str, Any]], name: str = "helixcluster") -> Discovery:
-    """Select, read and check every node; build the cluster from the usable ones."""
+def discover(spec: HelixClusterSpec, nodes: Sequence[Mapping[str, Any]], name: str = "helixcluster",
+             usage: GpuUsage | None = None) -> Discovery:
+    """Select, read and check every node; build the cluster from the usable ones, each with the GPUs that
+    others (`usage`: pods and other HelixClusters) do not hold."""
+    usage = usage or GpuUsage()
     wanted = set(spec.nodes.names) if spec.nodes.names is not None else None
     usable: list[DiscoveredNode] = []
     skipped: list[SkippedNode] = []
@@ -127,7 +132,7 @@ def discover(spec: HelixClusterSpec, nodes: Sequence[Mapping[str, Any]], name: s
                                        message=f"does not match the selector ({text})"))
             continue
         try:
-            usable.append(read_node(node, node_name, spec.network.nic_bandwidth_gbps))
+            usable.append(read_node(node, node_name, spec.network.nic_bandwidth_gbps, usage))
         except _Skip as skip:
             skipped.append(SkippedNode(name=node_name, reason=skip.reason, message=skip.message))
     for missing_name in sorted((wanted or set()) - seen):
@@ -137,8 +142,8 @@ def discover(spec: HelixClusterSpec, nodes: Sequence[Mapping[str, Any]], name: s
     return Discovery(nodes=usable, skipped=skipped, cluster=build_cluster(spec, usable, name) if usable else None)
 
 
-def read_node(node: Mapping[str, Any], name: str, default_nic_gbps: float) -> DiscoveredNode:
-    """One node's planning facts; raises `_Skip` with the reason it cannot be used."""
+def read_node(node: Mapping[str, Any], name: str, default_nic_gbps: float, usage: GpuUsage) -> DiscoveredNode:
+    """One node's planning facts, with the GPUs free for us; raises `_Skip` with the reason it cannot be used."""
     metadata = node.get("metadata") or {}
     labels: Mapping[str, str] = metadata.get("labels") or {}
     annotations: Mapping[str, str] = metadata.get("annotations") or {}
@@ -156,13 +161,18 @@ def read_node(node: Mapping[str, Any], name: str, default_nic_gbps: float) -> Di
 
     gpu, source = _gpu_type(labels, annotations)
     count = _gpu_count(labels, status)
+    held = usage.held(name)
+    if held >= count:
+        holders = ", ".join(f"{h.owner} ({h.gpus})" for h in usage.on(name))
+        what = f"all {count} GPUs are" if count > 1 else "its GPU is"
+        raise _Skip(SkipReason.GPUS_IN_USE, f"{what} held by others: {holders}")
     memory = _positive_int(labels, LABEL_GPU_MEMORY) if LABEL_GPU_MEMORY in labels else None
     nic = default_nic_gbps
     if ANNOTATION_NIC in annotations:
         nic = _positive_number(annotations[ANNOTATION_NIC], f"annotation {ANNOTATION_NIC}")
     region = annotations.get(ANNOTATION_REGION) or labels.get(LABEL_REGION) or DEFAULT_REGION
-    return DiscoveredNode(name=name, gpu=gpu, gpu_count=count, gpu_memory_mib=memory, region=region,
-                          zone=labels.get(LABEL_ZONE), nic_gbps=nic, gpu_source=source)
+    return DiscoveredNode(name=name, gpu=gpu, gpu_count=count - held, gpu_memory_mib=memory, region=region,
+                          zone=labels.get(LABEL_ZONE), nic_gbps=nic, gpu_source=source, gpus_held_by_others=held)
 
 
 def _gpu_type(labels: Mapping[str, str], annotations: Mapping[str, str]) -> tuple[str, str]:
@@ -187,9 +197,12 @@ def _gpu_type(labels: Mapping[str, str], annotations: Mapping[str, str]) -> tupl
 
 
 def _gpu_count(labels: Mapping[str, str], status: Mapping[str, Any]) -> int:
-    """GFD's count label, else the allocatable (then capacity) nvidia.com/gpu resource, else one GPU."""
+    """GFD's count label (at most the allocatable nvidia.com/gpu, when the node advertises some: what the
+    scheduler hands out), else the allocatable (then capacity) resource, else one GPU."""
+    allocatable = (status.get("allocatable") or {}).get(RESOURCE_GPU)
     if LABEL_GPU_COUNT in labels:
-        return _positive_int(labels, LABEL_GPU_COUNT)
+        count = _positive_int(labels, LABEL_GPU_COUNT)
+        return min(count, gpu_quantity(allocatable)) if gpu_quantity(allocatable) > 0 else count
     for field in ("allocatable", "capacity"):
         value = (status.get(field) or {}).get(RESOURCE_GPU)
         if value is not None:

@@ -1,22 +1,25 @@
 """The kopf handlers: what the operator reacts to, and which reconcile step each event starts.
 
 - HelixCluster created, changed (spec or annotations) or found at start-up → `reconcile`.
-- A Node joined, left, or changed a fact planning reads (labels, our annotations, readiness,
-  cordon, allocatable GPUs — not heartbeats) → every HelixCluster whose selection that changes
-  gets a new `helix.ai/nodes-fingerprint` annotation, which is an update like any other: kopf
-  serializes it with the cluster's other changes, retries it with backoff, and the fingerprint on
-  the object shows what the operator last saw.
+- Something planning reads changed → every HelixCluster whose planning input that changes gets a
+  new `helix.ai/nodes-fingerprint` annotation, which is an update like any other: kopf serializes
+  it with the cluster's other changes, retries it with backoff, and the fingerprint on the object
+  shows what the operator last saw. Such changes: a Node joined, left, or changed a fact planning
+  reads (labels, our annotations, readiness, cordon, allocatable GPUs — not heartbeats); a pod
+  requesting GPUs was bound to a node, finished or went; a HelixCluster was deleted (its GPUs are free).
 - A worker pod or router Deployment changed → readiness refresh of its HelixCluster.
 - A HelixCluster deleted → its metric series go; its objects go by garbage collection (owner references,
   so there is no finalizer to get stuck on, even with the operator down).
 
-kopf never retries an event handler (it logs the error and waits for the next event), so the two
-event handlers that write retry their API calls themselves (`retried`); a node change still unmarked
-after that is redone on the next node event of any node, heartbeats included.
+kopf never retries an event handler (it logs the error and waits for the next event), so the
+event handlers that write retry their API calls themselves (`retried`); a change still unmarked
+after that is redone on the next node or GPU pod event, heartbeats included.
 
 Two in-memory indexes keep what the handlers need without listing the API on every event: the
-Nodes (only the fields planning reads) and the HelixClusters (spec, pause, fingerprint). kopf passes
-them to every handler as keyword arguments named after the index functions.
+Nodes (only the fields planning reads) and the HelixClusters (spec, pause, fingerprint, and the
+GPUs its plan claims). kopf passes them to every handler as keyword arguments named after the
+index functions. Pods are the exception: GPUs held in namespaces the operator does not watch count
+too, so marking and reconciling read them with one cluster-wide list.
 """
 
 from __future__ import annotations
@@ -24,15 +27,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import kopf
 from pydantic import ValidationError
 
 from helix.operator.crd import GROUP, KIND, PLURAL, VERSION, HelixClusterSpec
-from helix.operator.discovery import ANNOTATION_GPU_TYPE, ANNOTATION_NIC, ANNOTATION_REGION, RESOURCE_GPU
-from helix.operator.kube import HELIX_CLUSTERS, ApiError
+from helix.operator.discovery import ANNOTATION_GPU_TYPE, ANNOTATION_NIC, ANNOTATION_REGION
+from helix.operator.gpus import RESOURCE_GPU, gpu_usage, holds_gpus, pod_gpus
+from helix.operator.kube import HELIX_CLUSTERS, PODS, ApiError
 from helix.operator.reconcile import Logger, Runtime, node_fingerprint, reconcile, refresh_readiness
 from helix.operator.resources import APP, CLUSTER_LABEL, COMPONENT_LABEL, MANAGED_BY_LABEL, MANAGER, NAME_LABEL
 from helix.operator.status import paused
@@ -108,10 +112,17 @@ def helix_nodes(name: str, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
-def helix_clusters(namespace: str | None, name: str, meta: kopf.Meta, spec: kopf.Spec,
+def helix_clusters(namespace: str | None, name: str, meta: kopf.Meta, spec: kopf.Spec, status: kopf.Status,
                    **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
-    return {(str(namespace), name): {"spec": dict(spec), "paused": paused(meta),
+    # "claim": the object reduced to what holds GPUs (its plan's layers), as operator/gpus.py reads HelixClusters.
+    claim = {"metadata": {"namespace": namespace, "name": name}, "status": {"layers": list(status.get("layers") or [])}}
+    return {(str(namespace), name): {"spec": dict(spec), "paused": paused(meta), "claim": claim,
                                 "fingerprint": (meta.get("annotations") or {}).get(FINGERPRINT_ANNOTATION)}}
+
+
+def claims_of(index: kopf.Index[tuple[str, str], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every HelixCluster's claim on GPUs, as the index holds it now."""
+    return [entry["claim"] for store in index.values() for entry in store]
 
 
 # -- HelixCluster -----------------------------------------------------------------------------------
@@ -120,12 +131,15 @@ def helix_clusters(namespace: str | None, name: str, meta: kopf.Meta, spec: kopf
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
 async def reconcile_cluster(body: kopf.Body, memo: Any, logger: Logger, **indexes: Any) -> None:
-    await reconcile(runtime(memo), body, all_nodes(indexes["helix_nodes"]), logger)
+    await reconcile(runtime(memo), body, all_nodes(indexes["helix_nodes"]),
+                    lambda: claims_of(indexes["helix_clusters"]), logger)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def forget_cluster(type: str, namespace: str | None, name: str, memo: Any, **_: Any) -> None:
-    """A deleted HelixCluster's series and bookkeeping go (an event handler: no finalizer to block deletion).
+async def forget_cluster(type: str, namespace: str | None, name: str, memo: Any, logger: Logger,
+                         **indexes: Any) -> None:
+    """A deleted HelixCluster's series and bookkeeping go (an event handler: no finalizer to block deletion),
+    and the others may plan on the GPUs it held.
 
     Under the cluster's lock, so a status update still in flight finishes first; later ones find no object.
     """
@@ -133,6 +147,7 @@ async def forget_cluster(type: str, namespace: str | None, name: str, memo: Any,
         rt = runtime(memo)
         async with rt.lock(f"{namespace}/{name}"):
             rt.forget(str(namespace), name)
+        await changed(rt, f"HelixCluster {namespace}/{name} deleted", logger, indexes)
 
 
 # -- Nodes ------------------------------------------------------------------------------------------
@@ -140,21 +155,44 @@ async def forget_cluster(type: str, namespace: str | None, name: str, memo: Any,
 @kopf.on.event("", "v1", "nodes")
 async def node_changed(type: str | None, name: str, body: kopf.Body, memo: Any, logger: Logger, **indexes: Any) -> None:
     rt = runtime(memo)
-    seen = None if type == "DELETED" else digest(node_facts(body))
-    changed = rt.node_digests.get(name) != seen
+    new = remember(rt.node_digests, name, None if type == "DELETED" else digest(node_facts(body)))
+    # Not new: a heartbeat or a field planning does not read. The initial listing (type None) is not a change:
+    # each HelixCluster's resume reconcile compares the nodes against its plan anyway.
+    if (new and type is not None) or rt.change_unmarked:
+        await changed(rt, f"node {name}", logger, indexes)
+
+
+@kopf.on.event("", "v1", "pods", when=lambda body, **_: pod_gpus(body) > 0)
+async def gpu_pod_changed(type: str | None, namespace: str | None, name: str, body: kopf.Body, memo: Any,
+                          logger: Logger, **indexes: Any) -> None:
+    """A pod requesting GPUs was bound, finished or went: the GPUs free for each HelixCluster may have changed."""
+    rt = runtime(memo)
+    claim = {"node": (body.get("spec") or {}).get("nodeName"), "gpus": pod_gpus(body)}
+    holds = type != "DELETED" and holds_gpus(body)
+    new = remember(rt.pod_digests, (str(namespace), name), digest(claim) if holds else None)
+    if (new and type is not None) or rt.change_unmarked:
+        await changed(rt, f"GPUs of pod {namespace}/{name}", logger, indexes)
+
+
+def remember(digests: dict[Any, str], key: Any, seen: str | None) -> bool:
+    """Record what an object looks like now (None: gone); True when that differs from before."""
+    before = digests.get(key)
     if seen is None:
-        rt.node_digests.pop(name, None)
+        digests.pop(key, None)
     else:
-        rt.node_digests[name] = seen
-    if not rt.node_change_unmarked and (not changed or type is None):
-        # A heartbeat or a field planning does not read; or the initial listing, after which each
-        # HelixCluster's resume reconcile compares the nodes against its plan anyway.
-        return
+        digests[key] = seen
+    return before != seen
+
+
+async def changed(rt: Runtime, what: str, logger: Logger, indexes: Mapping[str, Any]) -> None:
+    """Something planning reads changed: mark the HelixClusters it concerns (retried; if the API keeps refusing,
+    the next node or GPU pod event tries again, heartbeats included)."""
     # Cleared before the indexes are read, so a change that failed meanwhile sets it again and is not lost.
-    rt.node_change_unmarked = False
-    if not await retried(rt, logger, "marking HelixClusters for re-planning", lambda: mark_node_change(
+    rt.change_unmarked = False
+    logger.debug("planning input changed: %s", what)
+    if not await retried(rt, logger, "marking HelixClusters for re-planning", lambda: mark_changes(
             rt, clusters_of(indexes["helix_clusters"]), all_nodes(indexes["helix_nodes"]), logger)):
-        rt.node_change_unmarked = True
+        rt.change_unmarked = True
 
 
 def clusters_of(index: kopf.Index[tuple[str, str], dict[str, Any]]) -> list[tuple[tuple[str, str], dict[str, Any]]]:
@@ -162,13 +200,16 @@ def clusters_of(index: kopf.Index[tuple[str, str], dict[str, Any]]) -> list[tupl
     return [(key, entry) for key, store in index.items() for entry in store]
 
 
-async def mark_node_change(rt: Runtime, clusters: Iterable[tuple[tuple[str, str], dict[str, Any]]],
-                           nodes: list[dict[str, Any]], logger: Logger) -> None:
-    """Annotate each HelixCluster whose selected nodes' facts differ from what its annotation says.
+async def mark_changes(rt: Runtime, clusters: list[tuple[tuple[str, str], dict[str, Any]]],
+                       nodes: list[dict[str, Any]], logger: Logger) -> None:
+    """Annotate each HelixCluster whose selected nodes' facts (the GPUs others hold on them included) differ from
+    what its annotation says.
 
     A cluster refusing the patch does not hold up the others: the first error is raised after all were tried.
     """
     failure: ApiError | None = None
+    pods = await rt.call(rt.kube.list, PODS, None)  # one cluster-wide read for every HelixCluster
+    claims = [entry["claim"] for _, entry in clusters]
     for (namespace, name), entry in clusters:
         if entry["paused"]:
             continue
@@ -178,7 +219,8 @@ async def mark_node_change(rt: Runtime, clusters: Iterable[tuple[tuple[str, str]
             continue  # its reconcile reports the spec
         if not spec.replan.on_node_change:
             continue
-        fingerprint = await rt.call(node_fingerprint, spec, nodes, name)
+        usage = gpu_usage(pods, claims, (namespace, name))
+        fingerprint = await rt.call(node_fingerprint, spec, nodes, name, usage)
         if fingerprint in (entry["fingerprint"], rt.fingerprints.get((namespace, name))):
             continue  # already on the object, or already sent (the index has not caught up yet)
         try:

@@ -5,14 +5,17 @@ never interleave their status writes):
 1. paused → phase Paused, nothing else touched;
 2. the spec parses (else InvalidSpec, a permanent error until the spec changes);
 3. the plan in force is read back from the plan ConfigMap; when the planning inputs (the spec's
-   planning fields, the selected nodes' facts, the operator version) hash to what that plan was last
-   decided on, nothing is solved again: the objects are re-applied as they are (a restarted operator,
-   a retry, a router-only spec edit);
+   planning fields, the selected nodes' facts and the GPUs others hold on them, the operator
+   version) hash to what that plan was last decided on, nothing is solved again: the objects are
+   re-applied as they are (a restarted operator, a retry, a router-only spec edit);
 4. otherwise `plan_for` runs in the planner pool (a MILP is seconds of CPU; the event loop keeps
    serving other clusters and the health endpoint) and decides: a new plan to roll out, the current
    one to keep, or nothing that can serve;
-5. the objects of the plan in force are applied (create / patch / re-create, stale workers deleted);
-6. status: planning's fields and conditions, the runtime's readiness conditions, phase, endpoint.
+5. under the operator-wide claims lock: a new plan's GPUs are checked to be still free (another
+   HelixCluster may have claimed some meanwhile: then plan again), the objects of the plan in force
+   are applied (create / patch / re-create, stale workers deleted), and
+6. status is written: planning's fields and conditions (the layers with the GPUs claimed), the
+   runtime's readiness conditions, phase, endpoint.
 
 Failures: an API error becomes a `Ready=False RolloutFailed` condition and a kopf temporary error
 (retried after `retry_delay_seconds`); a spec the API server or the planner rejects is permanent
@@ -39,8 +42,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from helix import __version__
 from helix.operator.apply import Applied, ForeignObjectError, apply_objects, component_pods
 from helix.operator.crd import ConditionType, HelixClusterSpec, Reason
-from helix.operator.discovery import RESOURCE_GPU, discover
-from helix.operator.kube import CONFIG_MAPS, DEPLOYMENTS, HELIX_CLUSTERS, ApiError, KubeClient
+from helix.operator.discovery import discover
+from helix.operator.gpus import RESOURCE_GPU, GpuUsage, gpu_usage
+from helix.operator.kube import CONFIG_MAPS, DEPLOYMENTS, HELIX_CLUSTERS, PODS, ApiError, KubeClient
 from helix.operator.metrics import MetricsServer, OperatorMetrics
 from helix.operator.planning import PlanningOutcome, PreviousPlan, plan_for, plan_hash
 from helix.operator.resources import (
@@ -116,16 +120,21 @@ def read_in_force(config_map: Mapping[str, Any] | None) -> InForce | None:
         return None
 
 
-def node_fingerprint(spec: HelixClusterSpec, nodes: Sequence[Mapping[str, Any]], name: str) -> str:
-    """What a HelixCluster's planning sees of the nodes (tens of ms at a thousand nodes: run it in a thread)."""
-    return discover(spec, nodes, name).fingerprint()
+def node_fingerprint(spec: HelixClusterSpec, nodes: Sequence[Mapping[str, Any]], name: str, usage: GpuUsage) -> str:
+    """What a HelixCluster's planning sees of the nodes, the GPUs others hold on them included (tens of ms at a
+    thousand nodes: run it in a thread)."""
+    return discover(spec, nodes, name, usage).fingerprint()
 
 
-def inputs_hash(spec: HelixClusterSpec, nodes: Sequence[Mapping[str, Any]], name: str) -> str:
+def inputs_hash(spec: HelixClusterSpec, nodes: Sequence[Mapping[str, Any]], name: str, usage: GpuUsage) -> str:
     """Changes exactly when planning could decide differently: planning spec fields, node facts, our version."""
     body = {"version": __version__, "spec": spec.model_dump(mode="json", include=PLANNING_FIELDS),
-            "nodes": node_fingerprint(spec, nodes, name)}
+            "nodes": node_fingerprint(spec, nodes, name, usage)}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+#: Other HelixClusters as minimal objects (metadata and status.layers): their claims on GPUs, read when needed.
+Claims = Callable[[], list[dict[str, Any]]]
 
 
 class Runtime:
@@ -142,9 +151,14 @@ class Runtime:
         self.node_digests: dict[str, str] = {}
         #: The nodes fingerprint last written on each HelixCluster (namespace, name).
         self.fingerprints: dict[tuple[str, str], str] = {}
-        #: A node change some HelixCluster may not have been marked for (the API kept refusing): the next
-        #: node event, even a heartbeat, tries again.
-        self.node_change_unmarked = False
+        #: A change of nodes or GPU pods some HelixCluster may not have been marked for (the API kept refusing):
+        #: the next node or GPU pod event, even a heartbeat, tries again.
+        self.change_unmarked = False
+        #: Digest of each GPU-holding pod's claim (node, GPUs), to ignore pod events that change no claim.
+        self.pod_digests: dict[tuple[str, str], str] = {}
+        #: One HelixCluster at a time checks that its new plan's GPUs are still free and claims them (creates
+        #: its workers, publishes its layers): two plans made at once on the same GPUs never both roll out.
+        self.claims_lock = asyncio.Lock()
 
     @classmethod
     def start(cls, settings: OperatorSettings) -> Runtime:
@@ -170,6 +184,11 @@ class Runtime:
         """Blocking work (an API call, node discovery over many nodes), off the event loop."""
         return await asyncio.to_thread(fn, *args)
 
+    def gpu_usage(self, me: tuple[str, str] | None, clusters: Sequence[Mapping[str, Any]]) -> GpuUsage:
+        """GPUs held by every pod in the cluster (a cluster-wide read: a foreign pod in any namespace holds its
+        GPUs) and by the other HelixClusters' plans. Blocking: run it in a thread."""
+        return gpu_usage(self.kube.list(PODS, None), clusters, me)
+
     @property
     def images(self) -> Images:
         return Images(worker=self.settings.worker_image, router=self.settings.router_image)
@@ -177,13 +196,14 @@ class Runtime:
 
 # -- the reconcile ----------------------------------------------------------------------------------
 
-async def reconcile(rt: Runtime, body: kopf.Body, nodes: Sequence[Mapping[str, Any]], logger: Logger = log) -> str:
+async def reconcile(rt: Runtime, body: kopf.Body, nodes: Sequence[Mapping[str, Any]], claims: Claims,
+                    logger: Logger = log) -> str:
     """Reconcile one HelixCluster; returns the result counted in helix_operator_reconciles_total."""
     owner = Owner.from_body(body)
     result = "error"
     try:
         async with rt.lock(owner.key):
-            result = await _reconcile(rt, owner, body, nodes, logger)
+            result = await _reconcile(rt, owner, body, nodes, claims, logger)
     except kopf.PermanentError:
         result = "invalid"
         raise
@@ -205,7 +225,7 @@ async def reconcile(rt: Runtime, body: kopf.Body, nodes: Sequence[Mapping[str, A
 
 
 async def _reconcile(rt: Runtime, owner: Owner, body: kopf.Body, nodes: Sequence[Mapping[str, Any]],
-                     logger: Logger) -> str:
+                     claims: Claims, logger: Logger) -> str:
     meta = body["metadata"]
     generation = meta.get("generation")
     if paused(meta):
@@ -229,7 +249,8 @@ async def _reconcile(rt: Runtime, owner: Owner, body: kopf.Body, nodes: Sequence
 
     config_map = await rt.call(rt.kube.get, CONFIG_MAPS, owner.namespace, plan_config_map_name(owner))
     in_force = read_in_force(config_map)
-    inputs = await rt.call(inputs_hash, spec, nodes, owner.name)
+    usage = await rt.call(rt.gpu_usage, (owner.namespace, owner.name), claims())
+    inputs = await rt.call(inputs_hash, spec, nodes, owner.name, usage)
     live = await rt.call(rt.kube.get, HELIX_CLUSTERS, owner.namespace, owner.name)
     reported = ((live or {}).get("status") or {}).get("planHash")
     if in_force is not None and in_force.inputs_hash == inputs and reported == in_force.plan_hash:
@@ -239,7 +260,7 @@ async def _reconcile(rt: Runtime, owner: Owner, body: kopf.Body, nodes: Sequence
                       generation, applied=True)
         return "unchanged"
 
-    outcome = await solve(rt, owner, spec, nodes, in_force)
+    outcome = await solve(rt, owner, spec, nodes, in_force, usage)
     for line in outcome.summary:
         logger.info("%s", line)
     status = dict(outcome.status)
@@ -255,10 +276,14 @@ async def _reconcile(rt: Runtime, owner: Owner, body: kopf.Body, nodes: Sequence
     else:
         target = None
         result = "invalid" if any(c.get("reason") == Reason.INVALID_SPEC.value for c in conditions) else "failed"
-    if target is not None:
-        status["endpoint"] = endpoint(owner, spec)
-        await roll_out(rt, owner, spec, target, nodes, generation, status, conditions)
-    await publish(rt, owner, spec, status | {"observedGeneration": generation}, conditions, generation, applied=True)
+    async with rt.claims_lock:
+        if target is not None:
+            if result == "rolled_out":
+                await check_still_free(rt, owner, spec, target, nodes, claims)
+            status["endpoint"] = endpoint(owner, spec)
+            await roll_out(rt, owner, spec, target, nodes, generation, status, conditions)
+        await publish(rt, owner, spec, status | {"observedGeneration": generation}, conditions, generation,
+                      applied=True)
     if result == "rolled_out" and target is not None:
         kopf.event(body, type="Normal", reason="RolledOut", message=str(status.get("message") or "new plan"))
         cpu_only = cpu_worker_nodes(target, nodes)
@@ -271,6 +296,22 @@ async def _reconcile(rt: Runtime, owner: Owner, body: kopf.Body, nodes: Sequence
     return result
 
 
+async def check_still_free(rt: Runtime, owner: Owner, spec: HelixClusterSpec, target: InForce,
+                           nodes: Sequence[Mapping[str, Any]], claims: Claims) -> None:
+    """Before claiming a new plan's GPUs (under `claims_lock`): are they still free? Another HelixCluster may have
+    claimed some while this one planned; then plan again (a temporary error: kopf retries the reconcile)."""
+    usage = await rt.call(rt.gpu_usage, (owner.namespace, owner.name), claims())
+    now = await rt.call(discover, spec, nodes, owner.name, usage)
+    free = {n.name: n.gpu_count for n in now.nodes}
+    taken = [f"{n.name} ({', '.join(h.owner for h in usage.on(n.name)) or 'gone'})"
+             for n in target.cluster.nodes if n.name in target.plan.ranges and free.get(n.name, 0) < n.gpu_count]
+    if taken:
+        message = f"GPUs claimed by others while planning: {', '.join(taken)}; planning again"
+        log.info("%s: %s", owner.key, message)
+        await publish(rt, owner, spec, {"message": message}, [], None, readiness=False)
+        raise kopf.TemporaryError(message, delay=rt.settings.retry_delay_seconds)
+
+
 def cpu_worker_nodes(target: InForce, nodes: Sequence[Mapping[str, Any]]) -> list[str]:
     """The plan's nodes whose worker gets no GPU, because the node's allocatable lists none."""
     gpus = node_gpus(nodes)
@@ -278,7 +319,7 @@ def cpu_worker_nodes(target: InForce, nodes: Sequence[Mapping[str, Any]]) -> lis
 
 
 async def solve(rt: Runtime, owner: Owner, spec: HelixClusterSpec, nodes: Sequence[Mapping[str, Any]],
-                in_force: InForce | None) -> PlanningOutcome:
+                in_force: InForce | None, usage: GpuUsage) -> PlanningOutcome:
     previous = None if in_force is None else PreviousPlan(plan=in_force.plan,
                                                           planned_tokens_per_second=in_force.planned_tokens_per_second)
     await publish(rt, owner, spec, {"phase": "Planning"}, [], None)
@@ -286,7 +327,7 @@ async def solve(rt: Runtime, owner: Owner, spec: HelixClusterSpec, nodes: Sequen
     loop = asyncio.get_running_loop()
     try:
         return await loop.run_in_executor(rt.planner, functools.partial(plan_for, spec, list(nodes), previous,
-                                                                        name=owner.name))
+                                                                        name=owner.name, usage=usage))
     finally:
         rt.metrics.solve_seconds.observe(time.monotonic() - started)
 

@@ -9,8 +9,9 @@ What a rollout consists of:
   (`<pod>.<name>-workers.<ns>.svc`), published before the pod is ready: the router knows every
   worker's address before the pods have IPs, and a restarted worker keeps its address.
 - One worker Pod per plan node, pinned there with `nodeName` (the plan is per node; the scheduler
-  has nothing to choose), requesting the node's GPUs. A node that advertises no `nvidia.com/gpu`
-  (a CPU try-out cluster with fake GPU labels) gets a CPU worker instead.
+  has nothing to choose), requesting the GPUs the plan was made with: those of the node that no one
+  else held (`operator/gpus.py`). A node that advertises no `nvidia.com/gpu` (a CPU try-out cluster
+  with fake GPU labels) gets a CPU worker instead.
 - The router Deployment and its Service `<name>-router` — the cluster's endpoint.
 
 Every object carries the HelixCluster as controlling owner (deleted with it by garbage collection),
@@ -31,7 +32,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from helix.operator.crd import API_VERSION, KIND, ContainerResources, HelixClusterSpec
-from helix.operator.discovery import RESOURCE_GPU
+from helix.operator.gpus import RESOURCE_GPU
 from helix.operator.kube import CONFIG_MAPS, DEPLOYMENTS, PODS, SERVICES, Kind
 from helix.simulator.cluster import Cluster, dump_cluster_yaml
 from helix.simulator.plan import NodeAssignment, Plan
@@ -322,7 +323,7 @@ def container_resources(given: ContainerResources | None, gpus: int = 0) -> dict
 def worker_pod(rollout: Rollout, node: NodeAssignment, weights: WeightsMount) -> dict[str, Any]:
     owner, spec = rollout.owner, rollout.spec
     port = spec.workers.port
-    gpus = rollout.node_gpus[node.name]
+    gpus = worker_gpus(rollout, node.name)
     layers = f"{node.start_layer}:{node.end_layer}"
     name = worker_pod_name(owner, node.name)
     command = ["helix", "worker", "--model", weights.model_dir, "--layers", layers,
@@ -359,6 +360,14 @@ def worker_pod(rollout: Rollout, node: NodeAssignment, weights: WeightsMount) ->
     stamped(pod)  # the hash leaves the plan hash out: a re-plan that keeps these layers keeps the pod
     metadata["annotations"][PLAN_HASH_ANNOTATION] = rollout.plan_hash
     return pod
+
+
+def worker_gpus(rollout: Rollout, node: str) -> int:
+    """GPUs a plan node's worker requests: those the plan was made with (what others left free), at most the
+    node's allocatable; 0 on a node that advertises none (a CPU worker)."""
+    allocatable = rollout.node_gpus[node]
+    planned = rollout.cluster.node_map[node].gpu_count if node in rollout.cluster.node_map else allocatable
+    return min(planned, allocatable)
 
 
 def router_command(rollout: Rollout, weights: WeightsMount) -> list[str]:

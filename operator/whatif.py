@@ -1,10 +1,12 @@
 """The dry run: what the operator would do with a HelixCluster on a list of nodes, with what-if edits.
 
 Inputs are what `kubectl` prints (`kubectl get hxc NAME -o yaml`, `kubectl get nodes -o yaml`), so
-a dry run needs no cluster access at run time. Edits add synthetic GPU nodes (`4xL4@eu-west`) or
-remove nodes by name. With edits and no current plan given, the unedited nodes are planned first
-and that plan plays the current one, so the re-plan policy (gain threshold, layers moved) shows
-exactly as the operator would apply it when those nodes join or leave.
+a dry run needs no cluster access at run time; `kubectl get nodes,pods,hxc -A -o yaml` adds what
+holds GPUs already (pods, other HelixClusters), which the dry run leaves alone as the operator does.
+Edits add synthetic GPU nodes (`4xL4@eu-west`) or remove nodes by name. With edits and no current
+plan given, the unedited nodes are planned first and that plan plays the current one, so the re-plan
+policy (gain threshold, layers moved) shows exactly as the operator would apply it when those nodes
+join or leave.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +22,15 @@ import yaml
 from pydantic import ValidationError
 
 from helix.operator import resources
-from helix.operator.crd import HelixCluster, HelixClusterSpec
+from helix.operator.crd import KIND, HelixCluster, HelixClusterSpec
 from helix.operator.discovery import (
     LABEL_GPU_COUNT,
     LABEL_GPU_MEMORY,
     LABEL_GPU_PRODUCT,
     LABEL_REGION,
-    RESOURCE_GPU,
     discover,
 )
+from helix.operator.gpus import RESOURCE_GPU, gpu_usage
 from helix.operator.planning import PlanningOutcome, PreviousPlan, plan_for, plan_hash
 from helix.operator.settings import DEFAULT_ROUTER_IMAGE, DEFAULT_WORKER_IMAGE
 from helix.simulator.errors import HelixInputError, pydantic_message
@@ -80,8 +82,22 @@ def load_helixcluster(path: Path) -> HelixCluster:
         raise HelixInputError(pydantic_message(exc), str(path)) from exc
 
 
-def load_nodes(path: Path) -> list[dict[str, Any]]:
-    """Node objects from `kubectl get nodes -o yaml` (a List), one Node, or a YAML list of Nodes."""
+@dataclass(frozen=True)
+class Inventory:
+    """What `kubectl get nodes,pods,hxc -A -o yaml` prints: the Nodes, and what holds GPUs on them (pods, and
+    HelixClusters whose status claims GPUs)."""
+
+    nodes: list[dict[str, Any]]
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    helix_clusters: list[dict[str, Any]] = field(default_factory=list)
+
+
+#: The kinds an inventory file may hold, and where each goes.
+_INVENTORY_KINDS = {"Node": "nodes", "Pod": "pods", KIND: "helix_clusters"}
+
+
+def load_inventory(path: Path) -> Inventory:
+    """A List (`kubectl get nodes[,pods,hxc] -A -o yaml`), one Node, or a YAML list of objects."""
     data = _load_yaml(path)
     if isinstance(data, dict) and "items" in data:
         items = data["items"]
@@ -91,12 +107,15 @@ def load_nodes(path: Path) -> list[dict[str, Any]]:
         items = data
     if not isinstance(items, list):
         raise HelixInputError("expected `kubectl get nodes -o yaml` output (a List of Node objects)", str(path))
+    found: dict[str, list[dict[str, Any]]] = {"nodes": [], "pods": [], "helix_clusters": []}
     for i, item in enumerate(items):
-        if not isinstance(item, dict) or item.get("kind", "Node") != "Node":
-            raise HelixInputError(f"items[{i}] is not a Node object", str(path))
+        kind = item.get("kind", "Node") if isinstance(item, dict) else None
+        if kind not in _INVENTORY_KINDS:
+            raise HelixInputError(f"items[{i}] is not a Node, Pod or {KIND} object", str(path))
         if not isinstance(item.get("metadata"), dict) or not item["metadata"].get("name"):
             raise HelixInputError(f"items[{i}] has no metadata.name", str(path))
-    return items
+        found[_INVENTORY_KINDS[kind]].append(item)
+    return Inventory(**found)
 
 
 def _load_yaml(path: Path) -> Any:
@@ -169,20 +188,23 @@ def apply_edits(spec: HelixClusterSpec, nodes: Sequence[Mapping[str, Any]], addi
 
 def dry_run(cluster: HelixCluster, nodes: Sequence[Mapping[str, Any]], additions: Sequence[NodeAddition] = (),
             removals: Sequence[str] = (), previous: PreviousPlan | None = None,
-            progress: Callable[[str], None] | None = None) -> DryRun:
-    """Plan as the operator would; with edits and no `previous`, against the unedited nodes' plan."""
+            progress: Callable[[str], None] | None = None, *, pods: Sequence[Mapping[str, Any]] = (),
+            helix_clusters: Sequence[Mapping[str, Any]] = ()) -> DryRun:
+    """Plan as the operator would, on the GPUs that `pods` and other `helix_clusters` leave free; with edits and
+    no `previous`, against the unedited nodes' plan."""
     spec = cluster.spec
+    usage = gpu_usage(pods, helix_clusters, (cluster.namespace, cluster.name))
     edited, edits = apply_edits(spec, nodes, additions, removals)
     baseline = None
     if edits and previous is None:
         if progress:
             progress("planning the nodes as they are (the current plan the edits are compared with)…")
-        baseline = plan_for(spec, list(nodes), None, name=cluster.name)
+        baseline = plan_for(spec, list(nodes), None, name=cluster.name, usage=usage)
         if baseline.plan is not None:
             previous = PreviousPlan(plan=baseline.plan, planned_tokens_per_second=baseline.plan.objective_tokens_per_s)
     if progress:
         progress("planning" + (" with the edits" if edits else "") + "…")
-    outcome = plan_for(spec, edited, previous, name=cluster.name)
+    outcome = plan_for(spec, edited, previous, name=cluster.name, usage=usage)
     objects, error = owned_objects(cluster, outcome, edited)
     url = resources.endpoint(_owner(cluster), spec)
     return DryRun(cluster, edited, edits, baseline, previous, outcome, objects, error, url)

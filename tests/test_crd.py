@@ -24,6 +24,7 @@ from helix.operator.crd import (
     crd_manifest,
     crd_yaml,
 )
+from helix.simulator.capacity import DEFAULT_PROBE_DECODE_TOKENS, DEFAULT_SATURATED_DECODE_TOKENS
 from helix.simulator.placement import milp  # noqa: F401  (importing it registers every placement method)
 from helix.simulator.placement.base import PLACEMENT_METHODS
 from helix.simulator.placement.selection import AUTO_MAX_NODES, SELECTION_MODES
@@ -96,7 +97,7 @@ def test_names_scope_status_subresource_and_printer_columns() -> None:
     assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
     assert version["subresources"] == {"status": {}}
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
-    assert list(columns) == ["Phase", "Nodes", "Planned tok/s", "Simulated tok/s", "Endpoint", "Age"]
+    assert list(columns) == ["Phase", "Nodes", "Planned tok/s", "Simulated tok/s", "Capacity req/s", "Endpoint", "Age"]
     status = schema()["properties"]["status"]["properties"]
     for name, path in columns.items():
         if path.startswith(".status."):
@@ -179,6 +180,13 @@ def test_selection_description_states_the_planners_numbers() -> None:
     assert f"up to {AUTO_MAX_NODES} nodes" in text
     assert "deterministic units that grow with timeLimitSeconds" in text
     assert all(mode in text for mode in SELECTION_MODES)
+
+
+def test_simulation_seconds_states_the_gates_budgets() -> None:
+    """The CRD states simulator/capacity.py's budgets of simulated work without importing the simulator."""
+    text = schema()["properties"]["spec"]["properties"]["slo"]["properties"]["simulationSeconds"]["description"]
+    assert f"stops after {DEFAULT_SATURATED_DECODE_TOKENS:,} decode tokens" in text
+    assert f"at most {DEFAULT_PROBE_DECODE_TOKENS:,}" in text
 
 
 def test_schema_defaults_are_the_model_defaults() -> None:

@@ -43,7 +43,7 @@ def make_plan(ranges: dict[str, tuple[int, int]]) -> Plan:
                 nodes=[NodeAssignment(name=n, gpu="L4", start_layer=a, end_layer=b) for n, (a, b) in ranges.items()])
 
 
-CLUSTER = Cluster(nodes=[GpuNode(name="gpu-a", gpu="L4"), GpuNode(name="gpu-b.example.com", gpu="L4"),
+CLUSTER = Cluster(nodes=[GpuNode(name="gpu-a", gpu="L4"), GpuNode(name="gpu-b.example.com", gpu="L4", gpu_count=2),
                          GpuNode(name="cpu-c", gpu="T4")])
 RANGES = {"gpu-a": (0, 12), "gpu-b.example.com": (12, 24), "cpu-c": (24, 32)}
 
@@ -136,6 +136,16 @@ def test_worker_pods_are_pinned_and_request_the_nodes_gpus() -> None:
     assert command_flag(pods["gpu-a"]["spec"]["containers"][0]["command"], "--device") == "cuda"
     cpu = pods["cpu-c"]["spec"]["containers"][0]
     assert command_flag(cpu["command"], "--device") == "cpu" and cpu["resources"] == {}
+
+
+def test_a_worker_requests_the_gpus_its_plan_was_made_with() -> None:
+    """gpu-b advertises 4 GPUs, others held 2 when the plan was made: its worker requests the 2 left, not 4."""
+    pods = {p["spec"]["nodeName"]: p for p in owned_objects(make_rollout(
+        node_gpus={"gpu-a": 1, "gpu-b.example.com": 4, "cpu-c": 0})).worker_pods}
+    assert pods["gpu-b.example.com"]["spec"]["containers"][0]["resources"]["requests"] == {"nvidia.com/gpu": 2}
+    fewer = {p["spec"]["nodeName"]: p for p in owned_objects(make_rollout(
+        node_gpus={"gpu-a": 1, "gpu-b.example.com": 1, "cpu-c": 0})).worker_pods}  # one went since: never more
+    assert fewer["gpu-b.example.com"]["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 1}
 
 
 def test_extra_worker_resources_and_image_come_from_the_spec() -> None:

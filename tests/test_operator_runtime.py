@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from helix.cli.app import app
 from helix.operator.crd import HelixClusterSpec
 from helix.operator.discovery import discover
+from helix.operator.gpus import GpuUsage
 from helix.operator.handlers import EVENT_ATTEMPTS, FINGERPRINT_ANNOTATION, digest, node_changed, node_facts, owner_name
 from helix.operator.kube import HELIX_CLUSTERS, PODS, ApiError, Kind
 from helix.operator.metrics import METRIC_NAMES, OperatorMetrics
@@ -232,6 +233,9 @@ class RefusingKube:
         self.refused = 0
         self.patches: list[tuple[Kind, str | None, str, dict[str, Any]]] = []
 
+    def list(self, kind: Kind, namespace: str | None) -> list[dict[str, Any]]:
+        return []  # no pods hold GPUs
+
     def patch(self, kind: Kind, namespace: str | None, name: str, body: dict[str, Any]) -> dict[str, Any]:
         if self.refusing:
             self.refused += 1
@@ -249,7 +253,7 @@ def test_a_node_change_the_api_refused_is_marked_on_the_next_node_event() -> Non
     rt = Runtime(OperatorSettings(retry_delay_seconds=0.001), kube, OperatorMetrics())  # type: ignore[arg-type]
     indexes = {"helix_nodes": {n["metadata"]["name"]: [node_facts(n)] for n in nodes},
                "helix_clusters": {("default", "llama70b"): [{"spec": example["spec"], "paused": False,
-                                                             "fingerprint": None}]}}
+                                                             "fingerprint": None, "claim": {}}]}}
     rt.node_digests = {n["metadata"]["name"]: digest(node_facts(n)) for n in (gone, *nodes)}
 
     def event(kind: str, node: dict[str, Any]) -> None:
@@ -258,14 +262,14 @@ def test_a_node_change_the_api_refused_is_marked_on_the_next_node_event() -> Non
 
     try:
         event("DELETED", gone)
-        assert (kube.refused, kube.patches, rt.node_change_unmarked) == (EVENT_ATTEMPTS, [], True)
+        assert (kube.refused, kube.patches, rt.change_unmarked) == (EVENT_ATTEMPTS, [], True)
         kube.refusing = False
         event("MODIFIED", nodes[0])  # a heartbeat
         spec = HelixClusterSpec.model_validate(example["spec"])
-        fingerprint = node_fingerprint(spec, [node_facts(n) for n in nodes], "llama70b")
+        fingerprint = node_fingerprint(spec, [node_facts(n) for n in nodes], "llama70b", GpuUsage())
         assert kube.patches == [(HELIX_CLUSTERS, "default", "llama70b",
                                  {"metadata": {"annotations": {FINGERPRINT_ANNOTATION: fingerprint}}})]
-        assert not rt.node_change_unmarked
+        assert not rt.change_unmarked
         event("MODIFIED", nodes[0])
         assert len(kube.patches) == 1
     finally:

@@ -32,7 +32,8 @@ FileOption = Annotated[Path | None, typer.Option(
          "as you would apply it) on the nodes of --nodes. The spec sets model, placement and SLO.")]
 NodesOption = Annotated[Path | None, typer.Option(
     "--nodes", metavar="nodes.yaml", show_default=False, rich_help_panel=DRY_RUN_PANEL,
-    help="The cluster's nodes: the output of `kubectl get nodes -o yaml`.")]
+    help="The cluster's nodes: the output of `kubectl get nodes -o yaml`; with `kubectl get nodes,pods,hxc -A -o "
+         "yaml`, the GPUs pods and other HelixClusters hold are left to them, as the operator does.")]
 AddOption = Annotated[list[str] | None, typer.Option(
     "--add", metavar="COUNTxTYPE[@REGION]", show_default=False, rich_help_panel=DRY_RUN_PANEL,
     help="What if these nodes joined, e.g. 4xL4@europe-west4 or 2xT4x2 (two-GPU nodes; default region: the "
@@ -74,7 +75,7 @@ def run_dry(filename: Path, nodes: Path | None, add: list[str] | None, remove: l
             previous: Path | None, manifests: Path | None, quiet: bool) -> DryRun:
     """Load, edit and plan as the operator would; input problems are `HelixInputError`s."""
     from helix.operator.planning import PreviousPlan
-    from helix.operator.whatif import dry_run, load_helixcluster, load_nodes, parse_addition
+    from helix.operator.whatif import dry_run, load_helixcluster, load_inventory, parse_addition
     from helix.simulator.errors import HelixInputError
     from helix.simulator.plan import load_plan
 
@@ -84,7 +85,7 @@ def run_dry(filename: Path, nodes: Path | None, add: list[str] | None, remove: l
         raise HelixInputError(f"{manifests}: write the objects as .yaml", "--manifests")
     additions = [parse_addition(text) for text in add or []]
     cluster = load_helixcluster(filename)
-    node_list = load_nodes(nodes)
+    inventory = load_inventory(nodes)
     current = None
     if previous is not None:
         plan = load_plan(previous)
@@ -94,7 +95,8 @@ def run_dry(filename: Path, nodes: Path | None, add: list[str] | None, remove: l
         if not quiet:
             print(text, file=sys.stderr, flush=True)
 
-    result = dry_run(cluster, node_list, additions, remove or [], current, progress)
+    result = dry_run(cluster, inventory.nodes, additions, remove or [], current, progress, pods=inventory.pods,
+                     helix_clusters=inventory.helix_clusters)
     if manifests is not None:
         if result.objects:
             import yaml
@@ -118,7 +120,8 @@ def summary_line(dry: DryRun) -> str:
     parts = [f"phase {o.phase}", f"rollout {'yes' if o.rollout else 'no'}", f"decision {o.decision.value}"]
     for key, label in (("plannedTokensPerSecond", "planned"), ("simulatedTokensPerSecond", "simulated"),
                        ("simulatedP95TtftSeconds", "p95-ttft"), ("simulatedP95InterTokenSeconds", "p95-itl"),
-                       ("nodesUsed", "nodes")):
+                       ("capacityAtSloRequestsPerSecond", "capacity-rps"),
+                       ("capacityAtSloTokensPerSecond", "capacity-tokens"), ("nodesUsed", "nodes")):
         if status.get(key) is not None:
             parts.append(f"{label} {status[key]:g}")
     if o.layers_moved is not None:
@@ -150,6 +153,10 @@ def print_dry_run(console: Console, dry: DryRun, nodes_source: Path) -> None:
     console.print("[bold]decision[/]")
     for line in o.summary:
         console.print(f"  {line}", highlight=False)
+    if o.gate is not None and o.gate.capacity is not None:
+        from helix.cli.capacity import print_capacity
+
+        print_capacity(console, o.gate.capacity)
 
     table = Table(title="conditions", title_justify="left")
     for column in ("type", "status", "reason", "message"):
@@ -161,7 +168,7 @@ def print_dry_run(console: Console, dry: DryRun, nodes_source: Path) -> None:
     grid.add_column(style="bold")
     grid.add_column()
     for key, value in o.status.items():
-        if key not in ("conditions", "layers") and value is not None:
+        if key not in ("conditions", "layers", "skippedNodes") and value is not None:  # tables above show those
             grid.add_row(key, str(value))
     grid.add_row("endpoint", dry.endpoint)
     console.print("[bold]status[/]")

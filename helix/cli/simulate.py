@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from helix.cli.capacity import SloItlOption, SloTtftOption
 from helix.cli.dry_run import (
     AddOption,
     FileOption,
@@ -192,6 +193,8 @@ def simulate_command(
         "--kv-capacity", metavar="simulator_cluster.ini", show_default=False, rich_help_panel=SIM_PANEL,
         help="Per-node KV-cache capacities from a Helix simulator_cluster.ini (default: from the profiles).")] = None,
     seed: SimSeedOption = 0,
+    slo_ttft: SloTtftOption = None,
+    slo_itl: SloItlOption = None,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", metavar="results.json", show_default=False, rich_help_panel=OUTPUT_PANEL,
         help="Write the results (with the resolved configuration) as JSON.")] = None,
@@ -215,6 +218,9 @@ def simulate_command(
     helix simulate --cluster c.yaml --plan plan.json --scheduler swarm --mode online --rate 2 -o r.json;
     helix simulate -f examples/helixcluster.yaml --nodes examples/nodes.yaml (the operator's rollout gate)
     """
+    from helix.cli.capacity import print_capacity
+    from helix.cli.capacity import search as search_capacity
+    from helix.cli.capacity import targets as slo_targets
     from helix.simulator.errors import HelixInputError
 
     if filename is not None:
@@ -253,6 +259,11 @@ def simulate_command(
     if example and requests_csv is not None:
         raise HelixInputError("the built-in example runs three systems; give a cluster and --method or --plan "
                               "for one run's requests", "--requests-csv")
+    goals = slo_targets(slo_ttft, slo_itl)
+    if goals.any and (example or kv_capacity is not None):
+        raise HelixInputError("the capacity search serves one plan with its profiles' KV capacities; give a cluster "
+                              "and --method or --plan, without --kv-capacity",
+                              "--slo-ttft" if slo_ttft is not None else "--slo-itl")
 
     inputs = resolve_inputs(cluster, machine_profile, mix, regions, seed, model, profiles, profile_mix)
     kv_override = load_kv_capacity(kv_capacity, inputs) if kv_capacity is not None else None
@@ -287,10 +298,17 @@ def simulate_command(
     result = run_simulation(inputs, the_plan, scheduler, f"{label} + {scheduler}", quiet, **sim_options)
     result.config["inputs"] = sources
     run = Run(label, the_plan.method, scheduler, the_plan, result)
+    capacity = None if not goals.any else search_capacity(
+        inputs, the_plan, goals, scheduler=scheduler, seed=seed, duration_s=duration_s, lengths=workload.lengths,
+        offline=result if mode == "offline" else None)
+    if capacity is not None:
+        result.config["capacity_at_slo"] = capacity.model_dump()
     if quiet:
-        print(summary_line(run))
+        print(summary_line(run) + ("" if capacity is None else f"; capacity at SLO {capacity.text()}"))
     else:
         print_result(out, run, inputs)
+        if capacity is not None:
+            print_capacity(out, capacity)
     if output is not None:
         output.write_text(result.to_json())
         _wrote(out, quiet, "results", output)
