@@ -51,7 +51,8 @@ KUBE_VERSIONS = ("1.25.0", kubernetes_validate.utils.latest_version())
 DEFAULTS: dict[str, Any] = {}
 NAMESPACED: dict[str, Any] = {"operator": {"watchNamespaces": ["team-a", "team-b"]},
                               "metrics": {"serviceMonitor": {"enabled": True}}}
-PEERING: dict[str, Any] = {"operator": {"replicas": 2, "peering": {"enabled": True}},
+CLUSTER_WIDE: dict[str, Any] = {"operator": {"clusterWide": True}}
+PEERING: dict[str, Any] = {"operator": {"replicas": 2, "peering": {"enabled": True}, "clusterWide": True},
                            "metrics": {"serviceMonitor": {"enabled": True}}}
 EVERYTHING: dict[str, Any] = {
     "fullnameOverride": "helix-operator",
@@ -81,8 +82,8 @@ EVERYTHING: dict[str, Any] = {
 }
 NOTHING_OPTIONAL: dict[str, Any] = {"rbac": {"create": False}, "serviceAccount": {"create": False},
                                     "dashboards": {"enabled": False}}
-VALUE_SETS = {"defaults": DEFAULTS, "namespaced": NAMESPACED, "peering": PEERING, "everything": EVERYTHING,
-              "nothing-optional": NOTHING_OPTIONAL}
+VALUE_SETS = {"defaults": DEFAULTS, "namespaced": NAMESPACED, "cluster-wide": CLUSTER_WIDE, "peering": PEERING,
+              "everything": EVERYTHING, "nothing-optional": NOTHING_OPTIONAL}
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +126,7 @@ def test_helm_lint_is_clean(values: dict[str, Any]) -> None:
     {"metrics": {"port": 70000}},
     {"metrics": {"serviceMonitor": {"interval": "30"}}},  # a duration needs its unit
     {"dashboards": {"label": ""}},
+    {"operator": {"clusterWide": "yes"}},
 ], ids=str)
 def test_values_schema_refuses_mistakes(chart: Any, values: dict[str, Any]) -> None:
     with pytest.raises(helm.HelmValuesError):
@@ -142,6 +144,11 @@ def test_default_values_satisfy_the_schema(chart: Any) -> None:
 def test_more_than_one_replica_needs_peering(chart: Any) -> None:
     with pytest.raises(helm.HelmRenderError, match="peering"):
         render(chart, {"operator": {"replicas": 2}})
+
+
+def test_cluster_wide_and_watched_namespaces_exclude_each_other(chart: Any) -> None:
+    with pytest.raises(helm.HelmRenderError, match="clusterWide"):
+        render(chart, {"operator": {"clusterWide": True, "watchNamespaces": ["team-a"]}})
 
 
 def test_chart_and_default_image_follow_the_project_version(chart: Any) -> None:
@@ -186,10 +193,12 @@ def option_values(args: list[str], option: str) -> list[str]:
 
 def test_watched_namespaces_become_operator_arguments(chart: Any) -> None:
     args = operator_container(render(chart, DEFAULTS))["args"]
-    assert args[0] == "operator" and "--all-namespaces" in args and "--namespace" not in args
-    assert "--standalone" in args
+    assert args[0] == "operator" and option_values(args, "--namespace") == [NAMESPACE]  # the release's own
+    assert "--all-namespaces" not in args and "--standalone" in args
     args = operator_container(render(chart, NAMESPACED))["args"]
     assert option_values(args, "--namespace") == ["team-a", "team-b"] and "--all-namespaces" not in args
+    args = operator_container(render(chart, CLUSTER_WIDE))["args"]
+    assert "--all-namespaces" in args and "--namespace" not in args
     assert "--standalone" not in operator_container(render(chart, PEERING))["args"]
 
 
@@ -327,31 +336,44 @@ def operator_needs(namespace: str) -> list[tuple[str, str, str]]:
     return needs
 
 
-@pytest.mark.parametrize("values", [DEFAULTS, PEERING], ids=["defaults", "peering"])
+#: What the operator reads outside the namespaces it serves: pods, to count the GPUs others hold there.
+CLUSTER_READS = [("", "pods", "list")]
+
+
+@pytest.mark.parametrize("values", [CLUSTER_WIDE, PEERING], ids=["cluster-wide", "peering"])
 def test_cluster_wide_rbac_covers_what_the_operator_does(chart: Any, values: dict[str, Any]) -> None:
     g = grants(chart, values)
     for need in operator_needs("any-namespace"):
         assert g.allows(*need, namespace="any-namespace"), need
     for verb in ("get", "list", "watch"):
         assert g.allows(group_of(kube.NODES), kube.NODES.plural, verb)
+    for need in CLUSTER_READS:
+        assert g.allows(*need)
 
 
-def test_namespaced_rbac_covers_the_watched_namespaces_only(chart: Any) -> None:
-    g = grants(chart, NAMESPACED)
-    assert sorted(g.namespaced) == ["team-a", "team-b"]
-    for namespace in ("team-a", "team-b"):
+@pytest.mark.parametrize(("values", "served"), [(DEFAULTS, [NAMESPACE]), (NAMESPACED, ["team-a", "team-b"])],
+                         ids=["defaults", "namespaced"])
+def test_namespaced_rbac_covers_the_watched_namespaces_only(chart: Any, values: dict[str, Any],
+                                                           served: list[str]) -> None:
+    g = grants(chart, values)
+    assert sorted(g.namespaced) == served
+    for namespace in served:
         for need in operator_needs(namespace):
             assert g.allows(*need, namespace=namespace), (namespace, need)
     for need in operator_needs("elsewhere"):
-        assert not g.allows(*need, namespace="elsewhere"), need
+        if need not in CLUSTER_READS:
+            assert not g.allows(*need, namespace="elsewhere"), need
     for verb in ("get", "list", "watch"):  # Nodes are cluster-scoped: read everywhere
         assert g.allows(group_of(kube.NODES), kube.NODES.plural, verb)
+    for need in CLUSTER_READS:
+        assert g.allows(*need)
 
 
-#: Cluster-scoped resources the operator may touch at all, and how.
+#: Cluster-scoped rights the operator may have in any mode, and how.
 CLUSTER_SCOPED = {("", "nodes"): {"get", "list", "watch"},
                   ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
                   ("", "namespaces"): {"list", "watch"},
+                  ("", "pods"): {"list"},
                   ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch"}}
 
 
@@ -366,7 +388,7 @@ def test_rbac_grants_nothing_more(chart: Any, values: dict[str, Any]) -> None:
     for group, resource, verb in operator_needs("x"):
         allowed.setdefault((group, resource), set()).add(verb)
     allowed[("kopf.dev", "kopfpeerings")] = {"get", "list", "watch", "patch"}
-    clusterwide = not values.get("operator", {}).get("watchNamespaces")
+    clusterwide = values.get("operator", {}).get("clusterWide", False)
     for role, rule in rules:
         assert set(rule) == {"apiGroups", "resources", "verbs"}, rule  # no nonResourceURLs, no wildcards by name
         for group in rule["apiGroups"]:
@@ -374,21 +396,55 @@ def test_rbac_grants_nothing_more(chart: Any, values: dict[str, Any]) -> None:
                 key = (group, resource)
                 granted = set(rule["verbs"])
                 assert "*" not in granted and "*" not in key, rule
-                if role["kind"] == "ClusterRole" and key in CLUSTER_SCOPED:
-                    assert granted <= CLUSTER_SCOPED[key], rule
+                if role["kind"] == "Role" or clusterwide:
+                    assert granted <= allowed.get(key, set()) | CLUSTER_SCOPED.get(key, set()), rule
                 else:
-                    assert role["kind"] == "Role" or clusterwide, f"namespaced rights cluster-wide: {rule}"
-                    assert key in allowed and granted <= allowed[key], rule
+                    assert granted <= CLUSTER_SCOPED.get(key, set()), f"namespaced rights cluster-wide: {rule}"
     peering = values.get("operator", {}).get("peering", {}).get("enabled", False)
     resources = {r for _, rule in rules for r in rule["resources"]}
     assert bool(resources & {"kopfpeerings", "clusterkopfpeerings"}) == peering
+
+
+def rules_by_scope(objects: list[dict[str, Any]]) -> dict[str, set[tuple[str, str, str]]]:
+    """Every (API group, resource, verbs) granted, by where: "cluster", or the Role's namespace."""
+    out: dict[str, set[tuple[str, str, str]]] = {}
+    for role in objects:
+        if role["kind"] in ("ClusterRole", "Role"):
+            scope = "cluster" if role["kind"] == "ClusterRole" else role["metadata"]["namespace"]
+            out.setdefault(scope, set()).update((g, r, ",".join(rule["verbs"])) for rule in role["rules"]
+                                                for g in rule["apiGroups"] for r in rule["resources"])
+    return out
+
+
+RW = "get,list,watch,create,patch,delete"
+#: What the operator may do in a namespace it serves (the Role, or the ClusterRole when cluster-wide).
+WORKLOAD = {("helix.ai", "helixclusters", "get,list,watch,patch"), ("helix.ai", "helixclusters/status", "patch"),
+            ("helix.ai", "helixclusters/finalizers", "update"), ("", "configmaps", RW), ("", "pods", RW),
+            ("", "services", RW), ("apps", "deployments", RW), ("", "events", "create")}
+READ_CLUSTER = {("", "nodes", "get,list,watch"), ("apiextensions.k8s.io", "customresourcedefinitions", "list,watch")}
+
+
+def test_the_rules_of_each_mode(chart: Any) -> None:
+    """The whole RBAC of each mode, listed: writes only where HelixClusters are served unless clusterWide."""
+    namespaced_reads = READ_CLUSTER | {("", "pods", "list"), ("", "namespaces", "list,watch")}
+    assert rules_by_scope(render(chart, DEFAULTS)) == {"cluster": namespaced_reads, NAMESPACE: WORKLOAD}
+    assert rules_by_scope(render(chart, NAMESPACED)) == {"cluster": namespaced_reads, "team-a": WORKLOAD,
+                                                         "team-b": WORKLOAD}
+    assert rules_by_scope(render(chart, CLUSTER_WIDE)) == {"cluster": READ_CLUSTER | WORKLOAD}
+    peering = ("kopf.dev", "clusterkopfpeerings", "get,list,watch,patch")
+    assert rules_by_scope(render(chart, PEERING)) == {"cluster": READ_CLUSTER | WORKLOAD | {peering}}
+    assert rules_by_scope(render(chart, EVERYTHING)) == {
+        "cluster": namespaced_reads, "team-a": WORKLOAD | {("kopf.dev", "kopfpeerings", "get,list,watch,patch")}}
+    for values in VALUE_SETS.values():  # no secrets in any mode: the operator reads and writes none
+        assert not [r for rules in rules_by_scope(render(chart, values)).values() for r in rules if r[1] == "secrets"]
 
 
 # -- ServiceMonitors and the dashboard ConfigMap ----------------------------------------------------
 
 def test_service_monitors_select_the_operator_and_the_routers_it_creates(chart: Any) -> None:
     assert not [o for o in render(chart, DEFAULTS) if o["kind"] == "ServiceMonitor"]
-    for values, namespaces in ((EVERYTHING, {"matchNames": ["team-a"]}), (PEERING, {"any": True})):
+    for values, namespaces in ((EVERYTHING, {"matchNames": ["team-a"]}), (PEERING, {"any": True}),
+                               ({"metrics": {"serviceMonitor": {"enabled": True}}}, {"matchNames": [NAMESPACE]})):
         objects = render(chart, values)
         monitors = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ServiceMonitor"}
         service = one(objects, "Service")
@@ -400,8 +456,6 @@ def test_service_monitors_select_the_operator_and_the_routers_it_creates(chart: 
         (router_monitor,) = monitors.values()
         spec = router_monitor["spec"]
         assert spec["namespaceSelector"] == namespaces
-        if "matchNames" in namespaces:
-            assert spec["namespaceSelector"]["matchNames"] == values["operator"]["watchNamespaces"]
         router = owned_objects(example_rollout("team-a")).router_service
         assert spec["selector"]["matchLabels"].items() <= router["metadata"]["labels"].items()
         (endpoint,) = spec["endpoints"]

@@ -57,8 +57,14 @@ app.kubernetes.io/component: operator
 {{- end }}
 {{- end }}
 
+{{/* Cluster-wide writes are an explicit opt-in (operator.clusterWide); otherwise the operator serves
+     the namespaces listed, or the release namespace when none are. */}}
 {{- define "helix.clusterWide" -}}
-{{- if not .Values.operator.watchNamespaces }}true{{ end }}
+{{- if .Values.operator.clusterWide }}true{{ end }}
+{{- end }}
+
+{{- define "helix.watchNamespaces" -}}
+{{- toJson (default (list .Release.Namespace) .Values.operator.watchNamespaces) }}
 {{- end }}
 
 {{/* What the operator does in a namespace it serves: reconcile HelixClusters (kopf patches them for
