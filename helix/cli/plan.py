@@ -455,8 +455,11 @@ def _selection_text(record: dict[str, Any]) -> str:
     by_label = {label: c for c in shortlist for label in (c["label"], *c.get("same_as", []))}
 
     def simulated(entry: dict[str, Any]) -> float | None:
+        """The mean of its final runs, else its screening run (decode tokens/s)."""
+        if record["chosen_by"] != "simulation":
+            return None
         runs = entry.get("simulated_decode_tokens_per_s") or []
-        return sum(runs) / len(runs) if runs and record["chosen_by"] == "simulation" else None
+        return sum(runs) / len(runs) if runs else entry.get("screen_decode_tokens_per_s")
 
     def served(label: str) -> str:
         entry = by_label.get(label, {})

@@ -29,7 +29,7 @@ CPSAT_SHARE_WITH_SELECTION = 0.3
 #: clusters) and prove nothing, so short limits still get it (the cap may then cut it).
 CPSAT_MIN_DTIME = 1.5
 #: Simulated events per second of the time limit, for selection's gate simulations.
-SELECTION_EVENTS_PER_LIMIT_S = 60_000
+SELECTION_EVENTS_PER_LIMIT_S = 40_000
 #: Served-estimate evaluations per second of the time limit on a 24-node cluster. An evaluation
 #: costs about nodes^1.5 (max flow and route decomposition: 1.6 ms at 24 nodes, 45 ms at 200), so
 #: the count scales by (24 / nodes)^1.5, never below ESTIMATE_EVALS_MIN.

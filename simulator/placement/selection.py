@@ -7,20 +7,21 @@ picks one of them, by one of four modes (`PlacementOptions.selection`):
 * `max-flow`: the MILP's optimum, as before (max flow is all that counts);
 * `estimate`: the candidate with the highest served estimate;
 * `simulate`: every heuristic baseline as it is (petals, swarm, homogeneous, separate, sp-plus,
-  greedy-flow; identical placements run once) is simulated first, then the max-flow optimum, then
-  the best candidates by the estimate (one per family: a climbed placement or its start), each in
-  a short offline run (maxflow scheduler, the plan's workload lengths — `PlacementOptions.workload`,
-  by default the simulator's —, the same seed for all). The two leaders run again with the next
-  seed and the higher mean decode throughput wins. So the plan served never simulates below a
-  baseline in these runs: a baseline that is not a leader fell behind both leaders on the first
-  seed, and one that is lost to the winner on the mean of two;
+  greedy-flow; identical placements run once), then the max-flow optimum, then the best
+  candidates by the estimate (one per family: a climbed placement or its start) are screened in a
+  short offline run each (maxflow scheduler, the plan's workload lengths —
+  `PlacementOptions.workload`, by default the simulator's —, the same seed for all). The two best
+  screened, and the best screened baseline if it is not one of them, are the finalists: each runs
+  twice more at full length (two seeds), and the highest mean wins. So the plan served never
+  simulates below a baseline in these runs: the best baseline is a finalist and lost to the
+  winner over the same final runs, and every other baseline screened below it;
 * `auto` (default): `simulate` on clusters of at most `AUTO_MAX_NODES` nodes, else `max-flow`.
 
 Budgets are deterministic (budget.py): the candidate search counts estimate evaluations, and the
 simulations count events. A pilot run of the first baseline measures events per simulated second;
-the run length is then the longest (at most GATE_MAX_S) that lets every shortlisted placement and
-the confirmation runs fit the event budget, never below GATE_MIN_S. Baselines always run; any
-other candidate runs only while the budget has room for it and for the confirmations. The clock is
+the final length is then the longest (at most GATE_MAX_S, at least GATE_MIN_S) that fits every
+screen (a third of that length) and the finals in the event budget. Baselines are always
+screened; any other candidate only while the budget has room for it and the finals. The clock is
 only a safety cap: a run it cuts short is abandoned and `wall_cap_hit` is recorded. What was
 simulated, with the runs' configuration, is recorded in the plan's `config.selection`.
 """
@@ -41,15 +42,17 @@ from helix.simulator.results import SimulationResult
 
 SELECTION_MODES = ("auto", "simulate", "estimate", "max-flow")
 AUTO_MAX_NODES = 300
-GATE_CANDIDATES = 10  # at most this many placements are simulated (baselines included)
-#: Simulated seconds per run, the first sixth unmeasured. The longest runs hold more than one
-#: request lifetime (a few hundred output tokens at 1–2 s each), since shorter windows rank
+GATE_CANDIDATES = 14  # at most this many placements are screened (baselines included)
+#: Simulated seconds per final run, the first sixth unmeasured. The longest runs hold more than
+#: one request lifetime (a few hundred output tokens at 1–2 s each), since shorter windows rank
 #: placements partly by how they fill up; large clusters get shorter runs from the event budget.
 GATE_MAX_S = 600.0
-GATE_MIN_S = 100.0
+GATE_MIN_S = 150.0
+GATE_SCREEN_SHARE = 1 / 3  # a screening run is this share of a final one
 GATE_WARMUP_SHARE = 1 / 6
 GATE_PILOT_S = 60.0  # the pilot run that measures events per simulated second
-GATE_CONFIRM = 2  # the leaders are run again with the next seed; the mean decides
+GATE_LEADERS = 2  # the best screened go to the finals (with the best screened baseline)
+GATE_SEEDS = 2  # final runs per finalist, one per seed; the mean decides
 MAX_FLOW_LABEL = "max-flow"
 
 
@@ -62,12 +65,13 @@ class _Gated:
     candidate: Candidate
     baseline: bool
     same_as: list[str] = field(default_factory=list)  # other labels with exactly these ranges
-    runs: list[float] = field(default_factory=list)  # decode tokens/s, one per seed
+    screen: float | None = None  # decode tokens/s of the screening run
+    finals: list[float] = field(default_factory=list)  # decode tokens/s of the final runs, one per seed
     events: int = 0
 
     @property
     def mean(self) -> float:
-        return sum(self.runs) / len(self.runs)
+        return sum(self.finals) / len(self.finals)
 
 
 def resolve_mode(problem: PlacementProblem, options: PlacementOptions) -> str:
@@ -115,8 +119,13 @@ class _Gate:
         self.events += result.events
         return result
 
-    def size(self, first: _Gated, runs: int) -> None:
-        """Pick the run length from a pilot of `first`, so that `runs` runs fit the event budget."""
+    @property
+    def screen_s(self) -> float:
+        return max(GATE_MIN_S * GATE_SCREEN_SHARE, round(self.duration_s * GATE_SCREEN_SHARE))
+
+    def size(self, first: _Gated, screens: int, finals: int) -> None:
+        """Pick the final length from a pilot of `first`: `screens` screening and `finals` final runs
+        fit the event budget."""
         try:
             pilot = self._simulate(first.candidate.ranges, first.candidate.label, GATE_PILOT_S, 0.0, self.options.seed)
         except _OverBudget:
@@ -126,33 +135,54 @@ class _Gate:
             return
         self.events_per_s = pilot.events / GATE_PILOT_S
         if self.events_per_s > 0:
+            runs = screens * GATE_SCREEN_SHARE + finals  # in final-run lengths
             fits = (self.budget.selection_events - self.events) / (runs * self.events_per_s)
             self.duration_s = max(GATE_MIN_S, min(GATE_MAX_S, math.floor(fits / 10) * 10))
 
-    def affords(self, runs: int) -> bool:
-        """Whether `runs` more runs of the chosen length fit what is left of the event budget."""
-        return self.events + runs * self.events_per_s * self.duration_s <= self.budget.selection_events
+    def affords(self, screens: int, finals: int) -> bool:
+        """Whether these runs still fit what is left of the event budget."""
+        seconds = screens * self.screen_s + finals * self.duration_s
+        return self.events + seconds * self.events_per_s <= self.budget.selection_events
 
-    def run(self, gated: _Gated, seed: int) -> None:
+    def _run(self, gated: _Gated, duration_s: float, seed: int) -> float | None:
         if not self.open:
-            return
+            return None
         try:
-            result = self._simulate(gated.candidate.ranges, gated.candidate.label, self.duration_s,
-                                    self.duration_s * GATE_WARMUP_SHARE, seed)
-            gated.runs.append(result.decode_throughput_tokens_per_s)
-            gated.events += result.events
+            result = self._simulate(gated.candidate.ranges, gated.candidate.label, duration_s,
+                                    duration_s * GATE_WARMUP_SHARE, seed)
         except _OverBudget:
             self.open = False
+            return None
         except HelixInputError:  # no request of the workload fits this placement's KV cache
-            gated.runs.append(0.0)
+            return 0.0
+        gated.events += result.events
+        return result.decode_throughput_tokens_per_s
+
+    def screen(self, gated: _Gated) -> None:
+        gated.screen = self._run(gated, self.screen_s, self.options.seed)
+
+    def final(self, gated: _Gated, seed: int) -> None:
+        value = self._run(gated, self.duration_s, seed)
+        if value is not None:
+            gated.finals.append(value)
 
     def config(self) -> dict[str, Any]:
         """How gate simulations were run: recorded with the plan so its numbers can be reproduced."""
-        return {"scheduler": "maxflow", "mode": "offline", "duration_s": self.duration_s,
-                "warmup_s": round(self.duration_s * GATE_WARMUP_SHARE, 3),
-                "seeds": [self.options.seed, self.options.seed + 1], "confirmed_leaders": GATE_CONFIRM,
+        return {"scheduler": "maxflow", "mode": "offline", "screen_s": self.screen_s, "duration_s": self.duration_s,
+                "warmup_share": round(GATE_WARMUP_SHARE, 4), "screen_seed": self.options.seed,
+                "final_seeds": [self.options.seed + i for i in range(GATE_SEEDS)], "leaders": GATE_LEADERS,
                 "pilot_events_per_simulated_s": round(self.events_per_s, 1), "events": self.events,
                 "events_budget": self.budget.selection_events, "workload": _workload(self.options).describe()}
+
+
+def finalists(gated: list[_Gated]) -> list[_Gated]:
+    """The best screened, and the best screened baseline when it is not among them."""
+    screened = sorted((g for g in gated if g.screen is not None), key=lambda g: -(g.screen or 0.0))
+    out = screened[:GATE_LEADERS]
+    baseline = next((g for g in screened if g.baseline), None)
+    if baseline is not None and baseline not in out:
+        out.append(baseline)
+    return out
 
 
 def _shortlist(pool: list[Candidate], given: set[str]) -> list[_Gated]:
@@ -207,16 +237,21 @@ def select(problem: PlacementProblem, options: PlacementOptions, best_max_flow: 
     gate = _Gate(problem, options, budget, cap)
     searched = time.monotonic()
     if mode == "simulate":
-        gate.size(gated[0], len(gated) + GATE_CONFIRM)
+        finals = (GATE_LEADERS + 1) * GATE_SEEDS
+        gate.size(gated[0], len(gated), finals)
         for g in gated:
-            if g.baseline or gate.affords(1 + GATE_CONFIRM):
-                gate.run(g, options.seed)
-        leaders = sorted((g for g in gated if g.runs), key=lambda g: -g.runs[0])[:GATE_CONFIRM]
-        for g in leaders:
-            gate.run(g, options.seed + 1)
-    most = max(len(g.runs) for g in gated)
-    if most:  # the confirmed leaders compete (a single lucky run does not beat a mean of two)
-        choice, how = max((g for g in gated if len(g.runs) == most), key=lambda g: g.mean), "simulation"
+            if g.baseline or gate.affords(1, finals):
+                gate.screen(g)
+        final = finalists(gated)
+        for i in range(GATE_SEEDS):
+            for g in final:
+                gate.final(g, options.seed + i)
+    most = max(len(g.finals) for g in gated)
+    screened = [g for g in gated if g.screen is not None]
+    if most:  # the finalists compete on their final runs (a lucky screen does not win)
+        choice, how = max((g for g in gated if len(g.finals) == most), key=lambda g: g.mean), "simulation"
+    elif screened:
+        choice, how = max(screened, key=lambda g: g.screen or 0.0), "simulation"
     else:
         choice, how = max(gated, key=lambda g: g.candidate.estimate.tokens_per_s), "estimate"
     record |= {
@@ -228,7 +263,8 @@ def select(problem: PlacementProblem, options: PlacementOptions, best_max_flow: 
         "simulation_seconds": round(time.monotonic() - searched, 3),
         "shortlist": [{"label": g.candidate.label, "baseline": g.baseline, "same_as": g.same_as,
                        **g.candidate.estimate.as_dict(),
-                       "simulated_decode_tokens_per_s": [round(x, 3) for x in g.runs], "events": g.events}
+                       "screen_decode_tokens_per_s": None if g.screen is None else round(g.screen, 3),
+                       "simulated_decode_tokens_per_s": [round(x, 3) for x in g.finals], "events": g.events}
                       for g in gated],
         "wall_cap_hit": cap.hit,
     }
