@@ -1,6 +1,19 @@
 """Plan quality: what each placement serves in the simulator, not only its max flow.
 
-On the paper's clusters with Helix's own profile tables, plans the MILP in both selection modes
+Two parts. The generated suite (`--suite`, simulator/experiments/suite.py): clusters of 8–200
+nodes, 1–4 regions, 3–7 GPU types, 50 Mb/s–1 Gb/s between regions, Llama 8B / 70B / 405B, roofline
+profiles. Every case is planned with every heuristic served as it is and with the default `milp`
+(planning timed in process CPU seconds), every plan is simulated the same way (offline, maxflow
+scheduler, the default workload, one seed), and the table shows cluster × method → simulated
+decode tokens/s, the default plan's ratio to the best baseline, and the served estimate's Spearman
+rank correlation with the simulator over a broader pool of placements per case (the heuristics'
+plans, members of the candidate family, climbs on the estimate).
+
+    python benchmarks/plan_quality.py --suite                    # all cases (hours on 2 cores)
+    python benchmarks/plan_quality.py --suite --cases 3 --sim-seconds 120 --time-limit 20
+    python benchmarks/plan_quality.py --suite --cases s07,s12 --no-correlation
+
+The paper's clusters with Helix's own profile tables, plans the MILP in both selection modes
 (`max-flow`: Helix's objective; the default, simulation-gated selection) and the baselines, then
 simulates each like the fidelity benchmark (benchmarks/simulator.py): Azure Conversation lengths,
 offline, maxflow scheduler — and, for Petals and Swarm layouts, also the swarm scheduler with 240
@@ -18,12 +31,25 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from helix.simulator.experiments.suite import (
+    CORRELATION_CLIMBS,
+    CORRELATION_FAMILY,
+    DEFAULT_METHOD,
+    GUARANTEE,
+    HEURISTICS,
+    CaseReport,
+    SimSettings,
+    SuiteCase,
+    evaluate_case,
+    generate_suite,
+)
 from helix.simulator.helix_format import load_helix_cluster, load_helix_simulator_cluster, load_helix_solution
 from helix.simulator.model import MODEL_CATALOG
 from helix.simulator.placement.base import (
@@ -33,6 +59,7 @@ from helix.simulator.placement.base import (
     build_plan,
     plan_placement,
 )
+from helix.simulator.placement.selection import GATE_WARMUP_SHARE
 from helix.simulator.plan import Plan
 from helix.simulator.profiles.helix_reference import HelixReferenceProfiles
 from helix.simulator.requests import TraceLengths, Workload
@@ -53,7 +80,21 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the MILP time limits")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    suite = parser.add_argument_group("generated suite")
+    suite.add_argument("--suite", action="store_true", help="run the generated suite instead of the paper's clusters")
+    suite.add_argument("--cases", default="all",
+                       help="how many cases (the first N by node count) or comma-separated names or prefixes (s07)")
+    suite.add_argument("--suite-seed", type=int, default=0, help="seed the suite is drawn from")
+    suite.add_argument("--sim-seconds", type=float,
+                       help="simulated seconds per run, the first sixth unmeasured (default: the runs of milp's "
+                            "own plan selection, so the table checks its guarantee on the same runs)")
+    suite.add_argument("--suite-seeds", type=int, default=1, help="seeds per run with --sim-seconds")
+    suite.add_argument("--time-limit", type=float, default=PlacementOptions.time_limit_s,
+                       help="milp's --time-limit (its default unless given)")
+    suite.add_argument("--no-correlation", action="store_true", help="skip the estimate's rank correlation")
     args = parser.parse_args()
+    if args.suite:
+        return run_suite(args)
     if not REFERENCE.is_dir():
         print(f"reference data not found at {REFERENCE}", file=sys.stderr)
         return 2
@@ -112,6 +153,84 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0
+
+
+def pick_cases(cases: list[SuiteCase], spec: str) -> list[SuiteCase]:
+    """`all`, a count (the smallest clusters first), or names / name prefixes separated by commas."""
+    ordered = sorted(cases, key=lambda c: c.nodes)
+    if spec == "all":
+        return ordered
+    if spec.isdigit():
+        return ordered[:int(spec)]
+    picked = []
+    for part in spec.split(","):
+        found = [c for c in ordered if c.name == part or c.name.startswith(part + "-")]
+        if not found:
+            raise SystemExit(f"unknown case {part!r}; cases: {', '.join(c.name for c in ordered)}")
+        picked += found
+    return picked
+
+
+def run_suite(args: argparse.Namespace) -> int:
+    console = Console(width=200)
+    drawn = generate_suite(seed=args.suite_seed)
+    cases = pick_cases(drawn.cases, args.cases)
+    settings = None if args.sim_seconds is None else SimSettings(
+        args.sim_seconds, args.sim_seconds * GATE_WARMUP_SHARE, tuple(range(args.suite_seeds)))
+    options = PlacementOptions(time_limit_s=args.time_limit)
+    for line in drawn.dropped:
+        console.print(f"dropped: {line}", highlight=False)
+    reports: list[CaseReport] = []
+    for case in cases:
+        console.print(f"{case.name}: {case.describe()}", highlight=False)
+        for reason in case.redraws:
+            console.print(f"  redrawn: {reason}", highlight=False)
+        reports.append(evaluate_case(case, options, settings,
+                                     pool=None if args.no_correlation else (CORRELATION_FAMILY, CORRELATION_CLIMBS),
+                                     log=lambda line: console.print("  " + line, highlight=False)))
+        console.print(suite_table(reports[-1:]))
+    console.print(suite_table(reports))
+    ratios = [r.ratio for r in reports]
+    console.print(f"default plan ≥ {GUARANTEE}× the best baseline in {sum(x >= GUARANTEE for x in ratios)} "
+                  f"of {len(ratios)} cases (lowest {min(ratios):.3f})", highlight=False)
+    rhos = [r.correlation.spearman for r in reports if r.correlation is not None]
+    if rhos:
+        console.print(f"estimate vs simulator, Spearman per case: mean {statistics.fmean(rhos):.3f}, "
+                      f"lowest {min(rhos):.3f}, ≥ 0.9 in {sum(x >= 0.9 for x in rhos)} of {len(rhos)}",
+                      highlight=False)
+    if args.json:
+        args.json.write_text(json.dumps([report_row(r) for r in reports], indent=2))
+    return 0
+
+
+def suite_table(reports: list[CaseReport]) -> Table:
+    methods = (*HEURISTICS, DEFAULT_METHOD)
+    table = Table(title="generated suite: decode tokens/s (offline, maxflow scheduler); planning CPU s in brackets")
+    table.add_column("case")
+    table.add_column("window")
+    for col in (*methods, "milp / best baseline", "Spearman (n)"):
+        table.add_column(col, justify="right")
+    for report in reports:
+        best = report.best_baseline.method
+        cells = []
+        for method in methods:
+            m = report.result(method)
+            text = f"{m.decode_tokens_per_s:.0f} ({m.planning_cpu_s:.1f})"
+            cells.append(f"[bold]{text}[/bold]" if method == best else text)
+        rho = "–" if report.correlation is None else (
+            f"{report.correlation.spearman:.2f} ({len(report.correlation.labels)})")
+        table.add_row(report.case.name, report.settings.describe(), *cells, f"{report.ratio:.3f}", rho)
+    return table
+
+
+def report_row(report: CaseReport) -> dict[str, Any]:
+    case = report.case
+    return {"case": case.name, "description": case.describe(), "nodes": case.nodes, "model": case.model,
+            "redraws": list(case.redraws), "settings": asdict(report.settings),
+            "methods": [asdict(m) for m in report.methods], "ratio": report.ratio,
+            "correlation": None if report.correlation is None else {
+                "spearman": report.correlation.spearman, "labels": report.correlation.labels,
+                "estimates": report.correlation.estimates, "simulated": report.correlation.simulated}}
 
 
 if __name__ == "__main__":
