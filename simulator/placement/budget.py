@@ -24,7 +24,7 @@ from helix.simulator.placement.base import PlacementOptions
 CPSAT_DTIME_PER_LIMIT_S = 0.15
 #: Of that, what the max-flow search keeps when selection follows it (selection is where the
 #: served throughput is decided; the max-flow optimum is one of its candidates).
-CPSAT_SHARE_WITH_SELECTION = 0.3
+CPSAT_SHARE_WITH_SELECTION = 0.2
 #: Below this the search would end inside CP-SAT's presolve (about 0.3 units on the paper's
 #: clusters) and prove nothing, so short limits still get it (the cap may then cut it).
 CPSAT_MIN_DTIME = 1.5
@@ -33,7 +33,7 @@ SELECTION_EVENTS_PER_LIMIT_S = 40_000
 #: Served-estimate evaluations per second of the time limit on a 24-node cluster. An evaluation
 #: costs about nodes^1.5 (max flow and route decomposition: 1.6 ms at 24 nodes, 45 ms at 200), so
 #: the count scales by (24 / nodes)^1.5, never below ESTIMATE_EVALS_MIN.
-ESTIMATE_EVALS_PER_LIMIT_S = 50
+ESTIMATE_EVALS_PER_LIMIT_S = 100
 ESTIMATE_EVALS_MIN = 60
 
 
