@@ -6,45 +6,81 @@ its whole life, and each of its output tokens is one full round trip through tha
 number of requests in flight is capped by the scarcest layer's KV cache, and each of them yields
 one token per round trip (Little's law):
 
-    tokens/s ≤ u · K_min / (O · R)
+    requests/s = λ  with  λ · (O · R(λ) + P(λ)) ≤ u · K_min / (I + O)
 
 K_min is the KV cache (tokens) of the layer that the nodes carrying flow cover least, u the share
-the admission keeps filled, O the mean output length and R the mean decode round trip. Nodes and
-links must also keep up: a node's busy share (prompt passes plus decode iterations at a small
-batch, from the profile's layer times) and a link's must stay below one. Measured on the paper's
-24-node cluster, decode throughput in the simulator follows u · K_min / R with a correlation of
-0.95 across 44 placements while node utilization stays at 15–70%: the serving system is bounded
-by KV residency and round trips, not by the node capacities the max flow adds up — Helix's
-throughput tables, taken at a small typical batch, understate what a node does at the batches a
-full pipeline brings (docs/placement.md). The max flow is therefore not a cap here; the placement's
-own flows only decide which nodes carry requests and along which routes.
+the offline admission keeps filled, I and O the mean input and output lengths, R the mean decode
+round trip and P the mean prompt pass, both at the load λ brings. The estimate is λ · (I + O),
+in the max flow's unit. The max flow is not a cap; its flows only decide which nodes carry
+requests and along which routes (its decomposition, which is how the maxflow scheduler routes).
 
-The round trip of a route: every hop runs its layers for a decode token (at a small batch) and
-passes the activation on, and a decode token that catches up with a prompt pass on its route
-crawls behind it at the prompt's pace. With prompts entering the route at rate λ_r and taking P_r
-to traverse it, a prompt is in transit with probability 1 − exp(−λ_r·P_r), so
+The round trip of a route, at load λ (the route carries the flow share s_r of it):
 
-    R_r = D_r + P_r · (1 − exp(−λ_r · P_r)).
+* every node runs its layers for a batch of decodes: `α + β·b` seconds, α the batch's fixed cost
+  (weights read once per batch, kernel launches) and β the cost per sequence (its KV read, the
+  host-side activation copy), both read off the profile's decode times. The batch b is what arrives
+  while a batch runs: with decodes arriving at X_j per second and prompts at λ_j (each taking t_j),
+  the cycle B solves B = α + β·X_j·B + λ_j·t_j·B, so B = α / (1 − β·X_j − λ_j·t_j) and b = X_j·B. A
+  node saturates where that denominator reaches zero or b passes the engine's batch limit — the
+  node capacity at the batch the load brings, not at a fixed small batch (a node holding a small
+  model has a cheap α and serves several times the tokens a fixed batch of 16 predicts);
+* every link serializes what it carries, first in first out: a decode token (bytes / bandwidth)
+  waits behind prompt transfers (I tokens each) in flight on the same link, by Pollaczek–Khinchine,
+  λ_l·(I² + O)·τ² / (2·(1 − ρ_l)), which matters on slow WAN links; plus the link's latency;
+* a decode token that catches up with a prompt pass on its route crawls behind it at the prompt's
+  pace: with prompts entering the route at λ·s_r and taking P_r to traverse it, one is in transit
+  with probability 1 − exp(−λ·s_r·P_r), so R_r gains P_r times that.
 
-λ_r depends on the throughput the model predicts, so throughput and round trips are solved
-together (a fixed point found by bisection). The model ranks placements; it is not exact, which is
-why the planner confirms its choice by simulation (selection.py).
+Nodes and links must keep up (a saturated one bounds λ), and admission must not stall. The
+maxflow scheduler builds a route hop by hop without backtracking, so a request whose next hop has
+no node with KV room is refused, and the offline feeder stops until a prompt pass or request ends. A
+full first hop is harmless (the scheduler skips it), but where the first node out of KV room on a
+route comes after a node with no other way on (no other edge carrying the scheduler's share of
+its flow), admission stalls while the rest of the cluster has room. Per node, the requests of
+every route through it hold (I + O) × the layers they run there (Little's law per route, at its
+flow share); the first load at which such a stall appears bounds λ.
+
+λ is the first load at which any of this stops holding (a stall can lift at a higher load, when a
+first hop fills instead, but admission never gets there), found on a grid refined a few times,
+every grid point evaluated at once. The model ranks placements; it is not exact, which is why the
+planner confirms its choice by simulation (selection.py); docs/placement.md has its measured rank
+correlation with the simulator, and what was tried. The evaluation is vectorised over loads,
+routes, nodes and links (numpy) and the per-node profile times are cached, since plan selection
+evaluates it thousands of times.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from helix.simulator.cluster import GpuNode
 from helix.simulator.flow import FlowResult, Route, decompose_routes, max_flow
 from helix.simulator.placement.base import PlacementProblem, Ranges
+from helix.simulator.profiles.base import Profiles
+from helix.simulator.schedulers import MaxFlowScheduler
 from helix.simulator.simulate import OFFLINE_KV_TARGET
 
-#: Decode sequences per iteration assumed when timing a decode hop: pipelines carry requests in
-#: small convoys, far below the batch a node could hold on its own.
-DECODE_BATCH = 16
+#: Decode batch at which a node's per-sequence decode cost is read (the chord from one sequence):
+#: near the batches full pipelines bring.
+SLOPE_BATCH = 64
+#: A node or link is taken as saturated once less than this share of its time is left.
+SATURATION_SLACK = 0.02
+#: The load is found on a grid of _GRID loads, refined _REFINEMENTS times into the cell where the
+#: model first stops holding (a stall can lift at a higher load, when a first hop fills instead:
+#: admission never gets there): to within a millionth of the saturation load, in a few passes.
+_GRID = 16
+_REFINEMENTS = 5
+#: The maxflow scheduler's admission rules (its defaults, read from it so the two never drift):
+#: a node admits while its expected KV stays within this share, and an edge is a way on only if it
+#: carries this share of its vertex's largest outgoing flow.
+_SCHEDULER = inspect.signature(MaxFlowScheduler.__init__).parameters
+KV_HWM: float = _SCHEDULER["kv_hwm"].default
+MIN_FLOW_SHARE: float = _SCHEDULER["min_flow_share"].default
 _EPS = 1e-9
 
 
@@ -66,65 +102,136 @@ class ServedEstimate:
                 "hops": round(self.hops, 2), "busiest": round(self.busiest, 3)}
 
 
-@dataclass
-class _RouteTimes:
-    share: float  # of the total flow
-    decode_s: float = 0.0  # D_r: one decode token through every hop, no waiting
-    prompt_s: float = 0.0  # P_r: one typical prompt through every hop
+@functools.lru_cache(maxsize=1 << 16)
+def _node_times(profiles: Profiles, node: GpuNode, layers: int, lengths: tuple[float, float]) -> tuple[float, ...]:
+    """(α, β, prompt pass, decode batch limit) of `node` running `layers` layers (module docstring)."""
+    prompt_tokens, output_tokens = lengths
+    context = prompt_tokens + output_tokens / 2
+    overhead = profiles.model.activation_bytes * profiles.conventions.activation_overhead_s_per_byte
+    one = layers * profiles.decode_layer_time(node, 1, round(context))
+    many = layers * profiles.decode_layer_time(node, SLOPE_BATCH, round(SLOPE_BATCH * context))
+    beta = (many - one) / (SLOPE_BATCH - 1) + overhead
+    alpha = max(0.0, one + overhead - beta)
+    prompt = layers * profiles.prompt_layer_time(node, round(prompt_tokens)) + prompt_tokens * overhead
+    return alpha, beta, prompt, float(profiles.batch_limits(node, layers).decode_max_tokens)
 
 
 class _Model:
-    """Per-route traversal times and per-resource busy seconds per request, for one placement."""
+    """Routes, nodes and links of one placement as arrays: round trips and saturation at a load."""
 
     def __init__(self, problem: PlacementProblem, ranges: Ranges, routes: list[Route],
-                 lengths: tuple[float, float]) -> None:
-        self.problem, self.ranges = problem, ranges
-        profiles, model = problem.profiles, problem.model
-        self.prompt_tokens, self.output_tokens = lengths
-        self.context = round(DECODE_BATCH * (self.prompt_tokens + self.output_tokens / 2))
-        self.overhead = model.activation_bytes * profiles.conventions.activation_overhead_s_per_byte
-        total = sum(r.weight for r in routes)
-        self.busy: dict[object, float] = {}  # node name or link → busy seconds per admitted request
-        self.routes = [self._route(r, r.weight / total) for r in routes]
-
-    def _route(self, route: Route, share: float) -> _RouteTimes:
-        cluster, model, profiles = self.problem.cluster, self.problem.model, self.problem.profiles
+                 lengths: tuple[float, float], flow_edges: dict[tuple[str, str], float]) -> None:
+        cluster, model, profiles = problem.cluster, problem.model, problem.profiles
         coord = cluster.coordinator
-        out = _RouteTimes(share)
-        prompt_tokens, output_tokens = self.prompt_tokens, self.output_tokens
-        layer, prev = 0, coord.name
-        for name in (*route.nodes, coord.name):
-            link = cluster.link(prev, name)
-            nic_out = coord.nic_out_bps if prev == coord.name else cluster.node_map[prev].nic_out_bps
-            nic_in = coord.nic_in_bps if name == coord.name else cluster.node_map[name].nic_in_bps
-            seconds_per_token = 8 * (model.token_id_bytes if coord.name in (prev, name) else (
-                model.activation_bytes + model.token_id_bytes)) / min(
-                link.bandwidth_bps if link else math.inf, nic_out, nic_in)
-            latency = link.latency_s if link else 0.0
-            out.decode_s += latency + seconds_per_token
-            out.prompt_s += latency + prompt_tokens * seconds_per_token
-            link_busy = share * (prompt_tokens + output_tokens) * seconds_per_token
-            self.busy[(prev, name)] = self.busy.get((prev, name), 0.0) + link_busy
-            if name != coord.name:
-                node = cluster.node_map[name]
-                m = self.ranges[name][1] - layer
-                decode = m * profiles.decode_layer_time(node, DECODE_BATCH, self.context) + self.overhead
-                prompt = m * profiles.prompt_layer_time(node, round(prompt_tokens)) + prompt_tokens * self.overhead
-                out.decode_s += decode
-                out.prompt_s += prompt
-                self.busy[name] = self.busy.get(name, 0.0) + share * (prompt + output_tokens * decode / DECODE_BATCH)
-                layer = self.ranges[name][1]
-            prev = name
-        return out
+        self.prompt_tokens, self.output_tokens = lengths
+        total = sum(r.weight for r in routes)
+        self.share = np.array([r.weight / total for r in routes])
+        nodes: dict[str, int] = {}
+        links: dict[tuple[str, str], tuple[int, float, float]] = {}  # index, seconds per token, latency
+        node_cells: list[tuple[int, int, int]] = []  # (route, node, layers it runs there)
+        link_cells: list[tuple[int, int]] = []
+        for i, route in enumerate(routes):
+            layer, prev = 0, coord.name
+            for name in (*route.nodes, coord.name):
+                key = (prev, name)
+                if key not in links:
+                    link = cluster.link(prev, name)
+                    nic_out = coord.nic_out_bps if prev == coord.name else cluster.node_map[prev].nic_out_bps
+                    nic_in = coord.nic_in_bps if name == coord.name else cluster.node_map[name].nic_in_bps
+                    per_token = model.token_id_bytes if coord.name in key else (
+                        model.activation_bytes + model.token_id_bytes)
+                    links[key] = (len(links), 8 * per_token / min(link.bandwidth_bps if link else math.inf,
+                                                                  nic_out, nic_in), link.latency_s if link else 0.0)
+                link_cells.append((i, links[key][0]))
+                if name != coord.name:
+                    node_cells.append((i, nodes.setdefault(name, len(nodes)), ranges[name][1] - layer))
+                    layer = ranges[name][1]
+                prev = name
+        self.on_node = np.zeros((len(routes), len(nodes)))
+        layers_run = np.zeros((len(routes), len(nodes)))
+        for i, j, m in node_cells:
+            self.on_node[i, j] = 1.0
+            layers_run[i, j] = m
+        self.on_link = np.zeros((len(routes), len(links)))
+        for i, e in link_cells:
+            self.on_link[i, e] = 1.0
+        self.tau = np.array([tau for _, tau, _ in links.values()])
+        self.transfer = self.on_link @ self.tau  # one decode token over every link of the route
+        self.latency = self.on_link @ np.array([latency for _, _, latency in links.values()])
+        names = list(nodes)
+        # A node runs a batch from the earliest layer any route enters it at: time it for the most.
+        most = layers_run.max(axis=0)
+        times = np.array([_node_times(profiles, cluster.node_map[n], int(k), lengths)
+                          for n, k in zip(names, most, strict=True)]).reshape(len(names), 4)
+        self.alpha, self.beta, self.prompt_s, self.batch_limit = times.T
+        self.hops = float(self.share @ self.on_node.sum(axis=1))
+        self.node_share = self.share @ self.on_node
+        self.link_share = self.share @ self.on_link
+        self._stall_structure(problem, ranges, routes, names, layers_run, flow_edges)
+        # Load-independent parts, per request at a node or link and per route.
+        self.work = self.output_tokens * self.beta + self.prompt_s  # a node's busy seconds per request
+        self.link_work = (self.prompt_tokens + self.output_tokens) * self.tau
+        self.link_wait = (self.prompt_tokens ** 2 + self.output_tokens) * self.tau ** 2 / 2  # P-K numerator
+        self.prompt_fixed = self.on_node @ self.prompt_s + self.latency + self.prompt_tokens * self.transfer
+        self.decode_fixed = self.latency + self.transfer
 
-    def round_trip(self, requests_per_s: float) -> float:
-        return sum(t.share * (t.decode_s + t.prompt_s * -math.expm1(-requests_per_s * t.share * t.prompt_s))
-                   for t in self.routes)
+    def _stall_structure(self, problem: PlacementProblem, ranges: Ranges, routes: list[Route], names: list[str],
+                         layers_run: np.ndarray, flow_edges: dict[tuple[str, str], float]) -> None:
+        """What `stalls` needs: per node the KV room the scheduler admits into and whether it has a
+        single way on; per route its nodes in order (padded with a node that never fills)."""
+        index = {name: j for j, name in enumerate(names)}
+        self.kv_per_request = (self.prompt_tokens + self.output_tokens) * layers_run
+        self.kv_room = np.array([KV_HWM * problem.profiles.kv_capacity_tokens(problem.cluster.node_map[n], end - start)
+                                 * (end - start) for n in names for start, end in (ranges[n],)] + [math.inf])
+        self.order = np.full((len(routes), max(len(r.nodes) for r in routes)), len(names))
+        for i, route in enumerate(routes):
+            self.order[i, :len(route.nodes)] = [index[n] for n in route.nodes]
+        onward: dict[str, list[float]] = {}
+        for (src, _), f in flow_edges.items():
+            if f > _EPS and src in index:
+                onward.setdefault(src, []).append(f)
+        self.single_way = np.zeros(len(names) + 1, dtype=bool)
+        for src, flows in onward.items():
+            self.single_way[index[src]] = sum(f >= MIN_FLOW_SHARE * max(flows) for f in flows) == 1
 
-    def in_flight(self, requests_per_s: float) -> float:
-        """Little's law: requests alive at this rate (a prompt pass, then one round trip per output token)."""
-        life = self.output_tokens * self.round_trip(requests_per_s) + sum(t.share * t.prompt_s for t in self.routes)
-        return requests_per_s * life
+    def saturation(self) -> float:
+        """A load no node or link keeps up with (their per-request work alone fills them)."""
+        return 1.0 / float(np.concatenate([self.node_share * self.work, self.link_share * self.link_work]).max())
+
+    def at(self, loads: np.ndarray) -> _Loaded:
+        """The model at several loads (requests/s) at once: one row per load."""
+        lam = loads[:, None]
+        prompts = lam * self.node_share
+        free = 1.0 - prompts * self.work
+        batch = np.maximum(1.0, self.output_tokens * prompts * self.alpha / np.maximum(free, SATURATION_SLACK))
+        on_links = lam * self.link_share
+        busy_links = on_links * self.link_work
+        ok = (free.min(axis=1) >= SATURATION_SLACK) & (batch <= self.batch_limit).all(axis=1)
+        ok &= busy_links.max(axis=1, initial=0.0) <= 1.0 - SATURATION_SLACK
+        network = (on_links * self.link_wait / np.maximum(1.0 - busy_links, SATURATION_SLACK)) @ self.on_link.T
+        prompt = self.prompt_fixed + network
+        decode = (self.alpha + self.beta * batch) @ self.on_node.T + self.decode_fixed + network
+        decode -= prompt * np.expm1(-lam * self.share * prompt)
+        alive = lam * self.share * (self.output_tokens * decode + prompt)  # Little's law, per route
+        # Admission stalls where, on some route, the first node out of KV room is not its first
+        # hop and the node before it has no other way on (module docstring).
+        full = (np.pad(alive @ self.kv_per_request, ((0, 0), (0, 1))) > self.kv_room)[:, self.order]
+        first = full.argmax(axis=2)
+        stuck = full.any(axis=2) & (first > 0)
+        before = np.take_along_axis(self.order[None, :, :], np.maximum(first - 1, 0)[:, :, None], axis=2)[:, :, 0]
+        ok &= ~(stuck & self.single_way[before]).any(axis=1)
+        busiest = np.maximum(1.0 - free.min(axis=1), busy_links.max(axis=1, initial=0.0))
+        return _Loaded(ok, alive.sum(axis=1), decode, busiest)
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """The model at a row of loads: whether each is sustained, requests alive, round trips, busiest share."""
+
+    sustained: np.ndarray
+    in_flight: np.ndarray
+    round_trips: np.ndarray  # per load and route
+    busiest: np.ndarray
 
 
 def kv_cover(problem: PlacementProblem, ranges: Ranges, carrying: set[str]) -> np.ndarray:
@@ -148,20 +255,19 @@ def served_estimate(problem: PlacementProblem, ranges: Ranges, partial_inference
         return ServedEstimate(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     workload = problem.profiles.workload
     lengths = lengths or (float(workload.avg_input_tokens), float(workload.avg_output_tokens))
-    routes = decompose_routes(flow, problem.cluster.coordinator.name)
-    model = _Model(problem, ranges, routes, lengths)
-    hops = sum(len(r.nodes) * t.share for r, t in zip(routes, model.routes, strict=True))
+    model = _Model(problem, ranges, decompose_routes(flow, problem.cluster.coordinator.name), lengths,
+                   flow.edge_flows)
     carrying = {name for name, f in flow.node_flows.items() if f > _EPS}
     kv_min = float(kv_cover(problem, ranges, carrying).min())
     per_request = lengths[0] + lengths[1]
     capacity = OFFLINE_KV_TARGET * kv_min / per_request  # requests the scarcest layer holds
-    busiest_per_request = max(model.busy.values())
-    lo, hi = 0.0, min(1 / busiest_per_request, capacity / max(_EPS, model.output_tokens * model.round_trip(0.0)))
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        if model.in_flight(mid) <= capacity:
-            lo = mid
-        else:
-            hi = mid
-    return ServedEstimate(lo * per_request, flow.value, kv_min,
-                          model.round_trip(lo), hops, lo * busiest_per_request)
+    lo, hi = 0.0, model.saturation()
+    for _ in range(_REFINEMENTS):  # the first load of a grid over [lo, hi] the model does not hold, then its cell
+        loads = np.linspace(lo, hi, _GRID + 1)[1:]
+        fits = model.at(loads)
+        holds = fits.sustained & (fits.in_flight <= capacity)
+        first = int(np.argmin(holds)) if not holds.all() else len(loads)
+        lo, hi = (loads[first - 1] if first > 0 else lo), (loads[first] if first < len(loads) else hi)
+    final = model.at(np.array([lo]))
+    round_trip, busiest = float(model.share @ final.round_trips[0]), float(final.busiest[0])
+    return ServedEstimate(lo * per_request, flow.value, kv_min, round_trip, model.hops, busiest)
