@@ -10,6 +10,8 @@ rank correlation with the simulator over a broader pool of placements per case (
 plans, members of the candidate family, climbs on the estimate).
 
     python benchmarks/plan_quality.py --suite                    # all cases (hours on 2 cores)
+    python benchmarks/plan_quality.py --suite --time-limit 240 --effort 0.25 --json suite.json
+                                                      # milp's default budgets, a cap a busy machine never hits
     python benchmarks/plan_quality.py --suite --cases 3 --sim-seconds 120 --time-limit 20
     python benchmarks/plan_quality.py --suite --cases s07,s12 --no-correlation
 
@@ -91,6 +93,11 @@ def main() -> int:
     suite.add_argument("--suite-seeds", type=int, default=1, help="seeds per run with --sim-seconds")
     suite.add_argument("--time-limit", type=float, default=PlacementOptions.time_limit_s,
                        help="milp's --time-limit (its default unless given)")
+    suite.add_argument("--effort", type=float, default=PlacementOptions.effort,
+                       help="milp's --effort: with --time-limit 240 --effort 0.25, the default budgets under a "
+                            "wall-clock cap a busy machine does not reach")
+    suite.add_argument("--pool", default=f"{CORRELATION_FAMILY},{CORRELATION_CLIMBS}",
+                       help="family members and climbs in the correlation pool, e.g. 8,3")
     suite.add_argument("--no-correlation", action="store_true", help="skip the estimate's rank correlation")
     args = parser.parse_args()
     if args.suite:
@@ -177,7 +184,8 @@ def run_suite(args: argparse.Namespace) -> int:
     cases = pick_cases(drawn.cases, args.cases)
     settings = None if args.sim_seconds is None else SimSettings(
         args.sim_seconds, args.sim_seconds * GATE_WARMUP_SHARE, tuple(range(args.suite_seeds)))
-    options = PlacementOptions(time_limit_s=args.time_limit)
+    options = PlacementOptions(time_limit_s=args.time_limit, effort=args.effort)
+    family, climbs = (int(x) for x in args.pool.split(","))
     for line in drawn.dropped:
         console.print(f"dropped: {line}", highlight=False)
     reports: list[CaseReport] = []
@@ -185,10 +193,11 @@ def run_suite(args: argparse.Namespace) -> int:
         console.print(f"{case.name}: {case.describe()}", highlight=False)
         for reason in case.redraws:
             console.print(f"  redrawn: {reason}", highlight=False)
-        reports.append(evaluate_case(case, options, settings,
-                                     pool=None if args.no_correlation else (CORRELATION_FAMILY, CORRELATION_CLIMBS),
+        reports.append(evaluate_case(case, options, settings, pool=None if args.no_correlation else (family, climbs),
                                      log=lambda line: console.print("  " + line, highlight=False)))
         console.print(suite_table(reports[-1:]))
+        if args.json:  # after every case, so a long run that is stopped keeps what it measured
+            args.json.write_text(json.dumps([report_row(r) for r in reports], indent=2))
     console.print(suite_table(reports))
     ratios = [r.ratio for r in reports]
     console.print(f"default plan ≥ {GUARANTEE}× the best baseline in {sum(x >= GUARANTEE for x in ratios)} "
@@ -198,8 +207,6 @@ def run_suite(args: argparse.Namespace) -> int:
         console.print(f"estimate vs simulator, Spearman per case: mean {statistics.fmean(rhos):.3f}, "
                       f"lowest {min(rhos):.3f}, ≥ 0.9 in {sum(x >= 0.9 for x in rhos)} of {len(rhos)}",
                       highlight=False)
-    if args.json:
-        args.json.write_text(json.dumps([report_row(r) for r in reports], indent=2))
     return 0
 
 
