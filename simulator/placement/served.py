@@ -32,11 +32,11 @@ The round trip of a route, at load λ (the route carries the flow share s_r of i
   with probability 1 − exp(−λ·s_r·P_r), so R_r gains P_r times that.
 
 Nodes and links must keep up (a saturated one bounds λ), and admission must not stall. The
-maxflow scheduler builds a route hop by hop without backtracking, so a request whose next hop has
-no node with KV room is refused, and the offline feeder stops until a prompt pass or request ends. A
-full first hop is harmless (the scheduler skips it), but where the first node out of KV room on a
-route comes after a node with no other way on (no other edge carrying the scheduler's share of
-its flow), admission stalls while the rest of the cluster has room. Per node, the requests of
+maxflow scheduler builds a route hop by hop without backtracking, so a request whose next hop
+has no node with KV room is refused, and the offline feeder stops until a prompt pass or a
+request ends. A full first hop is harmless (the scheduler skips it), but where the first node out
+of KV room on a route comes after a node with no other way on (no other edge carrying the
+scheduler's share of its flow), admission stalls while the rest of the cluster has room. Per node, the requests of
 every route through it hold (I + O) × the layers they run there (Little's law per route, at its
 flow share); the first load at which such a stall appears bounds λ.
 
