@@ -55,7 +55,8 @@ def experiment_command(
     seed: Annotated[int, typer.Option("--seed", rich_help_panel=RUN_PANEL,
                                       help="Seed for generated clusters, placement and simulation.")] = 0,
     workers: Annotated[int, typer.Option("--workers", metavar="N", rich_help_panel=RUN_PANEL,
-                                         help="MILP: CP-SAT worker threads.")] = 2,
+                                         help="MILP: CP-SAT worker threads (1: its single-worker search; "
+                                              "more: its interleaved search; both deterministic).")] = 1,
     reference: Annotated[Path | None, typer.Option(
         "--reference", metavar="DIR", show_default=False, rich_help_panel=RUN_PANEL,
         help="The Helix artifact's reference data (default: $HELIX_REFERENCE, else ../shared/reference).")] = None,

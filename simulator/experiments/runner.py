@@ -74,7 +74,7 @@ class RunConfig:
     modes: tuple[str, ...] | None = None
     seed: int = 0
     reference: Path | None = None
-    workers: int = 2
+    workers: int = 1
 
     def describe(self) -> dict[str, Any]:
         out = asdict(self)

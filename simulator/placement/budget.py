@@ -21,7 +21,7 @@ from helix.simulator.placement.base import PlacementOptions
 #: CP-SAT deterministic time per second of the time limit, for the max-flow search (warm start
 #: excluded). On the placement models one unit is about 2–3 CPU-seconds of the interleaved
 #: 2-worker search (measured on the paper's 24-node mix).
-CPSAT_DTIME_PER_LIMIT_S = 0.15
+CPSAT_DTIME_PER_LIMIT_S = 0.25
 #: Of that, what the max-flow search keeps when selection follows it (selection is where the
 #: served throughput is decided; the max-flow optimum is one of its candidates).
 CPSAT_SHARE_WITH_SELECTION = 0.2

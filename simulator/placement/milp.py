@@ -55,6 +55,10 @@ DEFAULT_PRUNE_KEEP = 12
 COVERAGE_SHARE = 0.5  # of the deterministic budget, for the coverage model (bound and candidates)
 LNS_SHARE = 0.6  # of what the coverage model leaves, for the large-neighbourhood search; the full model gets the rest
 FIRST_COVER_SHARE = 0.1  # of the coverage budget, for a first placement when there is no warm start
+FIRST_COVER_MIN_DTIME = 0.5  # ... but at least this: CP-SAT's presolve alone takes about 0.3
+#: Of the rest of a cold coverage budget, for improving the first placement with the interleaved
+#: search (it finds better placements sooner; the single-worker solve then proves the bound).
+COLD_IMPROVE_SHARE = 0.3
 LNS_STEP_DTIME = 1.0  # most deterministic time per neighbourhood solve
 #: Least deterministic time a neighbourhood solve is charged, so a budget always means a bounded
 #: number of solves (a small neighbourhood can be solved in almost no deterministic time).
@@ -345,11 +349,15 @@ class _Search:
         return False
 
     def _solve(self, model: cp_model.CpModel, dtime: float, global_bound: bool = False,
-               solutions: Callable[[Solution], Ranges] | None = None) -> cp_model.CpSolver | None:
+               solutions: Callable[[Solution], Ranges] | None = None,
+               interleave: bool = False) -> cp_model.CpSolver | None:
         """Run CP-SAT for `dtime` deterministic time; None when stopped (or capped) before starting.
         Check `found` before reading a solution.
 
         `solutions` reads a placement from each solution, which is offered as soon as it is found.
+        `interleave` runs CP-SAT's interleaved search even on one worker: its rotation of
+        first-solution heuristics finds a feasible point at once where the single default search
+        finds none, but it proves bounds slowly.
         """
         if self.stopper.stopped or dtime <= 0 or self.cap.over():
             return None
@@ -361,7 +369,7 @@ class _Search:
         # One worker is deterministic; more run the interleaved search, which is too (the parallel
         # portfolio is not), though it reaches less per unit of deterministic time on these models.
         solver.parameters.num_workers = max(1, self.options.workers)
-        solver.parameters.interleave_search = self.options.workers > 1
+        solver.parameters.interleave_search = interleave or self.options.workers > 1
         solver.parameters.random_seed = self.rng.randrange(1 << 30)
         solver.parameters.catch_sigint_signal = False  # our handler stops it, in any thread
         self.stopper.solver = solver
@@ -415,7 +423,12 @@ class _Search:
         cover = CoverageModel.build(self.problem)
         if not self.best.ranges:
             used = self.dtime_used
-            self._solve(cover.covering(), dtime * FIRST_COVER_SHARE, solutions=cover.ranges)
+            self._solve(cover.covering(), max(FIRST_COVER_MIN_DTIME, dtime * FIRST_COVER_SHARE), solutions=cover.ranges,
+                        interleave=True)
+            if self.best.ranges:  # improve it the way the interleaved heuristics do, then prove
+                cover.hint(self.best.ranges)
+                self._solve(cover.model, (dtime - (self.dtime_used - used)) * COLD_IMPROVE_SHARE, global_bound=True,
+                            solutions=cover.ranges, interleave=True)
             dtime -= self.dtime_used - used
         if self.best.ranges:
             cover.hint(self.best.ranges)
