@@ -129,8 +129,11 @@ def main() -> int:
                                          ("milp (selection: max-flow)", "milp", "max-flow"),
                                          ("petals", "petals", "auto"), ("swarm", "swarm", "auto")):
             started = time.monotonic()
+            # The plan is made for the workload it is judged on (the planner's --lengths): selection's
+            # simulations then run the Azure Conversation lengths too, not the built-in look-alike.
             plan = plan_placement(problem, method, PlacementOptions(time_limit_s=limit * args.scale,
-                                                                    selection=selection))
+                                                                    selection=selection,
+                                                                    workload=Workload(lengths=lengths)))
             plans.append((label, plan, None, time.monotonic() - started))
         plans.append(("published Helix ILP layout", published, kv, 0.0))
         table = Table(title=f"{filename}: LLaMA-2 70B, Helix's tables; decode tokens/s, 80–680 s, "

@@ -31,9 +31,9 @@ CPSAT_MIN_DTIME = 1.5
 #: Simulated events per second of the time limit, for selection's gate simulations.
 SELECTION_EVENTS_PER_LIMIT_S = 40_000
 #: Served-estimate evaluations per second of the time limit on a 24-node cluster. An evaluation
-#: costs about nodes^1.5 (max flow and route decomposition: 1.6 ms at 24 nodes, 45 ms at 200), so
-#: the count scales by (24 / nodes)^1.5, never below ESTIMATE_EVALS_MIN.
-ESTIMATE_EVALS_PER_LIMIT_S = 100
+#: costs about nodes^1.5 (max flow, route decomposition and the batch-cycle grid: 5 ms at 24 nodes,
+#: 160 ms at 200), so the count scales by (24 / nodes)^1.5, never below ESTIMATE_EVALS_MIN.
+ESTIMATE_EVALS_PER_LIMIT_S = 40
 ESTIMATE_EVALS_MIN = 60
 
 
