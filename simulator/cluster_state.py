@@ -118,30 +118,38 @@ class NodeState:
 
 
 class _LayerShares:
-    """Per-layer expected-KV share, vectorized: the offline feeder asks before every admission.
+    """Per-layer expected-KV share, kept current as requests come and go: the offline feeder asks
+    before every admission, and a scan over every node's state would cost O(nodes) each time.
 
-    It computes exactly what the per-node loop it replaced did, float operation for float
-    operation: per node `kv / layers` added at its first layer and subtracted at its end in node
-    order (`np.bincount` accumulates in input order), then a running sum over layers
-    (`np.cumsum` is sequential). The node set, ranges and capacities are cached and rebuilt when
-    a node's `up` flag changes.
+    Each up node's `kv_expected` lives in a float64 array written by `ClusterState.admit` and
+    `release` (only the route's nodes change), and the worst share is recomputed only after such a
+    change. The recomputation is exactly what the per-node loop it replaced did, float operation
+    for float operation: per node `kv / layers` added at its first layer and subtracted at its end
+    in node order (`np.bincount` accumulates in input order), then a running sum over layers
+    (`np.cumsum` is sequential). The up nodes, their ranges and capacities are read again whenever
+    the owner adopts new flows (a new `flows` mapping), which owners do whenever a node leaves or
+    returns.
     """
 
-    __slots__ = ("_idx", "_key", "_layers", "_live", "_mask", "_total", "_weights")
+    __slots__ = ("_expected", "_flows", "_idx", "_layers", "_mask", "_slot", "_total", "_weights", "_worst")
 
     def __init__(self) -> None:
-        self._key: list[bool] | None = None
+        self._flows: object = None
+        self._slot: dict[str, int] = {}
+        self._worst: float | None = None
 
-    def _rebuild(self, nodes: list[NodeState], up: list[bool], num_layers: int) -> None:
-        live = [n for n, is_up in zip(nodes, up, strict=True) if is_up]
-        self._live = live
+    def _rebuild(self, state: ClusterState) -> None:
+        live = [n for n in state.nodes.values() if n.up]
+        self._slot = {n.name: i for i, n in enumerate(live)}
+        self._expected = np.array([n.kv_expected for n in live], dtype=np.float64)
         self._idx = np.array([x for n in live for x in (n.start_layer, n.end_layer)], dtype=np.intp)
         self._layers = np.array([n.end_layer - n.start_layer for n in live], dtype=np.float64)
         self._weights = np.empty(2 * len(live))
-        total = self._prefix(np.array([n.kv_capacity for n in live], dtype=np.float64), num_layers)
+        total = self._prefix(np.array([n.kv_capacity for n in live], dtype=np.float64), state.num_layers)
         self._mask = total > 0
         self._total = total[self._mask]
-        self._key = up
+        self._flows = state.flows
+        self._worst = None
 
     def _prefix(self, per_node: np.ndarray, num_layers: int) -> np.ndarray:
         """Running per-layer sum of `per_node / layers` over the nodes holding each layer."""
@@ -151,15 +159,23 @@ class _LayerShares:
         weights[1::2] = -share
         return np.cumsum(np.bincount(self._idx, weights=weights, minlength=num_layers + 1)[:num_layers])
 
-    def worst(self, nodes: dict[str, NodeState], num_layers: int) -> float:
-        node_list = list(nodes.values())
-        up = [n.up for n in node_list]
-        if up != self._key:
-            self._rebuild(node_list, up, num_layers)
-        if not self._total.size:
-            return 0.0
-        used = self._prefix(np.array([n.kv_expected for n in self._live], dtype=np.float64), num_layers)
-        return max(0.0, float((used[self._mask] / self._total).max()))
+    def changed(self, node: NodeState) -> None:
+        """`node.kv_expected` changed."""
+        slot = self._slot.get(node.name)
+        if slot is not None:
+            self._expected[slot] = node.kv_expected
+        self._worst = None
+
+    def worst(self, state: ClusterState) -> float:
+        if state.flows is not self._flows:
+            self._rebuild(state)
+        if self._worst is None:
+            if not self._total.size:
+                self._worst = 0.0
+            else:
+                used = self._prefix(self._expected, state.num_layers)
+                self._worst = max(0.0, float((used[self._mask] / self._total).max()))
+        return self._worst
 
 
 @dataclass
@@ -197,25 +213,31 @@ class ClusterState:
         return flow
 
     def admit(self, request: Request, route: Route) -> None:
+        changed = self._shares.changed
         for hop in route:
             node = self.nodes[hop.node]
             node.in_flight += 1
             node.kv_expected += expected_kv(request, hop)
+            changed(node)
 
     def release(self, request: Request, route: Route) -> None:
+        changed = self._shares.changed
         for hop in route:
             node = self.nodes[hop.node]
             node.in_flight -= 1
             node.kv_expected -= expected_kv(request, hop)
+            changed(node)
 
     def kv_expected_bottleneck(self) -> float:
         """Highest per-layer share of expected KV use, summing over the up nodes that hold each layer.
 
         For each layer: Σ kv_expected / layers over the up nodes holding it, divided by the same sum
-        of kv_capacity; layers no up node holds are skipped. Node capacities are read when the set
-        of up nodes changes (they do not change while serving).
+        of kv_capacity; layers no up node holds are skipped. Which nodes are up, and their
+        capacities, are read when flows are adopted (`set_flows`): capacities do not change while
+        serving, and owners adopt new flows whenever a node leaves or returns. `kv_expected` must
+        change only through `admit` and `release`.
         """
-        return self._shares.worst(self.nodes, self.num_layers)
+        return self._shares.worst(self)
 
     def check_route(self, route: Route) -> None:
         """Raise if a route does not chain from layer 0 to the last layer along usable edges."""
