@@ -21,15 +21,34 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
-from helix.simulator.cluster_state import ClusterView, Hop, Route, route_edges
+from helix.simulator.cluster_state import ClusterView, Hop, NodeView, Route, route_edges
 from helix.simulator.errors import HelixInputError
 from helix.simulator.requests import Request
 
-Chooser = Callable[[str, Sequence[str]], str | None]
+#: Given a vertex, the next one (the coordinator ends the route), or None: no route.
+Chooser = Callable[[str], str | None]
+#: Given a vertex and its live successors (never empty), the next one.
+Picker = Callable[[str, Sequence[str]], str]
+
+
+def live_successors(view: ClusterView, vertex: str) -> list[str]:
+    """The vertices a request may go to from `vertex`: the coordinator, or nodes that are up."""
+    coord, nodes = view.coordinator, view.nodes
+    return [d for d in view.successors(vertex) if d == coord or nodes[d].up]
+
+
+def picking(view: ClusterView, pick: Picker) -> Chooser:
+    """A chooser that asks `pick` among the live successors, and finds no route where there are none."""
+
+    def choose(vertex: str) -> str | None:
+        candidates = live_successors(view, vertex)
+        return pick(vertex, candidates) if candidates else None
+
+    return choose
 
 
 def build_route(view: ClusterView, choose: Chooser) -> Route | None:
-    """Walk from the coordinator, asking `choose(vertex, successors)` for each next hop.
+    """Walk from the coordinator, asking `choose(vertex)` for each next hop.
 
     With partial inference a hop starts where the previous one stopped and runs to the end of its
     node's range; the usable edges guarantee the ranges chain, so layers strictly increase.
@@ -39,8 +58,7 @@ def build_route(view: ClusterView, choose: Chooser) -> Route | None:
     vertex, layer = coord, 0
     hops: list[Hop] = []
     while True:
-        candidates = [d for d in view.successors(vertex) if d == coord or nodes[d].up]
-        nxt = choose(vertex, candidates) if candidates else None
+        nxt = choose(vertex)
         if nxt is None:
             return None
         if nxt == coord:
@@ -104,6 +122,102 @@ def make_scheduler(name: str, view: ClusterView, rng: random.Random, **options: 
         raise HelixInputError(f"bad options for scheduler {name!r}: {exc}", "--scheduler") from exc
 
 
+#: An out-edge as the maxflow scheduler reads it: next vertex, its node (None: the coordinator),
+#: edge number, edge flow.
+_OutEdge = tuple[str, NodeView | None, int, float]
+
+
+class _EdgeLoads:
+    """Load per edge (tokens sent / edge flow), in a list indexed by edge number.
+
+    Loads are read for every candidate edge of every hop of every route built, where a dict keyed
+    by (src, dst) would hash a tuple each time; edges are numbered when first seen.
+    """
+
+    __slots__ = ("ids", "load")
+
+    def __init__(self) -> None:
+        self.ids: dict[tuple[str, str], int] = {}
+        self.load: list[float] = []
+
+    def number(self, edge: tuple[str, str]) -> int:
+        found = self.ids.get(edge)
+        if found is None:
+            found = self.ids[edge] = len(self.load)
+            self.load.append(0.0)
+        return found
+
+
+class _RouteCharge:
+    """The decode iterations a route ran since loads were last charged, and the edges to charge."""
+
+    __slots__ = ("edges", "epoch", "pending", "route", "source")
+
+    def __init__(self, route: Route, epoch: int, edges: list[tuple[int, float]], source: object) -> None:
+        self.route = route
+        self.pending = 0
+        self.epoch = epoch  # the sweep it was last charged in (or created in)
+        self.edges = edges  # (edge number, flow) of the route's edges that carry flow, in order
+        self.source = source  # the flows mapping `edges` was read from
+
+
+class _Charges:
+    """Decode iterations counted per route and charged to edge loads when the next request is scheduled.
+
+    Charging is lazy, as before: n iterations of one route since the last charge add n / flow to
+    each of its edges once, routes in the order they first iterated. What is kept per route (its
+    edge numbers and flows, noted when the route is scheduled) is kept between charges, so an
+    iteration costs one dictionary lookup instead of rebuilding the route's edges, and routes that
+    stopped iterating (finished requests) are swept out whenever the table has doubled since the
+    last sweep. Sweeps happen only right after a charge, when nothing is pending, so an entry is
+    never replaced while it holds counts: iterations of equal routes always add up in one entry,
+    exactly as a dict keyed by route did.
+    """
+
+    __slots__ = ("_epoch", "_pending", "_routes", "_sweep_at")
+
+    def __init__(self) -> None:
+        self._routes: dict[Route, _RouteCharge] = {}
+        self._pending: list[_RouteCharge] = []
+        self._epoch = 0
+        self._sweep_at = 1024
+
+    def note(self, route: Route, edges: list[tuple[int, float]], source: object) -> None:
+        """`route` was scheduled along `edges` (read from the flows mapping `source`)."""
+        if route not in self._routes:
+            self._routes[route] = _RouteCharge(route, self._epoch, edges, source)
+
+    def add(self, route: Route) -> None:
+        entry = self._routes.get(route)
+        if entry is None:  # a route this scheduler did not build: its edges are read when charged
+            entry = self._routes[route] = _RouteCharge(route, self._epoch, [], None)
+        if not entry.pending:
+            self._pending.append(entry)
+        entry.pending += 1
+
+    def charge(self, view: ClusterView, loads: _EdgeLoads) -> None:
+        flows, load, epoch = view.flows, loads.load, self._epoch
+        for entry in self._pending:
+            if entry.source is not flows:
+                entry.edges = [(loads.number(edge), flow) for edge in route_edges(entry.route, view.coordinator)
+                               if (flow := flows.get(edge))]
+                entry.source = flows
+            n = entry.pending
+            for edge, flow in entry.edges:
+                load[edge] += n / flow
+            entry.pending = 0
+            entry.epoch = epoch
+        self._pending.clear()
+        if len(self._routes) > self._sweep_at:
+            self._routes = {r: e for r, e in self._routes.items() if e.epoch == epoch}
+            self._epoch += 1
+            self._sweep_at = max(1024, 2 * len(self._routes))
+
+
+class _NodeDown(Exception):
+    """A cached out-edge leads to a node that is down: the cache does not apply."""
+
+
 @register_scheduler
 class MaxFlowScheduler(Scheduler):
     """Helix: interleaved weighted round-robin over the max-flow edge flows, KV-aware admission.
@@ -128,12 +242,13 @@ class MaxFlowScheduler(Scheduler):
             raise HelixInputError("maxflow needs 0 < kv_hwm <= 1 and 0 <= min_flow_share < 1", "--scheduler")
         self.kv_hwm = kv_hwm
         self.min_flow_share = min_flow_share
-        self._load: dict[tuple[str, str], float] = {}
-        self._uncharged: dict[Route, int] = {}  # decode iterations per route, charged lazily
+        self._loads = _EdgeLoads()
+        self._charges = _Charges()
         # Per vertex, its out-edges that clear the flow floor when all its successors are up (a route
         # is built hop by hop for every request; a vertex may have hundreds of successors), derived
-        # from one flows mapping (`_flows_seen`; owners replace it when flows change).
-        self._out: dict[str, tuple[int, list[tuple[str, tuple[str, str], float]]]] = {}
+        # from one flows mapping (`_flows_seen`; owners replace it when flows change) together with
+        # the views of the nodes they lead to (the owner's node objects, which it never replaces).
+        self._out: dict[str, list[_OutEdge]] = {}
         self._flows_seen: object = None
 
     def _check_flows(self) -> None:
@@ -142,72 +257,68 @@ class MaxFlowScheduler(Scheduler):
             self._out.clear()
             self._flows_seen = self.view.flows
 
-    def _out_edges(self, vertex: str, candidates: Sequence[str]) -> list[tuple[str, tuple[str, str], float]]:
-        """(next vertex, edge, flow) for the candidates whose edge carries at least the floor, in order."""
-        flows = self.view.flows
-        # Candidates are the successors that are up, in order: as many as successors means all of them.
-        cached = self._out.get(vertex)
-        if cached is not None and len(candidates) == cached[0]:
-            return cached[1]
-        edges = [(vertex, d) for d in candidates]
-        flow = [flows[e] for e in edges]
+    def _above_floor(self, vertex: str, candidates: Sequence[str]) -> list[_OutEdge]:
+        """The candidates whose edge carries at least the floor, in order."""
+        if not candidates:
+            return []
+        view = self.view
+        flows, nodes, coord = view.flows, view.nodes, view.coordinator
+        flow = [flows[(vertex, d)] for d in candidates]
         floor = self.min_flow_share * max(flow)
-        out = [(d, e, f) for d, e, f in zip(candidates, edges, flow, strict=True) if not f < floor]
-        successors = len(self.view.successors(vertex))
-        if len(candidates) == successors:
-            self._out[vertex] = (successors, out)
-        return out
+        return [(d, None if d == coord else nodes[d], self._loads.number((vertex, d)), f)
+                for d, f in zip(candidates, flow, strict=True) if not f < floor]
 
     def schedule(self, request: Request) -> Route | None:
         self._check_flows()
-        self._charge_iterations()
-        view, load, flows = self.view, self._load, self.view.flows
-        coord, nodes = view.coordinator, view.nodes
+        self._charges.charge(self.view, self._loads)
+        view, load, cached = self.view, self._loads.load, self._out
         work = request.input_tokens
         expected_tokens = request.input_tokens + request.expected_output_tokens
-        taken: list[tuple[str, str]] = []
+        kv_hwm = self.kv_hwm
+        taken: list[tuple[int, float]] = []
 
-        kv_hwm, load_get = self.kv_hwm, load.get
-
-        def choose(vertex: str, candidates: Sequence[str]) -> str | None:
-            best, best_edge, best_load = None, None, math.inf
-            for d, edge, flow in self._out_edges(vertex, candidates):
-                after = load_get(edge, 0.0) + work / flow
+        def pick(out: list[_OutEdge]) -> str | None:
+            best, best_edge, best_load, best_flow = None, -1, math.inf, 0.0
+            for d, node, edge, flow in out:
+                if node is not None and not node.up:
+                    raise _NodeDown
+                after = load[edge] + work / flow
                 if not after < best_load:
                     continue
-                if d != coord:  # the admission filter, checked only where it could change the choice
-                    node = nodes[d]
-                    if work > node.prompt_max_tokens or (
-                            node.kv_expected + expected_tokens * (node.end_layer - node.start_layer)
-                            > kv_hwm * node.kv_capacity):
-                        continue
-                best, best_edge, best_load = d, edge, after
-            if best_edge is not None:
+                if node is not None and (  # the admission filter, checked only where it could change the choice
+                        work > node.prompt_max_tokens
+                        or node.kv_expected + expected_tokens * (node.end_layer - node.start_layer)
+                        > kv_hwm * node.kv_capacity):
+                    continue
+                best, best_edge, best_load, best_flow = d, edge, after, flow
+            if best is not None:
                 load[best_edge] = best_load
-                taken.append(best_edge)
+                taken.append((best_edge, best_flow))
             return best
+
+        def choose(vertex: str) -> str | None:
+            out = cached.get(vertex)
+            if out is None:
+                out = cached[vertex] = self._above_floor(vertex, view.successors(vertex))
+            try:
+                return pick(out)
+            except _NodeDown:  # the floor may differ over the live successors alone
+                return pick(self._above_floor(vertex, live_successors(view, vertex)))
 
         route = build_route(view, choose)
         if route is None:
-            for edge in taken:
-                load[edge] -= work / flows[edge]
+            for edge, flow in taken:
+                load[edge] -= work / flow
+        else:
+            self._charges.note(route, taken, view.flows)
         return route
 
     def on_iteration(self, request: Request, route: Route) -> None:
-        self._uncharged[route] = self._uncharged.get(route, 0) + 1
-
-    def _charge_iterations(self) -> None:
-        flows, load = self.view.flows, self._load
-        for route, n in self._uncharged.items():
-            for edge in route_edges(route, self.view.coordinator):
-                flow = flows.get(edge)
-                if flow:
-                    load[edge] = load.get(edge, 0.0) + n / flow
-        self._uncharged.clear()
+        self._charges.add(route)
 
     def _reset(self) -> None:
-        self._load.clear()
-        self._uncharged.clear()
+        self._loads = _EdgeLoads()
+        self._charges = _Charges()
         self._out.clear()
 
     def on_node_down(self, name: str) -> None:
@@ -252,7 +363,7 @@ class SwarmScheduler(Scheduler):
             virtual[edge] = virtual.get(edge, init) + delay.get(edge, init)
             return best
 
-        return build_route(self.view, choose)
+        return build_route(self.view, picking(self.view, choose))
 
     def on_hop_done(self, src: str, dst: str, seconds: float) -> None:
         edge = (src, dst)
@@ -270,7 +381,7 @@ class RandomScheduler(Scheduler):
     name = "random"
 
     def schedule(self, request: Request) -> Route | None:
-        return build_route(self.view, lambda _v, candidates: self.rng.choice(candidates))
+        return build_route(self.view, picking(self.view, lambda _v, candidates: self.rng.choice(candidates)))
 
 
 @register_scheduler
@@ -288,4 +399,4 @@ class ShortestQueueScheduler(Scheduler):
             shortest = min(nodes[d].queue_length for d in candidates)
             return self.rng.choice([d for d in candidates if nodes[d].queue_length == shortest])
 
-        return build_route(self.view, choose)
+        return build_route(self.view, picking(self.view, choose))
