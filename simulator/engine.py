@@ -13,19 +13,22 @@ the layers it runs. Links are FIFO per direction: serialization (bytes / bytes-p
 slowest of link and NICs) then latency; coordinator links carry token ids, GPU links activations.
 
 Speed: events are per node batch, per idle node's wake-up and per coordinator arrival, never per
-layer; arrivals at a busy node go to its inbox heap and are only looked at when the batch ends.
+layer; arrivals at a busy node are appended to a list and only looked at when its batch ends.
+Everything done per request per hop (the bulk of the work) touches only that request, its link and
+its next node: nothing scans other nodes or other requests.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from helix.simulator.cluster import Cluster, GpuNode
-from helix.simulator.cluster_state import ClusterState, NodeState, Route, route_edges
+from helix.simulator.cluster_state import ClusterState, NodeState, Route
 from helix.simulator.events import EventLoop
 from helix.simulator.model import ModelSpec
 from helix.simulator.profiles.base import BatchConventions, BatchLimits, Profiles
@@ -45,23 +48,42 @@ class Link:
 
 
 @dataclass(slots=True, eq=False)
-class Flight:
-    """A request moving through its route; `hop` indexes the stage it is heading to or running on."""
+class Step:
+    """One hop as the engine runs it: the link into a stage, and the layers a request runs there.
 
-    request: Request
-    route: Route
-    stages: tuple[GpuSim, ...]
-    links: tuple[Link, ...]
-    starts: tuple[int, ...]  # first layer run on each stage
-    layers: tuple[int, ...]  # layers run on each stage
-    hop: int = 0
+    Steps are shared by every route that takes the same link into the same layer range, so the
+    work done per request per hop reads a few objects that stay in the CPU's cache rather than
+    per-request tuples spread over memory (with thousands of requests in flight that is most of
+    the cost of a hop).
+    """
+
+    link: Link
+    sim: GpuSim | None  # the stage the link leads to; None: back to the coordinator
+    start: int  # first layer run on the stage
+    layers: int  # layers run on the stage
+
+
+@dataclass(slots=True, eq=False)
+class Flight:
+    """A request moving through its route.
+
+    `hop` indexes the step it is on, `step`: heading to or running on `step.sim` (-1: at the
+    coordinator, no step yet); the last step leads back to the coordinator. The fields read on
+    every hop come first, so they share the object's first cache lines.
+    """
+
+    steps: tuple[Step, ...]
+    hop: int = -1
+    step: Step = field(init=False)
     prompt: bool = True
     tokens: int = 0
     context: int = 0
+    arrived_at: float = 0.0
+    sent_at: float = 0.0
+    request: Request = field(kw_only=True)
+    route: Route = field(kw_only=True)
     decoded: int = 0
     iteration_start: float = 0.0
-    sent_at: float = 0.0
-    arrived_at: float = 0.0
 
 
 @dataclass(slots=True, eq=False)
@@ -79,12 +101,23 @@ class NodeStats:
 
 @dataclass(slots=True, eq=False)
 class GpuSim:
-    """A GPU node: its inbox (requests on their way or waiting) and the batch it is running."""
+    """A GPU node: requests on their way to it, requests waiting at it, and the batch it is running.
+
+    Requests on their way are appended to `arriving_prompts` or `arriving_decodes` and looked at
+    only when the node starts a batch and one has arrived (`next_arrival`, the earliest, says
+    when): appending is all a send costs, where a heap cost a push and a pop per request per hop.
+    Decodes mostly arrive in the order they were sent (each link is FIFO), so they are sorted only
+    when one was appended out of order (`decodes_shuffled`; links of different latency into one
+    node do that). While the node is idle, its one live wake-up is at `next_arrival`.
+    """
 
     node: GpuNode
     state: NodeState
     limits: BatchLimits
-    inbox: list[tuple[float, int, Flight]] = field(default_factory=list)
+    arriving_prompts: list[Flight] = field(default_factory=list)
+    arriving_decodes: list[Flight] = field(default_factory=list)
+    decodes_shuffled: bool = False
+    next_arrival: float = math.inf
     prompts: list[Flight] = field(default_factory=list)
     decodes: deque[Flight] = field(default_factory=deque)
     batch: list[Flight] = field(default_factory=list)
@@ -92,6 +125,28 @@ class GpuSim:
     wake_at: float = math.inf  # time of the one live wake-up event (inf: none)
     wake_token: int = 0  # wake-up events carrying an older token are stale
     stats: NodeStats = field(default_factory=NodeStats)
+
+
+def _arrival(flight: Flight) -> float:
+    return flight.arrived_at
+
+
+def _move_arrived(arriving: list[Flight], now: float, sort: bool, line: list[Flight] | deque[Flight]) -> None:
+    """Move the requests of `arriving` that have arrived by `now` to `line`, in arrival order.
+
+    `sort`: `arriving` may be out of order. The sort is stable and `arriving` is only ever
+    appended to in sending order (or cut after a sort), so equal arrivals stay in the order they
+    were sent, the tie-break of the (arrival, sequence) heap this replaced.
+    """
+    if sort:
+        arriving.sort(key=_arrival)
+    if arriving[-1].arrived_at <= now:
+        line.extend(arriving)
+        arriving.clear()
+    elif arriving[0].arrived_at <= now:
+        cut = bisect_right(arriving, now, key=_arrival)
+        line.extend(arriving[:cut])
+        del arriving[:cut]
 
 
 class Engine:
@@ -108,8 +163,7 @@ class Engine:
         self.on_request_done: Callable[[Flight], None] = lambda flight: None
         self.nodes = {name: GpuSim(cluster.node_map[name], s, limits[name]) for name, s in state.nodes.items()}
         self._links: dict[tuple[str, str], Link] = {}
-        self._paths: dict[Route, tuple[tuple[GpuSim, ...], tuple[Link, ...], tuple[int, ...], tuple[int, ...]]] = {}
-        self._seq = 0
+        self._steps: dict[tuple[str, str, int, int], Step] = {}
         self.in_flight = 0
         self._overhead_per_token = model.activation_bytes * conventions.activation_overhead_s_per_byte
 
@@ -131,15 +185,20 @@ class Engine:
             self._links[key] = found
         return found
 
-    def _path(self, route: Route) -> tuple[tuple[GpuSim, ...], tuple[Link, ...], tuple[int, ...], tuple[int, ...]]:
-        """Stages, links, start layers and layer counts of a route (cached: routes repeat)."""
-        path = self._paths.get(route)
-        if path is None:
-            path = (tuple(self.nodes[h.node] for h in route),
-                    tuple(self.link(a, b) for a, b in route_edges(route, self.state.coordinator)),
-                    tuple(h.start_layer for h in route), tuple(h.end_layer - h.start_layer for h in route))
-            self._paths[route] = path
-        return path
+    def _step(self, src: str, dst: str, start: int, end: int) -> Step:
+        key = (src, dst, start, end)
+        found = self._steps.get(key)
+        if found is None:
+            found = self._steps[key] = Step(self.link(src, dst), self.nodes.get(dst), start, end - start)
+        return found
+
+    def _path(self, route: Route) -> tuple[Step, ...]:
+        """The steps of a route: one into each of its nodes, then one back to the coordinator."""
+        coord = self.state.coordinator
+        sources = [coord, *(h.node for h in route[:-1])]
+        steps = [self._step(a, h.node, h.start_layer, h.end_layer) for a, h in zip(sources, route, strict=True)]
+        steps.append(self._step(route[-1].node, coord, self.state.num_layers, self.state.num_layers))
+        return tuple(steps)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def admit(self, request: Request, route: Route) -> None:
@@ -147,41 +206,46 @@ class Engine:
         now = self.loop.now
         self.state.admit(request, route)
         request.admitted_s = now
-        flight = Flight(request, route, *self._path(route), tokens=request.input_tokens)
+        flight = Flight(self._path(route), tokens=request.input_tokens, request=request, route=route)
         self.in_flight += 1
         self._issue(flight, now)
 
     def _issue(self, flight: Flight, now: float) -> None:
-        flight.hop = 0
+        flight.hop = -1
         flight.iteration_start = now
-        self._send(flight, now)
-
-    def _send(self, flight: Flight, now: float) -> None:
-        """FIFO on the link: serialize after what is queued, then propagate."""
         self._send_all((flight,), now)
 
     def _send_all(self, flights: list[Flight] | tuple[Flight, ...], now: float) -> None:
-        """`_send` for each flight in order (one loop: this runs once per request per hop)."""
-        push, seq = heapq.heappush, self._seq
+        """Move each flight, in order, one hop on: FIFO on the link (serialize after what is queued,
+        then propagate) to the next node's arriving requests, or back to the coordinator.
+
+        This runs once per request per hop, so the loop is written out inline.
+        """
         for flight in flights:
-            hop = flight.hop
-            link = flight.links[hop]
+            flight.hop = hop = flight.hop + 1
+            flight.step = step = flight.steps[hop]
+            link = step.link
             free = link.free_at
             start = now if now > free else free
             link.free_at = done = start + flight.tokens * link.seconds_per_token
-            arrival = done + link.latency_s
+            flight.arrived_at = arrival = done + link.latency_s
             flight.sent_at = start
-            stages = flight.stages
-            if hop == len(stages):
+            sim = step.sim
+            if sim is None:
                 self.loop.at(arrival, self._at_coordinator, flight)
                 continue
-            sim = stages[hop]
-            seq += 1
-            push(sim.inbox, (arrival, seq, flight))
+            if flight.prompt:
+                sim.arriving_prompts.append(flight)
+            else:
+                arriving = sim.arriving_decodes
+                if arriving and arrival < arriving[-1].arrived_at:
+                    sim.decodes_shuffled = True
+                arriving.append(flight)
             sim.state.queue_length += 1
-            if not sim.busy and arrival < sim.wake_at:
-                self._wake_at(sim, arrival)  # uses the loop's sequence, not `seq`
-        self._seq = seq
+            if arrival < sim.next_arrival:
+                sim.next_arrival = arrival
+                if not sim.busy:  # idle: its wake-up is at the old next arrival, later than this
+                    self._wake_at(sim, arrival)
 
     def _at_coordinator(self, flight: Flight) -> None:
         now = self.loop.now
@@ -205,13 +269,14 @@ class Engine:
         request = flight.request
         request.finished_s = now
         total = request.input_tokens + request.output_tokens
-        for layers, sim in zip(flight.layers, flight.stages, strict=True):
+        stages = [(cast(GpuSim, step.sim), step.layers) for step in flight.steps[:-1]]  # the last: coordinator
+        for sim, layers in stages:
             self._kv_touch(sim, now)
             sim.state.kv_used -= total * layers
         self.state.release(request, flight.route)
         self.in_flight -= 1
         self.scheduler.on_finished(request, flight.route)
-        for sim in flight.stages:
+        for sim, _ in stages:
             if sim.prompts and not sim.busy:  # a prompt held back for KV room may fit now
                 self._start_batch(sim)
         self.on_request_done(flight)
@@ -233,22 +298,13 @@ class Engine:
         now = self.loop.now
         sim.wake_at = math.inf  # whatever wake-up is pending, the node looks now
         sim.wake_token += 1
-        inbox, state = sim.inbox, sim.state
-        if inbox and inbox[0][0] <= now:
-            pop, prompts, decodes = heapq.heappop, sim.prompts, sim.decodes
-            while inbox and inbox[0][0] <= now:
-                arrived, _, flight = pop(inbox)
-                flight.arrived_at = arrived
-                if flight.prompt:
-                    prompts.append(flight)
-                else:
-                    decodes.append(flight)
-        batch = self._take(sim, now)
+        if sim.next_arrival <= now:
+            self._receive(sim, now)
+        batch, duration = self._take(sim, now)
         if not batch:
-            if inbox:
-                self._wake_at(sim, inbox[0][0])
+            if sim.next_arrival < math.inf:
+                self._wake_at(sim, sim.next_arrival)
             return
-        duration = self._batch_time(sim, batch)
         sim.busy = True
         sim.batch = batch
         stats = sim.stats
@@ -264,85 +320,108 @@ class Engine:
                     delay_max = delay
             stats.queue_delay_sum_s, stats.queue_delay_max_s = delay_sum, delay_max
             stats.queued += len(batch)
-        state.queue_length -= len(batch)
+        sim.state.queue_length -= len(batch)
         self.loop.at(now + duration, self._batch_done, sim)
 
-    def _take(self, sim: GpuSim, now: float) -> list[Flight]:
-        """FIFO selection within the node's limits; reserves the KV the batch will write."""
+    @staticmethod
+    def _receive(sim: GpuSim, now: float) -> None:
+        """Move what has arrived by `now` to the waiting lines, in arrival order."""
+        prompts, decodes = sim.arriving_prompts, sim.arriving_decodes
+        if prompts:
+            _move_arrived(prompts, now, True, sim.prompts)
+        if decodes:
+            _move_arrived(decodes, now, sim.decodes_shuffled, sim.decodes)
+            sim.decodes_shuffled = False
+        # Both are sorted now: their first requests are the next to arrive.
+        if decodes:
+            sim.next_arrival = decodes[0].arrived_at if not prompts else min(decodes[0].arrived_at,
+                                                                               prompts[0].arrived_at)
+        else:
+            sim.next_arrival = prompts[0].arrived_at if prompts else math.inf
+
+    def _take(self, sim: GpuSim, now: float) -> tuple[list[Flight], float]:
+        """The next batch, FIFO within the node's limits, and how long it runs; reserves its KV.
+
+        The sums the batch time needs are taken in the same pass that selects the batch.
+        """
         limits, state = sim.limits, sim.state
+        full = state.end_layer - state.start_layer
         batch: list[Flight] = []
-        kv_growth = 0
+        prompt_tokens = kv_growth = 0
+        whole = True  # every request runs all of the node's layers: one group in the batch time
         if sim.prompts:
             kept: list[Flight] = []
-            n = tokens = 0
+            n = 0
             room = state.kv_capacity - state.kv_used
             for flight in sim.prompts:
-                kv = flight.tokens * flight.layers[flight.hop]
-                if (n == 0 or (n < limits.prompt_max_requests and tokens + flight.tokens <= limits.prompt_max_tokens)) \
+                layers = flight.step.layers
+                kv = flight.tokens * layers
+                if (n == 0 or (n < limits.prompt_max_requests
+                               and prompt_tokens + flight.tokens <= limits.prompt_max_tokens)) \
                         and kv_growth + kv <= room:
                     batch.append(flight)
                     n += 1
-                    tokens += flight.tokens
+                    prompt_tokens += flight.tokens
                     kv_growth += kv
+                    whole = whole and layers == full
                 else:
                     kept.append(flight)
             sim.prompts = kept
         decodes = sim.decodes
+        taken = context = growth = 0  # decodes taken, their context and KV growth (one token per layer)
         if decodes and len(decodes) <= limits.decode_max_tokens:
             # Common case: every waiting decode fits; the FIFO loop below would take them all.
-            context = growth = 0
             for flight in decodes:
                 context += flight.context
-                growth += flight.layers[flight.hop]
+                growth += flight.step.layers
             max_context = limits.decode_max_context
             if max_context is None or context <= max_context:
+                taken = len(decodes)
                 batch.extend(decodes)
                 decodes.clear()
-                kv_growth += growth
+            else:
+                context = growth = 0
         if decodes:
             max_context = limits.decode_max_context
-            n = context = 0
             skipped: list[Flight] = []
-            while decodes and n < limits.decode_max_tokens:
+            while decodes and taken < limits.decode_max_tokens:
                 flight = decodes.popleft()
-                if max_context is not None and n and context + flight.context > max_context:
+                if max_context is not None and taken and context + flight.context > max_context:
                     skipped.append(flight)
                     continue
                 batch.append(flight)
-                n += 1
+                taken += 1
                 context += flight.context
-                kv_growth += flight.layers[flight.hop]
+                growth += flight.step.layers
             if skipped:
                 decodes.extendleft(reversed(skipped))
+        kv_growth += growth
         if kv_growth:
             self._kv_touch(sim, now)
             state.kv_used += kv_growth
             if state.kv_used > sim.stats.kv_peak:
                 sim.stats.kv_peak = state.kv_used
-        return batch
-
-    def _batch_time(self, sim: GpuSim, batch: list[Flight]) -> float:
-        """Sum over the node's layers of the per-layer time of the requests running that layer."""
-        node_end = sim.state.end_layer
-        tokens = prompt = decode = context = 0
-        first = batch[0].starts[batch[0].hop]
-        for flight in batch:
-            if flight.starts[flight.hop] != first:
-                break
-            if flight.prompt:
-                prompt += flight.tokens
-            else:
-                decode += 1
-                context += flight.context
-            tokens += flight.tokens
-        else:  # every request runs all the same layers (the common case): one group
+        if not batch:
+            return batch, 0.0
+        # A request runs at most the node's layers, so the sum reaches taken × full only when all do.
+        if whole and growth == taken * full:
+            tokens = prompt_tokens + taken  # a decode carries one token
             sim.stats.tokens += tokens
-            return tokens * self._overhead_per_token + (node_end - first) * self._layer_time(
-                sim.node, prompt, decode, context)
+            return batch, tokens * self._overhead_per_token + full * self._layer_time(
+                sim.node, prompt_tokens, taken, context)
+        return batch, self._grouped_batch_time(sim, batch)
+
+    def _grouped_batch_time(self, sim: GpuSim, batch: list[Flight]) -> float:
+        """Sum over the node's layers of the per-layer time of the requests running that layer.
+
+        Requests that joined mid-range (partial inference) are grouped by the layer they start at;
+        with one group this is the same arithmetic as `_take`'s one-group time.
+        """
+        node_end = sim.state.end_layer
         by_start: dict[int, list[int]] = {}
         tokens = 0
         for flight in batch:
-            start = flight.starts[flight.hop]
+            start = flight.step.start
             entry = by_start.get(start)
             if entry is None:
                 entry = by_start[start] = [0, 0, 0]
@@ -378,8 +457,6 @@ class Engine:
             for flight in batch:
                 src = flight.route[flight.hop - 1].node if flight.hop else coord
                 on_hop_done(src, name, now - flight.sent_at)
-        for flight in batch:
-            flight.hop += 1
         self._send_all(batch, now)
         self._start_batch(sim)
 
