@@ -151,14 +151,15 @@ class _EdgeLoads:
 class _RouteCharge:
     """The decode iterations a route ran since loads were last charged, and the edges to charge."""
 
-    __slots__ = ("edges", "epoch", "pending", "route", "source")
+    __slots__ = ("edges", "pending", "route", "source", "used", "users")
 
-    def __init__(self, route: Route, epoch: int, edges: list[tuple[int, float]], source: object) -> None:
+    def __init__(self, route: Route, edges: list[tuple[int, float]], source: object, used: int) -> None:
         self.route = route
-        self.pending = 0
-        self.epoch = epoch  # the sweep it was last charged in (or created in)
         self.edges = edges  # (edge number, flow) of the route's edges that carry flow, in order
         self.source = source  # the flows mapping `edges` was read from
+        self.pending = 0  # decode iterations not charged yet
+        self.users = 0  # requests scheduled on it and not finished
+        self.used = used  # the charge it was last charged in (or noted in)
 
 
 class _Charges:
@@ -166,37 +167,49 @@ class _Charges:
 
     Charging is lazy, as before: n iterations of one route since the last charge add n / flow to
     each of its edges once, routes in the order they first iterated. What is kept per route (its
-    edge numbers and flows, noted when the route is scheduled) is kept between charges, so an
-    iteration costs one dictionary lookup instead of rebuilding the route's edges, and routes that
-    stopped iterating (finished requests) are swept out whenever the table has doubled since the
-    last sweep. Sweeps happen only right after a charge, when nothing is pending, so an entry is
-    never replaced while it holds counts: iterations of equal routes always add up in one entry,
-    exactly as a dict keyed by route did.
+    edge numbers and flows, noted when the route is scheduled) is kept while requests use it, so an
+    iteration costs one dictionary lookup instead of rebuilding the route's edges. An entry is
+    dropped only when nothing is pending on it, so iterations of equal routes always add up in one
+    entry, exactly as a dict keyed by route did: when its last request finishes, or, for owners that
+    do not report every finished request, when it has not been charged for twice as many charges
+    as there are entries (checked whenever the table has doubled).
     """
 
-    __slots__ = ("_epoch", "_pending", "_routes", "_sweep_at")
+    __slots__ = ("_clock", "_pending", "_routes", "_sweep_at")
 
     def __init__(self) -> None:
         self._routes: dict[Route, _RouteCharge] = {}
         self._pending: list[_RouteCharge] = []
-        self._epoch = 0
+        self._clock = 0  # charges so far
         self._sweep_at = 1024
 
     def note(self, route: Route, edges: list[tuple[int, float]], source: object) -> None:
-        """`route` was scheduled along `edges` (read from the flows mapping `source`)."""
-        if route not in self._routes:
-            self._routes[route] = _RouteCharge(route, self._epoch, edges, source)
+        """A request was scheduled on `route`, along `edges` (read from the flows mapping `source`)."""
+        entry = self._routes.get(route)
+        if entry is None:
+            entry = self._routes[route] = _RouteCharge(route, edges, source, self._clock)
+        entry.users += 1
 
     def add(self, route: Route) -> None:
+        """One decode iteration ran on `route`."""
         entry = self._routes.get(route)
         if entry is None:  # a route this scheduler did not build: its edges are read when charged
-            entry = self._routes[route] = _RouteCharge(route, self._epoch, [], None)
+            entry = self._routes[route] = _RouteCharge(route, [], None, self._clock)
         if not entry.pending:
             self._pending.append(entry)
         entry.pending += 1
 
+    def finished(self, route: Route) -> None:
+        """A request on `route` finished."""
+        entry = self._routes.get(route)
+        if entry is not None:
+            entry.users -= 1
+            if entry.users <= 0 and not entry.pending:
+                del self._routes[route]
+
     def charge(self, view: ClusterView, loads: _EdgeLoads) -> None:
-        flows, load, epoch = view.flows, loads.load, self._epoch
+        flows, load, routes = view.flows, loads.load, self._routes
+        self._clock += 1
         for entry in self._pending:
             if entry.source is not flows:
                 entry.edges = [(loads.number(edge), flow) for edge in route_edges(entry.route, view.coordinator)
@@ -206,11 +219,13 @@ class _Charges:
             for edge, flow in entry.edges:
                 load[edge] += n / flow
             entry.pending = 0
-            entry.epoch = epoch
+            entry.used = self._clock
+            if entry.users <= 0 and routes.get(entry.route) is entry:
+                del routes[entry.route]
         self._pending.clear()
-        if len(self._routes) > self._sweep_at:
-            self._routes = {r: e for r, e in self._routes.items() if e.epoch == epoch}
-            self._epoch += 1
+        if len(routes) > self._sweep_at:
+            horizon = self._clock - 2 * len(routes)
+            self._routes = {r: e for r, e in routes.items() if e.used >= horizon}
             self._sweep_at = max(1024, 2 * len(self._routes))
 
 
@@ -315,6 +330,9 @@ class MaxFlowScheduler(Scheduler):
 
     def on_iteration(self, request: Request, route: Route) -> None:
         self._charges.add(route)
+
+    def on_finished(self, request: Request, route: Route) -> None:
+        self._charges.finished(route)
 
     def _reset(self) -> None:
         self._loads = _EdgeLoads()
