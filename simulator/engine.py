@@ -100,23 +100,46 @@ class NodeStats:
 
 
 @dataclass(slots=True, eq=False)
+class Arriving:
+    """Requests on their way to a node, in arrival order, their arrival times alongside.
+
+    Each link is FIFO, so a request is nearly always appended; one that overtakes others (links of
+    different latency into one node) is inserted after every equal arrival, so ties stay in
+    sending order, the tie-break of the (arrival, sequence) heap this replaced. The times are
+    searched without touching the requests.
+    """
+
+    times: list[float] = field(default_factory=list)
+    flights: list[Flight] = field(default_factory=list)
+
+    def move_arrived(self, now: float, line: list[Flight] | deque[Flight]) -> None:
+        """Move the requests that have arrived by `now` to `line`, in arrival order."""
+        times, flights = self.times, self.flights
+        if times[-1] <= now:
+            line.extend(flights)
+            times.clear()
+            flights.clear()
+        elif times[0] <= now:
+            cut = bisect_right(times, now)
+            line.extend(flights[:cut])
+            del times[:cut], flights[:cut]
+
+
+@dataclass(slots=True, eq=False)
 class GpuSim:
     """A GPU node: requests on their way to it, requests waiting at it, and the batch it is running.
 
-    Requests on their way are appended to `arriving_prompts` or `arriving_decodes` and looked at
-    only when the node starts a batch and one has arrived (`next_arrival`, the earliest, says
-    when): appending is all a send costs, where a heap cost a push and a pop per request per hop.
-    Decodes mostly arrive in the order they were sent (each link is FIFO), so they are sorted only
-    when one was appended out of order (`decodes_shuffled`; links of different latency into one
-    node do that). While the node is idle, its one live wake-up is at `next_arrival`.
+    Requests on their way wait in `arriving_prompts` and `arriving_decodes` and are looked at only
+    when the node starts a batch and one has arrived (`next_arrival`, the earliest, says when): a
+    send is nearly always an append, where a heap cost a push and a pop per request per hop. While
+    the node is idle, its one live wake-up is at `next_arrival`.
     """
 
     node: GpuNode
     state: NodeState
     limits: BatchLimits
-    arriving_prompts: list[Flight] = field(default_factory=list)
-    arriving_decodes: list[Flight] = field(default_factory=list)
-    decodes_shuffled: bool = False
+    arriving_prompts: Arriving = field(default_factory=Arriving)
+    arriving_decodes: Arriving = field(default_factory=Arriving)
     next_arrival: float = math.inf
     prompts: list[Flight] = field(default_factory=list)
     decodes: deque[Flight] = field(default_factory=deque)
@@ -125,28 +148,6 @@ class GpuSim:
     wake_at: float = math.inf  # time of the one live wake-up event (inf: none)
     wake_token: int = 0  # wake-up events carrying an older token are stale
     stats: NodeStats = field(default_factory=NodeStats)
-
-
-def _arrival(flight: Flight) -> float:
-    return flight.arrived_at
-
-
-def _move_arrived(arriving: list[Flight], now: float, sort: bool, line: list[Flight] | deque[Flight]) -> None:
-    """Move the requests of `arriving` that have arrived by `now` to `line`, in arrival order.
-
-    `sort`: `arriving` may be out of order. The sort is stable and `arriving` is only ever
-    appended to in sending order (or cut after a sort), so equal arrivals stay in the order they
-    were sent, the tie-break of the (arrival, sequence) heap this replaced.
-    """
-    if sort:
-        arriving.sort(key=_arrival)
-    if arriving[-1].arrived_at <= now:
-        line.extend(arriving)
-        arriving.clear()
-    elif arriving[0].arrived_at <= now:
-        cut = bisect_right(arriving, now, key=_arrival)
-        line.extend(arriving[:cut])
-        del arriving[:cut]
 
 
 class Engine:
@@ -234,13 +235,15 @@ class Engine:
             if sim is None:
                 self.loop.at(arrival, self._at_coordinator, flight)
                 continue
-            if flight.prompt:
-                sim.arriving_prompts.append(flight)
+            arriving = sim.arriving_prompts if flight.prompt else sim.arriving_decodes
+            times = arriving.times
+            if times and arrival < times[-1]:  # overtook: after every equal arrival, see Arriving
+                at = bisect_right(times, arrival)
+                times.insert(at, arrival)
+                arriving.flights.insert(at, flight)
             else:
-                arriving = sim.arriving_decodes
-                if arriving and arrival < arriving[-1].arrived_at:
-                    sim.decodes_shuffled = True
-                arriving.append(flight)
+                times.append(arrival)
+                arriving.flights.append(flight)
             sim.state.queue_length += 1
             if arrival < sim.next_arrival:
                 sim.next_arrival = arrival
@@ -326,18 +329,12 @@ class Engine:
     @staticmethod
     def _receive(sim: GpuSim, now: float) -> None:
         """Move what has arrived by `now` to the waiting lines, in arrival order."""
-        prompts, decodes = sim.arriving_prompts, sim.arriving_decodes
+        prompts, decodes = sim.arriving_prompts.times, sim.arriving_decodes.times
         if prompts:
-            _move_arrived(prompts, now, True, sim.prompts)
+            sim.arriving_prompts.move_arrived(now, sim.prompts)
         if decodes:
-            _move_arrived(decodes, now, sim.decodes_shuffled, sim.decodes)
-            sim.decodes_shuffled = False
-        # Both are sorted now: their first requests are the next to arrive.
-        if decodes:
-            sim.next_arrival = decodes[0].arrived_at if not prompts else min(decodes[0].arrived_at,
-                                                                               prompts[0].arrived_at)
-        else:
-            sim.next_arrival = prompts[0].arrived_at if prompts else math.inf
+            sim.arriving_decodes.move_arrived(now, sim.decodes)
+        sim.next_arrival = min(decodes[0] if decodes else math.inf, prompts[0] if prompts else math.inf)
 
     def _take(self, sim: GpuSim, now: float) -> tuple[list[Flight], float]:
         """The next batch, FIFO within the node's limits, and how long it runs; reserves its KV.
