@@ -21,14 +21,17 @@ restricts the network to the links Helix's simulator instantiated for the layout
 simulator_cluster.ini `[Links]`), whose max flow decomposes like Helix's; by default the plan's own
 max flow over the full cluster decides which links carry traffic.
 
-Scaling (after the fidelity rows, or alone with `--scaling`): generated clusters of 24, 100, 300 and
+Scaling (after the fidelity rows, or alone with `--scaling`): generated clusters of 24, 100, 200 and
 1,000 nodes — the paper's 24-node mix (A100 : L4 : T4 = 1 : 2 : 3) scaled up, in one region and
 split over three regions joined by slow WAN links — with roofline profiles, a `greedy-flow`
 placement under a short time limit, then 120 simulated seconds offline with `maxflow`. Each size
 runs in a fresh subprocess, so its peak RSS (ru_maxrss) is its own; placement and simulation
-times are reported apart, as wall and CPU seconds (CPU time is steadier on a shared machine).
+times are reported apart, as wall and CPU seconds (CPU time is steadier on a shared machine), and
+the simulator's speed as events per CPU-second of simulation (targets: >= 150k at 200 and at
+1,000 nodes, peak RSS <= 1 GB at 1,000 nodes). Events are node batches, node wake-ups and
+coordinator arrivals; a node batch carries every request the node runs in it.
 
-    python benchmarks/simulator.py                  # fidelity rows, then scaling (~5 min on 2 cores)
+    python benchmarks/simulator.py                  # fidelity rows, then scaling (~12 min on 2 cores)
     python benchmarks/simulator.py --no-scaling     # the tutorial targets only (~10 s)
     python benchmarks/simulator.py --scaling --scaling-sizes 24,100
     python benchmarks/simulator.py --paper --seeds 3 --no-scaling
@@ -120,7 +123,7 @@ def run_case(reference: Reference, case: Case, seed: int, duration_s: float, war
 
 
 # ---- scaling -----------------------------------------------------------------------------------
-SCALING_SIZES = (24, 100, 300, 1000)
+SCALING_SIZES = (24, 100, 200, 1000)
 SCALING_TOPOLOGIES = ("single", "geo")
 #: The paper's 24-node cluster is 4 A100 + 8 L4 + 12 T4; larger clusters keep those proportions.
 MIX_SHARES = tuple((gpu, n / sum(SINGLE_24_MIX.values())) for gpu, n in SINGLE_24_MIX.items())
@@ -168,6 +171,7 @@ def scaling_child(nodes: int, topology: str, duration_s: float, time_limit_s: fl
         "cluster_s": round(t1 - t0, 3), "placement_wall_s": round(t2 - t1, 3), "placement_cpu_s": round(c2 - c1, 3),
         "simulation_wall_s": round(t3 - t2, 3), "simulation_cpu_s": round(c3 - c2, 3),
         "simulated_s": duration_s, "events": result.events,
+        "events_per_cpu_s": round(result.events / max(c3 - c2, 1e-9)),
         "decode_tokens_per_s": result.decode_throughput_tokens_per_s,
         "decode_tokens_total": result.decode_tokens_total,
         # CPU per generated token: constant when the simulator's cost grows only with the work simulated
@@ -196,17 +200,19 @@ def run_scaling(console: Console, sizes: list[int], topologies: list[str], durat
             row["process_wall_s"] = round(time.monotonic() - started, 2)
             rows.append(row)
             console.print(f"{topology} {nodes:>5} nodes: placement {row['placement_wall_s']:.1f} s, simulation "
-                          f"{row['simulation_wall_s']:.1f} s wall / {row['simulation_cpu_s']:.1f} s CPU, peak RSS "
-                          f"{row['peak_rss_mb']:.0f} MB", highlight=False)
+                          f"{row['simulation_wall_s']:.1f} s wall / {row['simulation_cpu_s']:.1f} s CPU "
+                          f"({row['events_per_cpu_s']:,} events/CPU-s), peak RSS {row['peak_rss_mb']:.0f} MB",
+                          highlight=False)
     table = Table(title=f"Scaling: LLaMA-2 70B, roofline profiles, greedy-flow ({time_limit_s:g} s limit), "
                         f"maxflow, offline, {duration_s:g} simulated s; one fresh process per row")
     for col in ("cluster", "nodes", "placement wall s", "placement CPU s", "sim wall s", "sim CPU s", "events",
-                "decode tok/s", "CPU µs/token", "RSS imports MB", "peak RSS placed MB", "peak RSS MB"):
+                "events/CPU-s", "decode tok/s", "CPU µs/token", "RSS imports MB", "peak RSS placed MB", "peak RSS MB"):
         table.add_column(col, justify="left" if col == "cluster" else "right")
     for r in rows:
         table.add_row(r["topology"], f"{r['nodes']:,}", f"{r['placement_wall_s']:.1f}",
                       f"{r['placement_cpu_s']:.1f}", f"{r['simulation_wall_s']:.1f}", f"{r['simulation_cpu_s']:.1f}",
-                      f"{r['events']:,}", f"{r['decode_tokens_per_s']:,.0f}", f"{r['cpu_us_per_decode_token']:.0f}",
+                      f"{r['events']:,}", f"{r['events_per_cpu_s']:,}", f"{r['decode_tokens_per_s']:,.0f}",
+                      f"{r['cpu_us_per_decode_token']:.0f}",
                       f"{r['rss_after_imports_mb']:.0f}", f"{r['peak_rss_after_placement_mb']:.0f}",
                       f"{r['peak_rss_mb']:.0f}")
     console.print(table)
@@ -293,7 +299,7 @@ def main() -> int:
     only.add_argument("--scaling", action="store_true", help="run only the scaling section")
     only.add_argument("--no-scaling", action="store_true", help="skip the scaling section")
     parser.add_argument("--scaling-sizes", type=_sizes, default=list(SCALING_SIZES), metavar="N,N,...",
-                        help="cluster sizes (default: 24,100,300,1000)")
+                        help="cluster sizes (default: 24,100,200,1000)")
     parser.add_argument("--scaling-topologies", type=_topologies, default=list(SCALING_TOPOLOGIES),
                         metavar="single,geo", help="generated cluster shapes (default: both)")
     parser.add_argument("--scaling-duration", type=float, default=120.0, help="simulated seconds per size")

@@ -286,7 +286,7 @@ class Engine:
 
     # ---- nodes -------------------------------------------------------------------------------
     def _wake_at(self, sim: GpuSim, time: float) -> None:
-        """Make sure an idle node looks at its inbox at `time`; one live wake-up per node."""
+        """Make sure an idle node looks at what has arrived at `time`; one live wake-up per node."""
         if time < sim.wake_at:
             sim.wake_at = time
             sim.wake_token += 1
