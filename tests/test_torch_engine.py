@@ -32,7 +32,7 @@ from helix.worker.engines import (  # noqa: E402
     get_engine,
     load_engine,
 )
-from helix.worker.engines.torch_engine import TorchEngine  # noqa: E402
+from helix.worker.engines.torch_engine import TorchEngine, cache_argument  # noqa: E402
 from helix.worker.tiny_model import BOS_ID, BYTE_VOCAB, EOS_ID, create_tiny_model  # noqa: E402
 
 L = 8
@@ -174,6 +174,43 @@ def test_greedy_identical_across_splits(model_dir: Path, reference: Reference, s
     out = serve(dict.fromkeys(PROMPTS, engines), PROMPTS, NEW_TOKENS, start_tick={"r0": 0, "r1": 1, "r2": 3})
     for rid, prompt in PROMPTS.items():
         assert out[rid] == reference(prompt, NEW_TOKENS), rid
+
+
+def test_eight_requests_of_different_lengths_batch_together(model_dir: Path, reference: Reference) -> None:
+    """Every prefill and decode batch holds eight rows whose new-token runs and contexts all differ, so
+    every layer call pads and masks; the cache kwarg transformers renamed in 5.20 once made exactly
+    this fail (each row attended to its new tokens only: a shape error in SDPA)."""
+    prompts = {f"c{i}": [BOS_ID, *range(30 + 7 * i, 30 + 7 * i + 3 * i + (i % 3))] for i in range(8)}
+    assert len({len(p) for p in prompts.values()}) == 8
+    engines: list[Engine] = [load(model_dir, 0, 3), load(model_dir, 3, 8)]
+    sizes: list[int] = []
+    step = engines[1].step
+
+    def spy(batch: Sequence[StepInput]) -> list[StepOutput]:
+        sizes.append(len(batch))
+        return step(batch)
+
+    engines[1].step = spy  # type: ignore[method-assign,unused-ignore]
+    out = serve(dict.fromkeys(prompts, engines), prompts, NEW_TOKENS)
+    assert sizes == [8] * NEW_TOKENS
+    for rid, prompt in prompts.items():
+        assert out[rid] == reference(prompt, NEW_TOKENS), rid
+
+
+def test_layers_that_do_not_take_the_cache_are_refused(model_dir: Path) -> None:
+    """A transformers release that renames the cache argument again fails loudly, never silently
+    running attention without the KV."""
+
+    class Renamed(torch.nn.Module):
+        def forward(self, hidden_states: Any, attention_mask: Any = None, kv_store: Any = None, **kwargs: Any) -> Any:
+            return hidden_states
+
+    with pytest.raises(EngineError, match=r"Renamed\.forward takes none of cache, past_key_values"):
+        cache_argument(Renamed())
+    engine = load(model_dir, 0, 8)
+    engine.cache_kwarg = "past_key_value"  # a name the layers only pass on in **kwargs, as the old code did
+    with pytest.raises(EngineError, match="layer 0 did not use the KV cache passed as 'past_key_value'"):
+        engine.step([StepInput("r", "prompt", range(3), token_ids=PROMPTS["r0"][:3])])
 
 
 def test_partial_inference_on_overlapping_ranges(model_dir: Path, reference: Reference) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import transformers
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
@@ -199,7 +200,7 @@ class _KV:
 
 
 class _BatchCache:
-    """The `past_key_values` the transformers attention sees for one layer call of one batch.
+    """The KV cache the transformers attention sees for one layer call of one batch.
 
     `update` stores each row's real new keys/values in its request's buffer and returns the
     keys/values to attend to: for one row a view of its buffer, else a zero-padded batch.
@@ -207,10 +208,12 @@ class _BatchCache:
 
     def __init__(self, kvs: Sequence[_KV], past: Sequence[int], new: Sequence[int], kv_len: int) -> None:
         self.kvs, self.past, self.new, self.kv_len = kvs, past, new, kv_len
+        self.updated = False  # set by the attention: a layer that never calls `update` ran without its KV
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.updated = True
         rows = key_states.shape[0]
         # One row whose context is the batch's longest: attend to its buffer directly. (One active row
         # of a mixed-start batch may be shorter than kv_len; the mask then has kv_len columns: pad.)
@@ -230,6 +233,25 @@ class _BatchCache:
             keys[row, :, : p + n] = layer[0, :, : p + n]
             values[row, :, : p + n] = layer[1, :, : p + n]
         return keys, values
+
+
+# The decoder layer's KV-cache argument: `cache` since transformers 5.20, `past_key_values` before.
+# A name the layer does not take would land in its **kwargs and be ignored without a word: every
+# step would then attend to its new tokens only (wrong tokens for one row, a shape error for more).
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+def cache_argument(layer: nn.Module) -> str:
+    """The name under which `layer.forward` takes the KV cache, refused loudly when it takes none we know."""
+    params = inspect.signature(layer.forward).parameters
+    for name in CACHE_ARGUMENTS:
+        if name in params:
+            return name
+    raise EngineError(
+        f"transformers {transformers.__version__}: {type(layer).__name__}.forward takes none of "
+        f"{', '.join(CACHE_ARGUMENTS)} (it takes {', '.join(params)}); install the transformers range the "
+        "worker extra pins (pip install -e '.[worker]' -c constraints.txt)"
+    )
 
 
 def _seed_for(params: SamplingParams, request_id: str, position: int) -> int:
@@ -301,10 +323,7 @@ class TorchEngine(Engine):
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.attn_implementation = config._attn_implementation
-        # transformers 5 names the cache argument `past_key_values`, 4.x `past_key_value`.
-        first_layer = next(iter(layers.values()))
-        params = inspect.signature(first_layer.forward).parameters
-        self.cache_kwarg = "past_key_values" if "past_key_values" in params else "past_key_value"
+        self.cache_kwarg = cache_argument(next(iter(layers.values())))
 
     @property
     def kv_bytes_per_token_layer(self) -> int:
@@ -523,8 +542,11 @@ class TorchEngine(Engine):
                 position_embeddings=(cos[:active], sin[:active]),
                 **{self.cache_kwarg: cache},
             )
-            if isinstance(out, tuple):  # transformers 4.x layers return (hidden, ...)
-                out = out[0]
+            if not cache.updated:
+                raise EngineError(
+                    f"transformers {transformers.__version__}: layer {layer_idx} did not use the KV cache passed as "
+                    f"{self.cache_kwarg!r}; install the transformers range the worker extra pins"
+                )
             hidden = out if active == rows else torch.cat([out, hidden[active:]])
 
         outputs: list[StepOutput] = []
