@@ -81,7 +81,8 @@ def one_of_each() -> list[Message]:
         Release("req-1", attempt=3),
         Error("req-1", "kv_full", "KV cache full on w1 (1000/1000 tokens)", node="w1", attempt=1),
         Error(None, "bad_request", "", node="w1"),
-        Status("w1", "tcp://127.0.0.1:5002", 4, 6, "torch", True, 3, 1, 512, 4096, 1_700_000_000.0, ping_nonce=7),
+        Status("w1", "tcp://127.0.0.1:5002", 4, 6, "torch", True, 3, 1, 512, 4096, 1_700_000_000.0, ping_nonce=7,
+               rejected_connections=2),
         Ping("tcp://127.0.0.1:5000", nonce=7, sent_at=1_700_000_000.0),
     ]
 
@@ -111,7 +112,7 @@ def test_every_kind_round_trips(msg: Message) -> None:
 
 def test_header_is_versioned_msgpack() -> None:
     header = header_of(first_hop())
-    assert header["v"] == PROTOCOL_VERSION == 1 and header["kind"] == "forward" and header["tensors"] == []
+    assert header["v"] == PROTOCOL_VERSION == 2 and header["kind"] == "forward" and header["tensors"] == []
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
@@ -288,7 +289,7 @@ def _corruptions() -> list[tuple[str, list[Any]]]:
         ("truncated header", [bytes(frames[0])[:-5], tensor]),
         ("header is a list", [msgpack.packb([1, 2, 3]), tensor]),
         ("header is an int", [msgpack.packb(5)]),
-        ("version 2", mutate(v=2)),
+        ("version 1", mutate(v=1)),
         ("version true", mutate(v=True)),
         ("version missing", without("v")),
         ("unknown kind", mutate(kind="launch_missiles")),

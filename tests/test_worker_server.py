@@ -126,7 +126,7 @@ def spawn_worker(model_dir: Path, name: str, start: int, end: int, logs: Path, *
     stderr_path = logs / f"{name}.stderr"
     cmd = [sys.executable, "-m", "helix.cli.app", "worker", "--model", str(model_dir), "--layers", f"{start}:{end}",
            "--listen", "tcp://127.0.0.1:*", "--name", name, "--threads", "1", "--send-timeout", "1",
-           "--log-level", "warning", *extra]
+           "--log-level", "warning", "--insecure", *extra]
     with stderr_path.open("w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -15,27 +15,62 @@ Text: prompts are tokenized here (completions with the tokenizer's special token
 the tokenizer's chat template, as transformers does); output is detokenized incrementally, holding
 back an incomplete UTF-8 sequence and, when `stop` strings are given, the tail that could still
 become one — a matched stop string ends the request and is not returned (OpenAI's rule).
+
+The event loop never does text work: decoding the JSON body, chat templating, tokenizing and
+detokenizing run in a bounded thread pool (`TextWork`), so heartbeats to the workers and /healthz
+keep their pace while an 8 MiB prompt is read. A prompt is checked against the model's context in
+tokens before anything else is done with it, and a prompt whose UTF-8 length alone proves it too
+long (more bytes than the context times the longest token of the vocabulary, with a margin) is
+refused without being tokenized at all.
+
+Who may ask: with an API key (`create_app(api_key=...)`, `helix router --api-key` /
+`HELIX_API_KEY`) every `/v1` request needs `Authorization: Bearer <key>` (401 otherwise, compared in
+constant time); /healthz and /metrics stay open for probes and scrapers (they carry no prompts or
+outputs; the NetworkPolicy and Service decide who reaches them). Request bodies must be
+`application/json` (415 otherwise): a web page can post `text/plain` cross-origin without a CORS
+preflight, never JSON. `server_options()` holds the HTTP server's limits: a connection that has
+not sent a complete request within `header_timeout_s` is closed (slowloris), a body not read
+within `BODY_READ_TIMEOUT_S` is answered 408, and a client that disconnects cancels its handler,
+so a non-streaming request stops decoding and its KV is freed on every worker.
 """
 
 from __future__ import annotations
 
+import asyncio
+import copy
+import hmac
 import json
 import math
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from helix.worker.router import GenerationParams, RequestHandle, Router, RouterError
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_STOP_STRINGS = 4
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+#: A connection must deliver a complete request head within this many seconds (slowloris).
+HEADER_TIMEOUT_S = 15.0
+#: The body must be read within this many seconds of the head (8 MiB at 4.5 Mbit/s).
+BODY_READ_TIMEOUT_S = 15.0
+#: Threads doing text work, and jobs that may wait for one before new requests get 429.
+TEXT_THREADS = 4
+TEXT_MAX_WAITING = 64
+#: A token decodes to at most this many times the UTF-8 length of its vocabulary string (a normalizer
+#: may shrink text before it is split: NFKC "ﬁ" -> "fi", stripped accents); the byte pre-check refuses
+#: only prompts that stay too long with this margin.
+TOKEN_BYTES_MARGIN = 4
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 
 
 class ApiError(Exception):
@@ -77,13 +112,71 @@ class ServedModel:
     eos_token_ids: tuple[int, ...]
     aliases: tuple[str, ...] = ()
     created: int = field(default_factory=lambda: int(time.time()))
+    #: UTF-8 length of the vocabulary's longest token string (`longest_token_bytes`): a text of n bytes
+    #: is at least n / (this x TOKEN_BYTES_MARGIN) tokens.
+    max_token_bytes: int = 64
 
     def accepts(self, name: object) -> bool:
         return name is None or name == self.name or name in self.aliases
 
+    def check_text_length(self, nbytes: int, param: str) -> None:
+        """Refuse a prompt whose byte length alone proves it longer than the context, before tokenizing it."""
+        fewest_tokens = nbytes // (self.max_token_bytes * TOKEN_BYTES_MARGIN)
+        if fewest_tokens >= self.max_model_len:
+            raise bad(f"this model's maximum context length is {self.max_model_len} tokens; the prompt's "
+                      f"{nbytes} bytes are at least {fewest_tokens} tokens", param, "context_length_exceeded")
+
+
+def longest_token_bytes(tokenizer: Any) -> int:
+    """UTF-8 length of the longest token string in the tokenizer's vocabulary (its added tokens included)."""
+    vocab = tokenizer.get_vocab()
+    return max((len(token.encode("utf-8", "surrogatepass")) for token in vocab), default=1)
+
 
 # ---------------------------------------------------------------------------------------------
 # Validation
+
+
+def decode_body(raw: bytes) -> dict[str, Any]:
+    """The request's JSON object, or a 400 saying what is wrong with it.
+
+    Besides malformed JSON: integers past Python's digit limit (a 5,000-digit seed), nesting deeper
+    than the parser's recursion limit, and strings holding a lone UTF-16 surrogate (JSON allows
+    "\\ud800"; no tokenizer can encode it) are the client's mistakes, not the server's.
+    """
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise bad("the body is nested too deeply to be a request") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad(f"the body is not valid JSON: {exc}") from None
+    except ValueError as exc:  # int("9" * 5000): past sys.get_int_max_str_digits
+        raise bad(f"the body holds a number too large to read: {exc}") from None
+    if not isinstance(body, dict):
+        raise bad("the body must be a JSON object")
+    _check_strings(body)
+    return body
+
+
+def _check_strings(body: dict[str, Any]) -> None:
+    """Every string (keys too) must be encodable as UTF-8: a lone surrogate is refused, naming where."""
+    stack: list[tuple[str, object]] = [("", body)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((f"{where}.{key}" if where else str(key), key))
+                stack.append((f"{where}.{key}" if where else str(key), item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                name = where.encode("utf-8", "backslashreplace").decode()
+                raise bad(f"{name or 'the body'} holds a lone surrogate (\\u{ord(value[exc.start]):04x}) at "
+                          f"character {exc.start}: send valid UTF-16 pairs or UTF-8 text",
+                          name.split(".")[0].split("[")[0] or None) from None
 
 
 def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
@@ -199,6 +292,7 @@ def parse_completion(body: dict[str, Any], served: ServedModel) -> Parsed:
         prompt = prompt[0]
     ids: list[int]
     if isinstance(prompt, str):
+        served.check_text_length(len(prompt.encode("utf-8")), "prompt")
         ids = list(served.tokenizer(prompt)["input_ids"])
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         bad_ids = [t for t in prompt if not 0 <= t < served.vocab_size]
@@ -243,6 +337,7 @@ def parse_chat(body: dict[str, Any], served: ServedModel) -> Parsed:
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list", "messages")
     conversation = [_message_text(m, i) for i, m in enumerate(messages)]
+    served.check_text_length(sum(len(m["content"].encode("utf-8")) for m in conversation), "messages")
     if getattr(served.tokenizer, "chat_template", None) is None:
         raise bad("this model's tokenizer has no chat template; use /v1/completions", "messages")
     text = served.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
@@ -315,32 +410,88 @@ class TextStream:
 # Handlers
 
 
+class TextWork:
+    """The bounded thread pool every piece of text work runs in, off the event loop.
+
+    Parsing a request (JSON, chat template, tokenizer) is refused with 429 once `max_waiting` jobs
+    wait for a thread: each holds up to a whole body, so the backlog is bounded in memory as well as
+    in time. Detokenizing for requests already running always queues. A job counts until its thread
+    finishes it, not until its client stops waiting, so disconnecting clients cannot grow the backlog.
+
+    Each thread encodes with its own copy of the tokenizer: a fast tokenizer changes its truncation
+    state inside encode, and two threads doing that at once fail with "Already borrowed". Decoding
+    does not change it, so `TextStream`s share the model's tokenizer.
+    """
+
+    def __init__(self, served: ServedModel, threads: int = TEXT_THREADS, max_waiting: int = TEXT_MAX_WAITING) -> None:
+        self.served = served
+        self.limit = threads + max_waiting
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="helix-text")
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._jobs = 0
+
+    def _served_here(self) -> ServedModel:
+        served: ServedModel | None = getattr(self._local, "served", None)
+        if served is None:
+            served = self._local.served = replace(self.served, tokenizer=copy.deepcopy(self.served.tokenizer))
+        return served
+
+    def _done(self, _future: Future[Any]) -> None:
+        with self._lock:
+            self._jobs -= 1
+
+    async def parse(self, parser: Callable[[dict[str, Any], ServedModel], Parsed], raw: bytes) -> Parsed:
+        """`parser(decode_body(raw), model)` in a thread; 429 when the backlog is full."""
+        with self._lock:
+            if self._jobs >= self.limit:
+                raise ApiError(429, f"the router is busy reading {self._jobs} other requests; try again",
+                               "rate_limit_error", None, "rate_limit_exceeded", {"Retry-After": "1"})
+            self._jobs += 1
+        future = self._pool.submit(lambda: parser(decode_body(raw), self._served_here()))
+        future.add_done_callback(self._done)
+        return await asyncio.wrap_future(future)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in a thread (detokenizing): always queued."""
+        with self._lock:
+            self._jobs += 1
+        future = self._pool.submit(fn, *args)
+        future.add_done_callback(self._done)
+        return await asyncio.wrap_future(future)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 class Api:
     """Routes bound to one router and one served model."""
 
-    def __init__(self, router: Router, served: ServedModel) -> None:
+    def __init__(self, router: Router, served: ServedModel, text: TextWork) -> None:
         self.router = router
         self.served = served
+        self.text = text
 
-    async def _body(self, request: web.Request) -> dict[str, Any]:
+    async def _read(self, request: web.Request) -> bytes:
+        """The raw body of a JSON request (415 for any other type, 408 when it does not arrive in time)."""
+        if request.content_type != "application/json":
+            raise ApiError(415, f"the body must be JSON sent as 'Content-Type: application/json', not "
+                                f"{request.content_type!r}", "invalid_request_error", None, "unsupported_media_type")
         try:
-            raw = await request.read()
+            async with asyncio.timeout(BODY_READ_TIMEOUT_S):
+                return await request.read()
         except web.HTTPRequestEntityTooLarge as exc:
             raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", "invalid_request_error") from exc
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise bad(f"the body is not valid JSON: {exc}") from exc
-        if not isinstance(body, dict):
-            raise bad("the body must be a JSON object")
-        return body
+        except TimeoutError:
+            raise ApiError(408, f"the body did not arrive within {BODY_READ_TIMEOUT_S:g} s",
+                           "invalid_request_error") from None
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        parsed = parse_completion(await self._body(request), self.served)
+        parsed = await self.text.parse(parse_completion, await self._read(request))
         return await self._serve(request, parsed, chat=False)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        parsed = parse_chat(await self._body(request), self.served)
+        parsed = await self.text.parse(parse_chat, await self._read(request))
         return await self._serve(request, parsed, chat=True)
 
     async def models(self, request: web.Request) -> web.StreamResponse:
@@ -379,7 +530,7 @@ class Api:
                 if event.error is not None:
                     raise router_error(event.error)
                 count += len(event.token_ids)
-                text.add(event.token_ids)
+                await self.text.run(text.add, event.token_ids)
                 if text.stopped and finish is None:
                     finish = "stop"
                     handle.stop("stop")
@@ -387,7 +538,7 @@ class Api:
                     finish = finish or event.finish_reason
         finally:
             handle.stop("cancelled")  # no-op once finished; frees the route if the client went away
-        text.finish()
+        await self.text.run(text.finish)
         if text.stopped:
             finish = "stop"
         content = text.text
@@ -438,13 +589,13 @@ class Api:
                     await send(router_error(event.error).body())
                     break
                 count += len(event.token_ids)
-                delta = text.add(event.token_ids)
+                delta = await self.text.run(text.add, event.token_ids)
                 if text.stopped and finish is None:
                     finish = "stop"
                     handle.stop("stop")
                 if event.finish_reason is not None:
                     finish = finish or event.finish_reason
-                    delta += text.finish()
+                    delta += await self.text.run(text.finish)
                     finish = "stop" if text.stopped else finish
                 if delta:
                     await send(chunk(delta, None))
@@ -475,15 +626,55 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return ApiError(exc.status, exc.reason or "error", "invalid_request_error").response()
 
 
-def create_app(router: Router, served: ServedModel, manage_router: bool = True) -> web.Application:
-    """The aiohttp application; with `manage_router` it starts and closes the router with the app."""
-    api = Api(router, served)
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
+def _require_key(api_key: str) -> Middleware:
+    """Middleware: `/v1` answers only requests that carry `Authorization: Bearer <api_key>`."""
+    expected = f"Bearer {api_key}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith("/v1"):
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, expected):
+                raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' (the key the "
+                                    "router was started with, --api-key or HELIX_API_KEY)", "invalid_request_error",
+                               None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
+    return check
+
+
+def server_options(header_timeout_s: float = HEADER_TIMEOUT_S) -> dict[str, Any]:
+    """`web.AppRunner` keywords for the router's HTTP server.
+
+    aiohttp arms its keep-alive timer when a connection opens and only a complete request head
+    disarms it, so `keepalive_timeout` is also how long a client may take to send one: a connection
+    trickling partial headers is closed then. `handler_cancellation` cancels a request's handler
+    when its client disconnects, which stops the request on the workers and frees its KV.
+    """
+    return {"keepalive_timeout": header_timeout_s, "handler_cancellation": True}
+
+
+def create_app(router: Router, served: ServedModel, manage_router: bool = True, api_key: str | None = None,
+               text: TextWork | None = None) -> web.Application:
+    """The aiohttp application; with `manage_router` it starts and closes the router with the app.
+
+    `api_key` (None: none needed) guards every /v1 route. Serve it with `server_options()`.
+    """
+    work = text or TextWork(served)
+    api = Api(router, served, work)
+    middlewares: list[Middleware] = [_errors] if api_key is None else [_errors, _require_key(api_key)]
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app.router.add_post("/v1/completions", api.completions)
     app.router.add_post("/v1/chat/completions", api.chat_completions)
     app.router.add_get("/v1/models", api.models)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/metrics", api.metrics)
+
+    async def text_pool(_app: web.Application) -> Any:
+        yield
+        work.close()
+
+    app.cleanup_ctx.append(text_pool)
     if manage_router:
         async def lifecycle(_app: web.Application) -> Any:
             await router.start()
@@ -516,7 +707,8 @@ def load_served_model(model_dir: str, name: str | None = None) -> ServedModel:
     max_len = int(raw_len) if isinstance(raw_len, int) and 0 < raw_len < 1 << 24 else 2048
     vocab = int(config.get("vocab_size") or len(tokenizer))
     served_name = name or path.name
-    return ServedModel(served_name, tokenizer, max_len, vocab, tuple(sorted(eos)), aliases=(str(model_dir),))
+    return ServedModel(served_name, tokenizer, max_len, vocab, tuple(sorted(eos)), aliases=(str(model_dir),),
+                       max_token_bytes=longest_token_bytes(tokenizer))
 
 
 def _generation_eos(path: Any) -> object:
@@ -529,5 +721,5 @@ def _generation_eos(path: Any) -> object:
         return None
 
 
-__all__ = ["Api", "ApiError", "ServedModel", "TextStream", "create_app", "load_served_model", "parse_chat",
-           "parse_completion"]
+__all__ = ["Api", "ApiError", "ServedModel", "TextStream", "TextWork", "create_app", "decode_body",
+           "load_served_model", "longest_token_bytes", "parse_chat", "parse_completion", "server_options"]

@@ -75,7 +75,8 @@ import numpy as np
 if TYPE_CHECKING:  # torch is an optional dependency (the `worker` extra)
     import torch
 
-PROTOCOL_VERSION = 1
+#: 2: Status carries `rejected_connections`.
+PROTOCOL_VERSION = 2
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_TENSORS = 16
@@ -755,6 +756,7 @@ class Status(_Message):
     kv_capacity_tokens: int
     sent_at: float
     ping_nonce: int | None = None
+    rejected_connections: int = 0  # handshakes the worker's socket refused (no or a wrong CURVE key)
 
     def _to_wire(self, tensors: list[Tensor]) -> dict[str, Any]:
         return {
@@ -770,6 +772,7 @@ class Status(_Message):
             "kv_capacity_tokens": self.kv_capacity_tokens,
             "sent_at": self.sent_at,
             "ping_nonce": self.ping_nonce,
+            "rejected_connections": self.rejected_connections,
         }
 
     @classmethod
@@ -787,6 +790,7 @@ class Status(_Message):
             kv_capacity_tokens=f.get_int("kv_capacity_tokens"),
             sent_at=f.get_float("sent_at", lo=0.0),
             ping_nonce=f.get_int("ping_nonce", optional=True, hi=2**64 - 1),
+            rejected_connections=f.get_int("rejected_connections"),
         )
 
 

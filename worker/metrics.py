@@ -50,20 +50,20 @@ METRIC_NAMES = (
     "helix_planned_max_flow_tokens_per_second",
     "helix_max_flow_tokens_per_second",
     "helix_router_messages_dropped_total",
+    "helix_rejected_connections_total",
 )
 
 
-class _DroppedMessages(Collector):
-    """Exports the transport receiver's drop counters (they live in `ReceiverStats`)."""
+class _ReadCounters(Collector):
+    """Exports counters kept elsewhere (the transport's `ReceiverStats`, the workers' reports), by one label."""
 
-    def __init__(self, read: Callable[[], dict[str, int]]) -> None:
-        self.read = read
+    def __init__(self, name: str, documentation: str, label: str, read: Callable[[], dict[str, int]]) -> None:
+        self.name, self.documentation, self.label, self.read = name, documentation, label, read
 
     def collect(self) -> Iterable[Metric]:
-        family = CounterMetricFamily("helix_router_messages_dropped", "Messages the router's ZeroMQ receiver dropped "
-                                     "(malformed, oversize, unexpected kind).", labels=["reason"])
-        for reason, value in sorted(self.read().items()):
-            family.add_metric([reason], value)
+        family = CounterMetricFamily(self.name, self.documentation, labels=[self.label])
+        for key, value in sorted(self.read().items()):
+            family.add_metric([key], value)
         yield family
 
 
@@ -123,7 +123,14 @@ class RouterMetrics:
             self.worker_busy.labels(name)
 
     def watch_receiver(self, read: Callable[[], dict[str, int]]) -> None:
-        self.registry.register(_DroppedMessages(read))
+        self.registry.register(_ReadCounters("helix_router_messages_dropped", "Messages the router's ZeroMQ receiver "
+                                             "dropped (malformed, oversize, unexpected kind).", "reason", read))
+
+    def watch_rejections(self, read: Callable[[], dict[str, int]]) -> None:
+        """Handshakes refused for want of the cluster's CURVE key, by process (`router` or a worker's name)."""
+        self.registry.register(_ReadCounters("helix_rejected_connections", "Connections refused because the peer "
+                                             "had no or a wrong CURVE key (forged messages never read), by "
+                                             "process: router or the worker's name.", "process", read))
 
     def render(self) -> bytes:
         """The text exposition format for `/metrics`."""

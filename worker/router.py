@@ -62,6 +62,7 @@ from helix.worker.messages import Error, Forward, Hop, Phase, Ping, Release, Sam
 from helix.worker.messages import HopTiming as WireHopTiming
 from helix.worker.metrics import RouterMetrics
 from helix.worker.route_log import ROUTE_LOG_VERSION, RouteLog
+from helix.worker.security import CurveKeys
 from helix.worker.transport import (
     Peers,
     Receiver,
@@ -448,8 +449,12 @@ class Router:
         metrics: RouterMetrics | None = None,
         route_log: RouteLog | None = None,
         ctx: zmq.asyncio.Context | None = None,
+        keys: CurveKeys | None = None,
     ) -> None:
+        """With `keys` (the router's role), only the cluster's workers get into the router's socket, and
+        it sends only to holders of the worker key (`helix.worker.security`)."""
         self.topology = topology
+        self.keys = keys
         self.options = options or RouterOptions()
         self.metrics = metrics or RouterMetrics()
         self.route_log = route_log
@@ -500,12 +505,15 @@ class Router:
     async def start(self) -> None:
         """Bind the receiver, start heartbeats; workers count as down until they answer."""
         opts = self.options
-        self._receiver = Receiver(opts.listen, ctx=self._ctx, options=opts.transport, accept=(Token, Error, Status))
-        self._peers = Peers(ctx=self._ctx, options=opts.transport)
+        self._receiver = Receiver(opts.listen, ctx=self._ctx, options=opts.transport, accept=(Token, Error, Status),
+                                  keys=self.keys)
+        self._peers = Peers(ctx=self._ctx, options=opts.transport, keys=self.keys)
         self.reply_to = opts.advertise or self._receiver.address
         stats = self._receiver.stats
         self.metrics.watch_receiver(lambda: {"malformed": stats.dropped_malformed, "oversize": stats.dropped_oversize,
                                              "unexpected": stats.dropped_unexpected})
+        self.metrics.watch_rejections(lambda: {"router": stats.rejected_connections, **{
+            name: w.status.rejected_connections if w.status is not None else 0 for name, w in self.workers.items()}})
         if self.route_log is not None:
             plan = self.topology.plan
             self.route_log.write(

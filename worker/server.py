@@ -17,6 +17,11 @@ asyncio tasks beside it:
   `fwd.advance(hidden, timing)`, the router gets a `Token` when this hop is the route's last;
 * an optional heartbeat pushes a `Status` to the router every `heartbeat_interval_s`.
 
+With `keys` (`helix.worker.security`) the socket admits only the cluster's router and peer workers
+(CURVE; refused handshakes are counted and reported in every `Status` as `rejected_connections`),
+hidden states go only to a holder of the worker key and everything else (tokens, errors, statuses)
+only to a holder of the router's key, whatever address a message names.
+
 Only the engine loop touches the engine (it is not thread-safe): releases from messages, from
 failed sends and from the idle sweep are queued and applied between steps. Sends are tasks, so
 a slow or dead next hop delays only the requests routed to it; a send that times out becomes an
@@ -89,6 +94,8 @@ from helix.worker.transport import (
 
 if TYPE_CHECKING:
     import torch
+
+    from helix.worker.security import CurveKeys, Role
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +181,7 @@ class WorkerServer:
         transport: TransportOptions | None = None,
         engine_options: dict[str, Any] | None = None,
         ctx: zmq.asyncio.Context | None = None,
+        keys: CurveKeys | None = None,
         on_listening: Callable[[WorkerServer], None] | None = None,
         on_ready: Callable[[WorkerServer], None] | None = None,
     ) -> None:
@@ -215,6 +223,7 @@ class WorkerServer:
         self.on_listening = on_listening
         self.on_ready = on_ready
         self.stats = WorkerStats()
+        self.keys = keys
         self._ctx = ctx
         if isinstance(engine, Engine):
             self.engine_name = engine.name
@@ -287,6 +296,7 @@ class WorkerServer:
             kv_capacity_tokens=capacity,
             sent_at=time.time(),
             ping_nonce=nonce,
+            rejected_connections=self._receiver.stats.rejected_connections if self._receiver is not None else 0,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -315,8 +325,9 @@ class WorkerServer:
         if self._receiver is not None:
             raise RuntimeError("the worker was already started")
         self._loop = asyncio.get_running_loop()
-        self._receiver = Receiver(self.listen, ctx=self._ctx, options=self.transport, accept=(Forward, Release, Ping))
-        self._peers = Peers(ctx=self._ctx, options=self.transport)
+        self._receiver = Receiver(self.listen, ctx=self._ctx, options=self.transport, accept=(Forward, Release, Ping),
+                                  keys=self.keys)
+        self._peers = Peers(ctx=self._ctx, options=self.transport, keys=self.keys)
         self._tasks = [
             asyncio.create_task(self._receive_loop(), name="helix-worker-receive"),
             asyncio.create_task(self._engine_loop(), name="helix-worker-engine"),
@@ -868,7 +879,9 @@ class WorkerServer:
             self._evict_peers()
         self._peer_used[address] = time.monotonic()
         try:
-            await self._peers.send(address, msg, timeout_s=timeout_s)
+            # Hidden states go to the next worker; tokens, errors and statuses to the router.
+            to: Role = "worker" if isinstance(msg, Forward) else "router"
+            await self._peers.send(address, msg, timeout_s=timeout_s, to=to)
             return None, ""
         except SendTimeout as exc:
             return "overloaded", str(exc)
@@ -899,7 +912,8 @@ class WorkerServer:
         assert self.heartbeat_to is not None and self._peers is not None
         while not self._stop.is_set():
             try:
-                await self._peers.send(self.heartbeat_to, self.status(), timeout_s=self.heartbeat_interval_s)
+                await self._peers.send(self.heartbeat_to, self.status(), timeout_s=self.heartbeat_interval_s,
+                                       to="router")
             except (SendTimeout, zmq.ZMQError, TransportError):
                 pass  # the router is down or slow: the next beat tries again
             except asyncio.CancelledError:

@@ -29,6 +29,12 @@ sends any frame over the limit before it is buffered; every message is then deco
 (`helix.worker.messages`); malformed, oversized or unexpected messages are counted in
 `Receiver.stats` and dropped with a rate-limited log line; `recv` never raises for them.
 
+Authentication (`helix.worker.security`): given `CurveKeys`, a Receiver serves CURVE and admits only
+its cluster's client keys (ZAP; refused handshakes are counted in `ReceiverStats`, watched through
+a socket monitor), and every outgoing socket is a CURVE client that names the key its server must
+hold for the role it is sent to (`Peers.send(..., to="router")`). Without keys (tests, benchmarks)
+sockets are plain.
+
 Sockets close with LINGER 0: undelivered messages are discarded on close, so shutdown never hangs.
 Addresses are ZeroMQ endpoints: `tcp://127.0.0.1:5555`, `tcp://127.0.0.1:*` (an ephemeral port,
 read back from `Receiver.address`), `ipc:///tmp/helix.sock`.
@@ -46,6 +52,7 @@ from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from helix.worker.messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -54,8 +61,13 @@ from helix.worker.messages import (
     MessageTooLarge,
     decode,
 )
+from helix.worker.security import GUARDS, CurveKeys, Role
 
 log = logging.getLogger(__name__)
+
+#: Handshake failures a receiver counts as a refused connection: a key not admitted (AUTH), another
+#: mechanism or a broken greeting (PROTOCOL), a handshake that failed otherwise (NO_DETAIL).
+_REFUSED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 
 
 # An endpoint a socket can connect to: ZeroMQ's own check comes only at connect time and says just
@@ -154,6 +166,7 @@ class ReceiverStats:
     dropped_malformed: int = 0
     dropped_oversize: int = 0
     dropped_unexpected: int = 0
+    rejected_connections: int = 0  # handshakes refused (wrong or no CURVE key): nothing of theirs was read
 
     @property
     def dropped(self) -> int:
@@ -171,8 +184,10 @@ class Receiver:
         options: TransportOptions | None = None,
         accept: tuple[type[Message], ...] | None = None,
         bind_retry_s: float = 1.0,
+        keys: CurveKeys | None = None,
     ) -> None:
-        """Bind now; `accept` limits the kinds this endpoint takes (others are counted and dropped).
+        """Bind now; `accept` limits the kinds this endpoint takes (others are counted and dropped);
+        with `keys`, only the clients `keys.clients` names get in (CURVE + ZAP).
 
         Binding retries on EADDRINUSE for `bind_retry_s`: ZeroMQ closes a listener asynchronously,
         so a receiver re-created on the same port right after a close may briefly find it taken.
@@ -182,11 +197,21 @@ class Receiver:
         self.stats = ReceiverStats()
         self._log = _RateLimitedLog()
         self._closed = False
-        ctx = ctx or _default_context()
+        self._ctx = ctx = ctx or _default_context()
+        self._domain: str | None = None
+        self._monitor: zmq.asyncio.Socket | None = None
+        self._monitor_task: asyncio.Task[None] | None = None
         sock = ctx.socket(zmq.PULL)
         self.options.apply_common(sock)
         sock.setsockopt(zmq.RCVHWM, self.options.rcvhwm)
         sock.setsockopt(zmq.MAXMSGSIZE, self.options.max_message_bytes)
+        if keys is not None:
+            self._domain = GUARDS.admit(ctx, keys.clients)
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.own.public)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, keys.own.secret)
+            sock.setsockopt(zmq.ZAP_DOMAIN, self._domain.encode())
+            self._monitor = sock.get_monitor_socket(_REFUSED)
         deadline = time.monotonic() + bind_retry_s
         while True:
             try:
@@ -194,12 +219,28 @@ class Receiver:
                 break
             except zmq.ZMQError as e:
                 if e.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
-                    sock.close(linger=0)
+                    self._sock = sock
+                    self._closed = True
+                    self._release()
                     raise
                 time.sleep(0.01)
         self._sock = sock
         endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
         self.address: str = endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
+
+    @property
+    def authenticated(self) -> bool:
+        return self._domain is not None
+
+    async def _count_refused(self) -> None:
+        """Count the handshakes ZAP or the mechanism check refused (the monitor reports each)."""
+        assert self._monitor is not None
+        while True:
+            event = parse_monitor_message(await self._monitor.recv_multipart())
+            if event["event"] & _REFUSED:
+                self.stats.rejected_connections += 1
+                self._log.warning("refused", f"{self.address}: refused a connection from a peer without this "
+                                             f"cluster's key ({zmq.Event(event['event']).name})")
 
     async def recv(self, timeout_s: float | None = None) -> Message:
         """The next valid message; raises TimeoutError after `timeout_s`, TransportClosed once closed."""
@@ -212,6 +253,8 @@ class Receiver:
     async def _recv_frames(self) -> list[zmq.Frame]:
         if self._closed:
             raise TransportClosed(f"receiver {self.address} is closed")
+        if self._monitor is not None and self._monitor_task is None:
+            self._monitor_task = asyncio.create_task(self._count_refused(), name=f"monitor {self.address}")
         try:
             return await self._sock.recv_multipart(copy=False)
         except asyncio.CancelledError:
@@ -264,7 +307,17 @@ class Receiver:
         """Unbind and discard queued messages (LINGER 0); pending recv calls raise TransportClosed."""
         if not self._closed:
             self._closed = True
-            self._sock.close(linger=0)
+            self._release()
+
+    def _release(self) -> None:
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+        if self._monitor is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+        self._sock.close(linger=0)
+        if self._domain is not None:
+            GUARDS.forget(self._ctx, self._domain)
 
     @property
     def closed(self) -> bool:
@@ -293,7 +346,10 @@ class Sender:
         *,
         ctx: zmq.asyncio.Context | None = None,
         options: TransportOptions | None = None,
+        keys: CurveKeys | None = None,
+        to: Role = "worker",
     ) -> None:
+        """Connect; with `keys`, as a CURVE client whose server must hold role `to`'s secret key."""
         self.address = address
         self.options = options or TransportOptions()
         self.stats = SenderStats()
@@ -304,6 +360,10 @@ class Sender:
             self.options.apply_common(sock)
             sock.setsockopt(zmq.SNDHWM, self.options.sndhwm)
             sock.setsockopt(zmq.IMMEDIATE, int(self.options.immediate))
+            if keys is not None:
+                sock.setsockopt(zmq.CURVE_SERVERKEY, keys.server_key(to))
+                sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.own.public)
+                sock.setsockopt(zmq.CURVE_SECRETKEY, keys.own.secret)
             sock.connect(address)
         except zmq.ZMQError:
             # A bad address must not leak the socket: the context would then hang on term().
@@ -360,36 +420,39 @@ class Peers:
     """Outbound connections by address, opened on first use and kept for reuse.
 
     A worker sends each Forward to `msg.next_hop.address` and Tokens to `msg.reply_to`; the router
-    sends to first hops and Releases to every hop of a route. All through `send(address, msg)`.
+    sends to first hops and Releases to every hop of a route. All through `send(address, msg, to=role)`:
+    with `keys`, `to` says which role's key the peer must prove it holds (a worker's output to the
+    router goes `to="router"`), so a message naming a stranger's address reaches nobody.
     """
 
     ctx: zmq.asyncio.Context | None = None
     options: TransportOptions = field(default_factory=TransportOptions)
-    _senders: dict[str, Sender] = field(default_factory=dict, init=False, repr=False)
+    keys: CurveKeys | None = None
+    _senders: dict[tuple[str, Role], Sender] = field(default_factory=dict, init=False, repr=False)
     _closed: bool = field(default=False, init=False)
 
-    def sender(self, address: str) -> Sender:
-        """The connection to `address`, created on demand."""
+    def sender(self, address: str, to: Role = "worker") -> Sender:
+        """The connection to `address` (a process of role `to`), created on demand."""
         if self._closed:
             raise TransportClosed("peer pool is closed")
-        s = self._senders.get(address)
+        s = self._senders.get((address, to))
         if s is None or s.closed:
-            s = self._senders[address] = Sender(address, ctx=self.ctx, options=self.options)
+            s = self._senders[address, to] = Sender(address, ctx=self.ctx, options=self.options, keys=self.keys,
+                                                     to=to)
         return s
 
-    async def send(self, address: str, msg: Message, *, timeout_s: float | None = None) -> None:
+    async def send(self, address: str, msg: Message, *, timeout_s: float | None = None, to: Role = "worker") -> None:
         """`Sender.send` on the connection to `address` (SendTimeout when the peer is slow or down)."""
-        await self.sender(address).send(msg, timeout_s=timeout_s)
+        await self.sender(address, to).send(msg, timeout_s=timeout_s)
 
     def drop(self, address: str) -> None:
-        """Close the connection to a peer that left the plan (queued messages are discarded)."""
-        s = self._senders.pop(address, None)
-        if s is not None:
-            s.close()
+        """Close the connections to a peer that left the plan (queued messages are discarded)."""
+        for key in [k for k in self._senders if k[0] == address]:
+            self._senders.pop(key).close()
 
     @property
     def addresses(self) -> list[str]:
-        return list(self._senders)
+        return list(dict.fromkeys(address for address, _ in self._senders))
 
     def close(self) -> None:
         self._closed = True

@@ -9,6 +9,11 @@ server listens, one machine-readable line goes to stdout for whoever started the
 
 Logs go to stderr. SIGINT/SIGTERM stop it cleanly (requests in flight fail with 503, their KV is
 released on the workers) with exit 0.
+
+Authentication: `--keys DIR` (or `HELIX_KEYS`: `router.secret` and `worker.public`) makes the ZeroMQ
+side admit only the cluster's workers; without it the router refuses to start unless `--insecure`.
+`--api-key` (or `HELIX_API_KEY`) makes every /v1 request need `Authorization: Bearer <key>`; a router
+listening beyond loopback without one refuses to start unless `--insecure`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from helix.cli.errors import fail, handle_errors
 
 if TYPE_CHECKING:
     from helix.worker.router import RouterOptions, Topology, WorkerAddress
+    from helix.worker.security import CurveKeys
 
 ROUTING_PANEL = "Routing and admission"
 FLOW_PANEL = "Flows"
@@ -169,6 +175,16 @@ def router_command(
     served_model_name: Annotated[str | None, typer.Option(
         "--served-model-name", metavar="NAME", show_default=False,
         help="Model name clients use (default: the model folder's name).")] = None,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", metavar="KEY", envvar="HELIX_API_KEY", show_default=False,
+        help="Clients must send 'Authorization: Bearer KEY' (prefer the HELIX_API_KEY variable: a command line "
+             "is visible to every user of the machine).")] = None,
+    keys: Annotated[Path | None, typer.Option(
+        "--keys", metavar="DIR", envvar="HELIX_KEYS", show_default=False, rich_help_panel=ROUTING_PANEL,
+        help="Folder with this cluster's router.secret and worker.public (CURVE, Z85): only its workers get "
+             "in.")] = None,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="Run without worker keys, and without an API key on a non-loopback --host.")] = False,
     log_level: Annotated[str, typer.Option("--log-level", metavar="LEVEL",
                                            help="debug, info, warning or error (stderr).")] = "info",
 ) -> None:
@@ -188,6 +204,7 @@ def router_command(
     topology = load_topology(plan, model, cluster, profiles)
     if route_log is not None and not route_log.parent.is_dir():
         raise HelixInputError(f"folder {route_log.parent} does not exist", "--route-log")
+    curve = router_keys(keys, insecure, api_key, host)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         import transformers  # noqa: F401 - the tokenizer and chat template come from it
@@ -205,7 +222,7 @@ def router_command(
     import zmq
 
     try:
-        asyncio.run(run_router(topology, addresses, options, served, host, port, route_log))
+        asyncio.run(run_router(topology, addresses, options, served, host, port, route_log, curve, api_key or None))
     except zmq.ZMQError as exc:
         fail(f"{listen}: {exc}", "--listen")
     except OSError as exc:  # the HTTP port is taken, or the host is not ours
@@ -214,24 +231,52 @@ def router_command(
         pass
 
 
+def check_api_key(api_key: str | None, host: str, insecure: bool | None = None) -> None:
+    """An API key is text a header can carry; an API reachable beyond loopback needs one unless --insecure
+    (None: the command has no --insecure)."""
+    import ipaddress
+
+    from helix.simulator.errors import HelixInputError
+
+    if api_key is not None and (not api_key.strip() or not api_key.isprintable() or not api_key.isascii()):
+        raise HelixInputError("must be printable ASCII text, not empty", "--api-key")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not api_key and not loopback and not insecure:
+        or_insecure = "" if insecure is None else ", or --insecure to serve anyone who reaches it"
+        raise HelixInputError(f"the API would listen on {host}, beyond this machine: set an API key (HELIX_API_KEY "
+                              f"or --api-key){or_insecure}", "--api-key")
+
+
+def router_keys(keys: Path | None, insecure: bool, api_key: str | None, host: str) -> CurveKeys | None:
+    """The router's CURVE keys, after `check_api_key`."""
+    from helix.worker.security import keys_from_options
+
+    check_api_key(api_key, host, insecure)
+    return keys_from_options(keys, insecure, "router")
+
+
 async def run_router(topology: Topology, addresses: list[WorkerAddress], options: RouterOptions, served: object,
-                     host: str, port: int, route_log_path: Path | None) -> None:
+                     host: str, port: int, route_log_path: Path | None, keys: CurveKeys | None = None,
+                     api_key: str | None = None) -> None:
     """Run the router and its HTTP server until SIGINT/SIGTERM."""
     import asyncio
     import signal
 
     from aiohttp import web
 
-    from helix.worker.api import ServedModel, create_app
+    from helix.worker.api import ServedModel, create_app, server_options
     from helix.worker.route_log import RouteLog
     from helix.worker.router import Router
 
     assert isinstance(served, ServedModel)
     log_file = RouteLog(route_log_path) if route_log_path is not None else None
-    router = Router(topology, addresses, options, route_log=log_file)
-    app = create_app(router, served, manage_router=False)
+    router = Router(topology, addresses, options, route_log=log_file, keys=keys)
+    app = create_app(router, served, manage_router=False, api_key=api_key)
     await router.start()
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, **server_options())
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

@@ -9,9 +9,15 @@
    local plan is built directly, not placed by the MILP: CPU workers have no GPU profile, and with
    identical workers the placement question is only which redundancy to keep;
 3. one `helix worker` process per plan node (ZeroMQ on 127.0.0.1, ports chosen by the workers and
-   read from their `listening` line), then one `helix router` process;
-4. it waits for /healthz, prints the endpoint, the processes and a curl example, plus one
-   machine-readable line `serving {json}` (url, pids) for scripts and tests;
+   read from their `listening` line), then one `helix router` process. The data plane is
+   authenticated with no configuration: fresh CURVE keys are made for each run (key folders in the
+   temporary folder, mode 600: the workers get the worker secret, the router the router's), so only
+   these processes can talk to each other. `--api-key` / `HELIX_API_KEY` guards the HTTP API too
+   (handed to the router in its environment, never on a command line); it is required when `--host`
+   is not a loopback address;
+4. it waits for /healthz, saying on stderr what it waits for (each worker listening, loading, up),
+   then prints the endpoint, the processes and a curl example (with the API key when one is set),
+   plus one machine-readable line `serving {json}` (url, pids) for scripts and tests;
 5. it supervises: a worker that exits is restarted on the same address (`--no-restart` to keep it
    down), and the router, seeing it answer again, routes through it again;
 6. Ctrl-C or SIGTERM stops the router, then the workers (SIGTERM, then SIGKILL after a grace period),
@@ -19,7 +25,8 @@
    without cleaning up (Linux PR_SET_PDEATHSIG), so nothing is left behind.
 
 Bad input (options, the model folder, a plan that does not fit the model, router options it passes
-on) is one line on stderr and exit 2 before anything is created or started.
+on, an HTTP port another process holds) is one line on stderr and exit 2 before anything is created
+or started.
 
 `helix report --route-log FILE` turns a router's route log into the simulator's results table.
 """
@@ -223,13 +230,16 @@ def serve_command(
     log_dir: Annotated[Path | None, typer.Option(
         "--log-dir", metavar="DIR", show_default=False,
         help="Where the processes' logs go (default: the temporary folder, removed on exit).")] = None,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", metavar="KEY", envvar="HELIX_API_KEY", show_default=False,
+        help="Clients must send 'Authorization: Bearer KEY' (needed with a non-loopback --host).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the machine-readable lines.")] = False,
 ) -> None:
     """Start a router and workers as separate processes on loopback, serving an OpenAI-compatible API.
 
     Example: helix serve --local   (then: curl http://127.0.0.1:8000/v1/completions -d '{"prompt": "Hi"}' ...)
     """
-    from helix.cli.router import check_admission
+    from helix.cli.router import check_admission, check_api_key
     from helix.simulator.errors import HelixInputError
 
     if not local:
@@ -251,21 +261,47 @@ def serve_command(
     if engine not in engine_names():  # whether it is installed, each worker says (importing vLLM takes seconds)
         raise HelixInputError(f"unknown engine {engine!r}; choose one of {', '.join(engine_names())}", "--engine")
     served_plan = _resolve_plan(plan, num_layers, workers, model_name)
+    check_api_key(api_key, host)
+    _check_port_free(host, port)
 
     tmp = Path(tempfile.mkdtemp(prefix="helix-serve-"))
     try:
         code = asyncio.run(_serve(tmp, model, served_plan, host, port, scheduler, route_log, engine, dtype,
-                                  threads, kv_capacity_tokens, restart, max_queue, request_timeout, log_dir, quiet))
+                                  threads, kv_capacity_tokens, restart, max_queue, request_timeout, log_dir, quiet,
+                                  api_key or None))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if code:
         raise typer.Exit(code)
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """The router's HTTP port, tried before any process starts (the router would find it taken only after
+    every worker has loaded). Bound as aiohttp binds (SO_REUSEADDR), so a port in TIME_WAIT is not refused."""
+    import socket
+
+    from helix.simulator.errors import HelixInputError
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise HelixInputError(f"cannot resolve {host!r}: {exc.strerror or exc}", "--host") from None
+    for family, kind, proto, _name, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise HelixInputError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (another process holds "
+                                      "it? choose another --port, or 0 for any free one)", "--port") from None
+
+
 async def _serve(tmp: Path, model: Path | None, plan: Plan, host: str, port: int,
                  scheduler: str, route_log: Path | None, engine: str, dtype: str | None, threads: int | None,
                  kv_capacity_tokens: int | None, restart: bool, max_queue: int, request_timeout: float,
-                 log_dir: Path | None, quiet: bool) -> int:
+                 log_dir: Path | None, quiet: bool, api_key: str | None) -> int:
     say = (lambda *_a: None) if quiet else (lambda text: print(text, file=sys.stderr, flush=True))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -284,25 +320,28 @@ async def _serve(tmp: Path, model: Path | None, plan: Plan, host: str, port: int
     logs = log_dir or tmp / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     per_worker = threads or max(1, (os.cpu_count() or 2) // max(1, len(plan.nodes)))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(per_worker),
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {**{k: v for k, v in os.environ.items() if k not in ("HELIX_API_KEY", "HELIX_KEYS")},
+           "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(per_worker), "TOKENIZERS_PARALLELISM": "false"}
+    key_dirs = _ephemeral_keys(tmp)
+    router_env = {**env, **({"HELIX_API_KEY": api_key} if api_key else {})}
 
     children: dict[str, Child] = {}
     addresses: dict[str, str] = {}
 
     async def start_all() -> str:
         addresses.update(await _start_workers(plan, model, children, logs, env, engine, dtype, per_worker,
-                                              kv_capacity_tokens))
+                                              kv_capacity_tokens, key_dirs["worker"], say))
         router = Child("router", [*_python(), "router", "--plan", str(plan_file), "--model", str(model), "--workers",
                                   ",".join(f"{n}={a}" for n, a in addresses.items()), "--port", str(port),
                                   "--host", host, "--scheduler", scheduler, "--max-queue", str(max_queue),
-                                  "--request-timeout", str(request_timeout),
+                                  "--request-timeout", str(request_timeout), "--keys", str(key_dirs["router"]),
                                   *(["--route-log", str(route_log)] if route_log else [])],
                        logs / "router.log")
         children["router"] = router
-        await router.start(env)
+        say("starting the router (it reads the tokenizer) …")
+        await router.start(router_env)
         ready = await router.expect("ready", STARTUP_TIMEOUT_S)
-        await _wait_healthy(str(ready["url"]), children, STARTUP_TIMEOUT_S)
+        await _wait_healthy(str(ready["url"]), children, STARTUP_TIMEOUT_S, say)
         return str(ready["url"])
 
     starting = asyncio.create_task(start_all())
@@ -330,7 +369,7 @@ async def _serve(tmp: Path, model: Path | None, plan: Plan, host: str, port: int
     finally:
         interrupted.cancel()
 
-    _announce(url, plan, children, addresses, model_name, logs, say)
+    _announce(url, plan, children, addresses, model_name, logs, say, api_key)
     router_died = False
     try:
         router_died = await _supervise(children, addresses, env, restart, stop, say)
@@ -356,56 +395,89 @@ def _resolve_plan(plan_path: Path | None, num_layers: int, workers: int, model_n
     return plan
 
 
+def _ephemeral_keys(tmp: Path) -> dict[str, Path]:
+    """This run's CURVE keys, one folder per role holding what that role's processes read (mode 700/600)."""
+    from helix.worker.security import ROLES, ClusterKeys
+
+    keys = ClusterKeys.generate()
+    folders = {}
+    for role in ROLES:
+        folder = folders[role] = tmp / "keys" / role
+        folder.mkdir(mode=0o700, parents=True)
+        keys.write(folder, role)
+    return folders
+
+
 def _worker_argv(node: Any, model: Path, listen: str, engine: str, dtype: str | None, threads: int,
-                 kv_capacity_tokens: int | None) -> list[str]:
+                 kv_capacity_tokens: int | None, keys: Path) -> list[str]:
     return [*_python(), "worker", "--model", str(model), "--layers", f"{node.start_layer}:{node.end_layer}",
             "--listen", listen, "--name", node.name, "--engine", engine, "--threads", str(threads),
-            *(["--dtype", dtype] if dtype else []),
+            "--keys", str(keys), *(["--dtype", dtype] if dtype else []),
             *(["--kv-capacity-tokens", str(kv_capacity_tokens)] if kv_capacity_tokens else [])]
 
 
 async def _start_workers(plan: Plan, model: Path, children: dict[str, Child], logs: Path, env: dict[str, str],
-                         engine: str, dtype: str | None, threads: int, kv_capacity_tokens: int | None
-                         ) -> dict[str, str]:
+                         engine: str, dtype: str | None, threads: int, kv_capacity_tokens: int | None, keys: Path,
+                         say: Any) -> dict[str, str]:
     """Start every worker on an ephemeral port; their `listening` lines give the addresses."""
+    say(f"starting {len(plan.nodes)} workers ({engine}, {threads} threads each) …")
     for node in plan.nodes:
         child = Child(node.name, _worker_argv(node, model, "tcp://127.0.0.1:*", engine, dtype, threads,
-                                              kv_capacity_tokens),
+                                              kv_capacity_tokens, keys),
                       logs / f"{node.name}.log")
         children[node.name] = child
         await child.start(env)
     addresses: dict[str, str] = {}
-    for node in plan.nodes:
+    for i, node in enumerate(plan.nodes, 1):
         info = await children[node.name].expect("listening", STARTUP_TIMEOUT_S)
         addresses[node.name] = str(info["address"])
+        say(f"  {node.name} listening on {addresses[node.name]}, loading layers [{node.start_layer}, "
+            f"{node.end_layer}) ({i} of {len(plan.nodes)})")
         # Restarts must come back where the router looks for this worker.
         children[node.name].argv = _worker_argv(node, model, addresses[node.name], engine, dtype, threads,
-                                                kv_capacity_tokens)
+                                                kv_capacity_tokens, keys)
     return addresses
 
 
-async def _wait_healthy(url: str, children: dict[str, Child], timeout_s: float) -> None:
-    """Poll /healthz until every worker is up (a route alone is not enough: show the whole plan serving)."""
+#: While waiting for workers, a line at least this often says which are still loading.
+PROGRESS_EVERY_S = 5.0
+
+
+async def _wait_healthy(url: str, children: dict[str, Child], timeout_s: float, say: Any) -> None:
+    """Poll /healthz until every worker is up (a route alone is not enough: show the whole plan serving),
+    saying each worker that comes up and, every few seconds, which ones it still waits for."""
     import aiohttp
 
-    deadline = time.monotonic() + timeout_s
+    start = time.monotonic()
+    deadline = start + timeout_s
+    seen_up: set[str] = set()
+    next_note = start + PROGRESS_EVERY_S
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
             for child in children.values():
                 if not child.running:
                     code = child.process.returncode if child.process else None
                     raise StartupError(f"{child.name} exited with code {code} while starting", child)
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
                 async with session.get(f"{url}/healthz", timeout=aiohttp.ClientTimeout(total=2)) as resp:
-                    body = await resp.json()
-                    if resp.status == 200 and all(w.get("up") for w in body.get("workers", {}).values()):
+                    workers = (await resp.json()).get("workers", {})
+                    for name, info in workers.items():
+                        if info.get("up") and name not in seen_up:
+                            seen_up.add(name)
+                            say(f"  {name} is up ({len(seen_up)} of {len(workers)})")
+                    if resp.status == 200 and workers and len(seen_up) == len(workers) and all(
+                            w.get("up") for w in workers.values()):
                         return
+                    if time.monotonic() >= next_note:
+                        waiting = sorted(n for n, w in workers.items() if not w.get("up"))
+                        say(f"  still loading: {', '.join(waiting)} ({time.monotonic() - start:.0f} s)")
+                        next_note = time.monotonic() + PROGRESS_EVERY_S
             await asyncio.sleep(0.2)
     raise StartupError(f"the router at {url} did not become healthy within {timeout_s:g} s", children.get("router"))
 
 
 def _announce(url: str, plan: Plan, children: dict[str, Child], addresses: dict[str, str], model_name: str,
-              logs: Path, say: Any) -> None:
+              logs: Path, say: Any, api_key: str | None) -> None:
     router = children["router"]
     assert router.process is not None
     nodes = {n.name: n for n in plan.nodes}
@@ -417,7 +489,10 @@ def _announce(url: str, plan: Plan, children: dict[str, Child], addresses: dict[
         n = nodes[name]
         say(f"  {name:<6}  pid {proc.pid if proc else '?'}  layers [{n.start_layer}, {n.end_layer})  {address}")
     body = json.dumps({"model": model_name, "prompt": "The capital of France is", "max_tokens": 16})
-    say(f"logs in {logs}\n\nTry:\n  curl {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'\n"
+    auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
+    if api_key:
+        say(f"API key: {api_key}  (clients send 'Authorization: Bearer <key>')")
+    say(f"logs in {logs}\n\nTry:\n  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} -d '{body}'\n"
         f"\nCtrl-C stops everything.")
     pids = {name: c.process.pid for name, c in children.items() if c.process is not None}
     print("serving " + json.dumps({"url": url, "model": model_name, "pids": pids, "workers": addresses,

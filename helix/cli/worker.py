@@ -11,6 +11,10 @@ processes that start it (`helix serve --local`, tests):
 
 the first once the socket is bound (Pings are answered from then on, with ready=false while the
 engine loads), the second once it serves. Logs go to stderr. SIGINT/SIGTERM stop it with exit 0.
+
+The socket admits only the cluster's router and peer workers: `--keys DIR` (or `HELIX_KEYS`) names
+the folder with `worker.secret` and `router.public` (`helix.worker.security`); without one the
+worker refuses to start unless `--insecure` says to admit anyone.
 """
 
 from __future__ import annotations
@@ -153,12 +157,18 @@ def worker_command(
         help="Push a Status to this router address every --heartbeat-interval seconds.")] = None,
     heartbeat_interval: Annotated[float, typer.Option(
         "--heartbeat-interval", metavar="SECONDS", rich_help_panel=BATCH_PANEL)] = 1.0,
+    keys: Annotated[Path | None, typer.Option(
+        "--keys", metavar="DIR", envvar="HELIX_KEYS", show_default=False,
+        help="Folder with this cluster's worker.secret and router.public (CURVE, Z85): only the router and peer "
+             "workers get in.")] = None,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="No keys: admit anyone who reaches the socket (a private test machine only).")] = False,
     log_level: Annotated[str, typer.Option(
         "--log-level", metavar="LEVEL", help="debug, info, warning or error (logs go to stderr).")] = "info",
 ) -> None:
     """Serve decoder layers [A, B) of a model: receive hidden states (or token ids), batch, pass them on.
 
-    Example: helix worker --model ./tiny --layers 0:4 --listen tcp://127.0.0.1:5601 --name w0
+    Example: helix worker --model ./tiny --layers 0:4 --listen tcp://127.0.0.1:5601 --name w0 --keys ./keys
     """
     from helix.simulator.errors import HelixInputError
 
@@ -184,6 +194,9 @@ def worker_command(
     config = engine_check("--model", lambda: load_config(model))
     torch_device = engine_check("--device", lambda: resolve_device(device))
     engine_check("--dtype", lambda: resolve_dtype(dtype, config, torch_device))
+    from helix.worker.security import keys_from_options
+
+    curve = keys_from_options(keys, insecure, "worker")
 
     import asyncio
 
@@ -202,6 +215,7 @@ def worker_command(
         heartbeat_to=None if heartbeat_to is None else normalize_address(heartbeat_to),
         heartbeat_interval_s=heartbeat_interval, threads=threads,
         transport=TransportOptions(send_timeout_s=send_timeout),
+        keys=curve,
         on_listening=_announce("listening"),
         on_ready=_announce("ready"),
     )
