@@ -33,3 +33,26 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     ci_lines = [line for line in (REPO / ".ci" / "run").read_text().splitlines()
                 if line.strip() and not line.startswith(("#", "set ", "cd "))]
     assert ci_lines == [block]
+
+
+def test_constraints_pin_versions_every_requirement_allows() -> None:
+    """constraints.txt (what the README and CI install) must satisfy pyproject's own ranges, or pip
+    refuses the install; torch stays exactly 2.13.0."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    pins: dict[str, Version] = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not NAME==VERSION"
+            pins[canonicalize_name(name)] = Version(version)
+    requirements = [Requirement(r) for r in project["dependencies"]]
+    requirements += [Requirement(r) for extra in project["optional-dependencies"].values() for r in extra]
+    for req in requirements:
+        name = canonicalize_name(req.name)
+        assert name in pins, f"constraints.txt has no pin for {req.name} (regenerate it: see its header)"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{req} excludes the pinned {pins[name]}"
+    assert pins["torch"] == Version("2.13.0")
