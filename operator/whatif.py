@@ -36,6 +36,7 @@ from helix.operator.settings import DEFAULT_ROUTER_IMAGE, DEFAULT_WORKER_IMAGE
 from helix.simulator.errors import HelixInputError, pydantic_message
 from helix.simulator.generators import split_machine_type
 from helix.simulator.gpus import resolve_gpu
+from helix.simulator.textfiles import read_text
 
 _ADD = re.compile(r"^\s*(\d+)\s*x\s*([^@\s]+)\s*(?:@\s*(\S+))?\s*$")
 WHATIF_PREFIX = "whatif"
@@ -119,10 +120,9 @@ def load_inventory(path: Path) -> Inventory:
 
 
 def _load_yaml(path: Path) -> Any:
+    text = read_text(path, "file")
     try:
-        return yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise HelixInputError(f"cannot read: {exc.strerror}", str(path)) from exc
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise HelixInputError(f"malformed YAML: {exc}".replace("\n", " "), str(path)) from exc
 
@@ -199,12 +199,12 @@ def dry_run(cluster: HelixCluster, nodes: Sequence[Mapping[str, Any]], additions
     if edits and previous is None:
         if progress:
             progress("planning the nodes as they are (the current plan the edits are compared with)…")
-        baseline = plan_for(spec, list(nodes), None, name=cluster.name, usage=usage)
+        baseline = plan_for(spec, list(nodes), None, name=cluster.name, usage=usage, progress=progress)
         if baseline.plan is not None:
             previous = PreviousPlan(plan=baseline.plan, planned_tokens_per_second=baseline.plan.objective_tokens_per_s)
     if progress:
         progress("planning" + (" with the edits" if edits else "") + "…")
-    outcome = plan_for(spec, edited, previous, name=cluster.name, usage=usage)
+    outcome = plan_for(spec, edited, previous, name=cluster.name, usage=usage, progress=progress)
     objects, error = owned_objects(cluster, outcome, edited)
     url = resources.endpoint(_owner(cluster), spec)
     return DryRun(cluster, edited, edits, baseline, previous, outcome, objects, error, url)

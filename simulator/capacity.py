@@ -129,6 +129,10 @@ class _RecordedArrivals:
     def describe(self) -> dict[str, Any]:
         return self.poisson.describe()
 
+    @property
+    def mean_rate_per_s(self) -> float:
+        return self.poisson.rate_per_s
+
 
 @dataclass(frozen=True)
 class ServingSetup:

@@ -17,12 +17,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from helix.simulator.errors import HelixInputError, pydantic_message
 from helix.simulator.gpus import resolve_gpu
+from helix.simulator.textfiles import read_text
 
 COORDINATOR = "coordinator"
+#: The largest cluster we plan: with partial inference the flow graph has an edge per node pair, so
+#: memory grows with the square of the node count (2,000 nodes: about 4 million edges).
+MAX_NODES = 2_000
+
+
+def too_many_nodes(count: int) -> str:
+    return (f"{count:,} nodes is more than the {MAX_NODES:,} a cluster may have (the flow graph grows with the "
+            "square of the node count); plan a part of the fleet, or group GPUs into multi-GPU nodes (e.g. T4x4)")
 
 
 class LinkSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     bandwidth_bps: float = Field(gt=0, description="bits per second")
     latency_s: float = Field(default=0.001, ge=0)
@@ -31,7 +40,7 @@ class LinkSpec(BaseModel):
 class Link(LinkSpec):
     """A directed network link; `bidirectional` in files adds the reverse with the same numbers."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, populate_by_name=True)
 
     src: str = Field(alias="from")
     dst: str = Field(alias="to")
@@ -39,7 +48,7 @@ class Link(LinkSpec):
 
 
 class GpuNode(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     name: str = Field(min_length=1)
     gpu: str
@@ -74,7 +83,7 @@ class GpuNode(BaseModel):
 
 
 class Coordinator(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     name: str = COORDINATOR
     region: str = "default"
@@ -85,7 +94,7 @@ class Coordinator(BaseModel):
 class RegionLink(LinkSpec):
     """The mesh's link between two regions, overriding `inter_region` for that pair of regions."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, populate_by_name=True)
 
     src_region: str = Field(alias="from", min_length=1)
     dst_region: str = Field(alias="to", min_length=1)
@@ -100,7 +109,7 @@ class MeshDefaults(BaseModel):
     reverse of a bidirectional entry.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     intra_region: LinkSpec = LinkSpec(bandwidth_bps=10e9, latency_s=0.001)
     inter_region: LinkSpec = LinkSpec(bandwidth_bps=100e6, latency_s=0.05)
@@ -118,7 +127,7 @@ class MeshDefaults(BaseModel):
 
 
 class Cluster(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     name: str = "cluster"
     coordinator: Coordinator = Coordinator()
@@ -130,6 +139,8 @@ class Cluster(BaseModel):
     def _check_names(self) -> Cluster:
         if not self.nodes:
             raise ValueError("the cluster has no GPU nodes")
+        if len(self.nodes) > MAX_NODES:
+            raise ValueError(too_many_nodes(len(self.nodes)))
         seen: set[str] = set()
         for node in self.nodes:
             if node.name in seen:
@@ -209,10 +220,9 @@ def cluster_from_dict(data: Any, where: str) -> Cluster:
 
 
 def load_cluster_yaml(path: Path) -> Cluster:
+    text = read_text(path, "cluster file")
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise HelixInputError(f"cannot read cluster file: {exc.strerror}", str(path)) from exc
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise HelixInputError(f"malformed YAML: {exc}".replace("\n", " "), str(path)) from exc
     return cluster_from_dict(data, str(path))

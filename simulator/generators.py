@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import random
 
-from helix.simulator.cluster import Cluster, Coordinator, GpuNode, Link, LinkSpec, MeshDefaults
+from helix.simulator.cluster import (
+    MAX_NODES,
+    Cluster,
+    Coordinator,
+    GpuNode,
+    Link,
+    LinkSpec,
+    MeshDefaults,
+    too_many_nodes,
+)
 from helix.simulator.errors import HelixInputError
 from helix.simulator.gpus import resolve_gpu
 
@@ -26,7 +35,14 @@ def parse_mix(text: str, where: str = "--mix") -> dict[str, int]:
         mix[key] = mix.get(key, 0) + int(count)
     if not mix:
         raise HelixInputError("empty GPU mix; write TYPE:COUNT pairs, e.g. A100-40G:4,L4:8", where)
+    check_node_count(sum(mix.values()), where)
     return mix
+
+
+def check_node_count(count: int, where: str) -> None:
+    """Refuse a generated cluster too big to plan before building a single node of it."""
+    if count > MAX_NODES:
+        raise HelixInputError(too_many_nodes(count), where)
 
 
 def parse_regions(text: str) -> dict[str, dict[str, int]]:
@@ -49,6 +65,7 @@ def parse_regions(text: str) -> dict[str, dict[str, int]]:
         regions[region] = parse_mix(mix_text, where)
     if not regions:
         raise HelixInputError("no regions; write e.g. us:A100:4,L4:2;eu:L4:6,T4:12", where)
+    check_node_count(sum(sum(mix.values()) for mix in regions.values()), where)
     return regions
 
 

@@ -32,6 +32,7 @@ from helix.simulator.errors import HelixInputError
 from helix.simulator.generators import split_machine_type
 from helix.simulator.placement.base import PlacementOptions, PlacementProblem, PlacementResult, build_plan
 from helix.simulator.plan import Plan
+from helix.simulator.textfiles import read_text
 
 #: The names Helix's `simulator/event_simulator/utils.py` defines for its ini expressions.
 HELIX_UNITS: dict[str, float] = {
@@ -91,11 +92,9 @@ def eval_helix_expr(text: str, where: str) -> float:
 
 def _read_ini(path: Path, what: str) -> configparser.ConfigParser:
     parser = configparser.ConfigParser(interpolation=None)
+    text = read_text(path, what)
     try:
-        with path.open() as fh:
-            parser.read_file(fh)
-    except OSError as exc:
-        raise HelixInputError(f"cannot read {what}: {exc.strerror or exc}", str(path)) from exc
+        parser.read_string(text, str(path))
     except configparser.Error as exc:
         message = str(exc).replace("\n", " ")
         raise HelixInputError(f"malformed {what}: {message}", str(path)) from exc

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from helix.simulator.errors import HelixInputError, pydantic_message
+from helix.simulator.textfiles import read_text
 
 DTYPE_BYTES: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4, "float8": 1, "int8": 1}
 
@@ -21,7 +22,7 @@ class ModelSpec(BaseModel):
     layer); otherwise they follow from the shapes.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     name: str
     num_layers: int = Field(gt=0)
@@ -101,10 +102,11 @@ MODEL_ALIASES = {"llama2_70b": "llama2-70b", "llama-2-70b": "llama2-70b", "llama
 
 def model_from_hf_config(path: Path) -> ModelSpec:
     """Read a Hugging Face `config.json` of a LLaMA/Mistral/Qwen-style decoder."""
+    text = read_text(path, "model config")
     try:
-        cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise HelixInputError(f"cannot read model config: {exc}", str(path)) from exc
+        cfg = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise HelixInputError(f"malformed JSON: {exc}", str(path)) from exc
     return model_from_hf_dict(cfg, str(path), default_name=path.parent.name or "model")
 
 

@@ -15,10 +15,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from helix.simulator.errors import HelixInputError, pydantic_message
+from helix.simulator.textfiles import read_text
 
 
 class NodeAssignment(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     name: str
     gpu: str
@@ -37,7 +38,7 @@ class NodeAssignment(BaseModel):
 
 
 class EdgeFlow(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     src: str
     dst: str
@@ -45,7 +46,7 @@ class EdgeFlow(BaseModel):
 
 
 class ProgressPoint(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     seconds: float
     objective_tokens_per_s: float
@@ -53,7 +54,7 @@ class ProgressPoint(BaseModel):
 
 
 class Plan(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str
     num_layers: int = Field(gt=0)
@@ -94,10 +95,7 @@ class Plan(BaseModel):
 
 def load_plan(path: Path) -> Plan:
     """Read our JSON/YAML plan (Helix `*_sol.ini` files go through helix.simulator.helix_format)."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise HelixInputError(f"cannot read plan: {exc.strerror}", str(path)) from exc
+    text = read_text(path, "plan")
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:

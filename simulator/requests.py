@@ -8,6 +8,7 @@ and line, because traces are user input and a silent skip would bias every numbe
 from __future__ import annotations
 
 import csv
+import io
 import math
 import random
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from helix.simulator.errors import HelixInputError
+from helix.simulator.textfiles import read_text
 
 
 @dataclass(slots=True, eq=False)
@@ -49,12 +51,8 @@ class LengthSampler(Protocol):
 
 def _rows(path: Path, columns: tuple[str, str]) -> Iterator[tuple[int, int, int]]:
     """(line number, a, b) for every data row of a two-column integer CSV with an optional header."""
-    try:
-        handle = path.open(newline="")
-    except OSError as exc:
-        raise HelixInputError(f"cannot read trace: {exc.strerror or exc}", str(path)) from exc
-    with handle:
-        for lineno, row in enumerate(csv.reader(handle), start=1):
+    text = read_text(path, "trace")
+    for lineno, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
             cells = [c.strip() for c in row]
             if not any(cells):
                 continue
@@ -165,6 +163,9 @@ BUILTIN_LENGTHS: dict[str, ParametricLengths] = {
 class ArrivalProcess(Protocol):
     def times(self, rng: random.Random, until_s: float) -> Iterator[float]: ...
 
+    @property
+    def mean_rate_per_s(self) -> float: ...
+
     def describe(self) -> dict[str, Any]: ...
 
 
@@ -184,6 +185,10 @@ class PoissonArrivals:
 
     def describe(self) -> dict[str, Any]:
         return {"arrivals": "poisson", "rate_per_s": self.rate_per_s}
+
+    @property
+    def mean_rate_per_s(self) -> float:
+        return self.rate_per_s
 
 
 @dataclass(frozen=True)
@@ -207,6 +212,10 @@ class GammaArrivals:
 
     def describe(self) -> dict[str, Any]:
         return {"arrivals": "gamma", "rate_per_s": self.rate_per_s, "cv": self.cv}
+
+    @property
+    def mean_rate_per_s(self) -> float:
+        return self.rate_per_s
 
 
 @dataclass(frozen=True)
@@ -250,6 +259,10 @@ class TraceArrivals:
 
     def describe(self) -> dict[str, Any]:
         return {"arrivals": "trace", "path": self.path, "seconds": len(self.counts), "rate_per_s": self.rate_per_s}
+
+    @property
+    def mean_rate_per_s(self) -> float:
+        return self.rate_per_s if self.rate_per_s is not None else sum(self.counts) / len(self.counts)
 
 
 @dataclass(frozen=True)

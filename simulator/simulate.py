@@ -37,6 +37,10 @@ from helix.simulator.schedulers import Scheduler, make_scheduler
 
 #: Default online load: this fraction of the plan's max flow, in requests of mean length.
 ONLINE_DEFAULT_LOAD = 0.7
+#: A run covers at most one simulated day: memory is per simulated second, and CPU per event.
+MAX_DURATION_S = 86_400
+#: Online runs hold every request they admit; about 1 KB each.
+MAX_ARRIVALS = 2_000_000
 #: Offline, admit while the expected KV use of the scarcest layer is at most this (Helix's feeder: 0.8).
 OFFLINE_KV_TARGET = 0.8
 #: Offline, this many refusals while nothing runs means no request of the workload can ever fit.
@@ -54,11 +58,29 @@ class Progress:
     wall_s: float
 
 
+def check_run_size(duration_s: float, workload: Workload) -> None:
+    """Refuse, before any work, a run whose size alone would exhaust memory or take days of CPU."""
+    if duration_s > MAX_DURATION_S:
+        raise HelixInputError(f"{duration_s:g} simulated seconds is more than the {MAX_DURATION_S:,} s (one day) "
+                              "a run may cover; results settle within minutes of simulated time — use a "
+                              "shorter --duration", "--duration")
+    if workload.arrivals is not None:
+        expected = workload.arrivals.mean_rate_per_s * duration_s
+        if expected > MAX_ARRIVALS:
+            raise HelixInputError(
+                f"{workload.arrivals.mean_rate_per_s:g} req/s for {duration_s:g} s is about {expected:,.0f} "
+                f"requests, more than the {MAX_ARRIVALS:,} one run may hold; lower --rate or --duration", "--rate")
+    if workload.max_in_flight is not None and workload.max_in_flight > MAX_ARRIVALS:
+        raise HelixInputError(f"{workload.max_in_flight:,} is more than {MAX_ARRIVALS:,} requests in flight",
+                              "--max-in-flight")
+
+
 def _check_inputs(mode: str, duration_s: float, warmup_s: float, workload: Workload, kv_target: float) -> None:
     if mode not in ("offline", "online"):
         raise HelixInputError(f"unknown mode {mode!r}; choose offline or online", "--mode")
     if not (math.isfinite(duration_s) and duration_s > 0):
         raise HelixInputError(f"duration must be a positive number of seconds, got {duration_s}", "--duration")
+    check_run_size(duration_s, workload)
     if not (math.isfinite(warmup_s) and 0 <= warmup_s < duration_s):
         raise HelixInputError(f"warm-up must be in [0, duration), got {warmup_s} with duration {duration_s}",
                               "--warmup")

@@ -112,7 +112,7 @@ def test_missing_kv_heads_means_multi_head_attention(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "needle"),
     [
-        ("{not json", "cannot read model config"),
+        ("{not json", "malformed JSON"),
         ("[1, 2]", "expected a JSON object"),
         (json.dumps({"hidden_size": 4096}), "missing num_hidden_layers"),
         (json.dumps({**MISTRAL_7B, "num_hidden_layers": 0}), "num_layers"),

@@ -124,7 +124,7 @@ def compare_command(
     no_cluster = cluster is None and mix is None and regions is None
     limit = check_time_limit(time_limit, EXAMPLE_TIME_LIMIT_S if no_cluster else DEFAULT_TIME_LIMIT_S)
     duration_s, warmup_s = resolve_window(duration, warmup, DEFAULT_DURATION_S)
-    workload = resolve_workload(mode, lengths, rate, cv, arrivals, max_in_flight)
+    workload = resolve_workload(mode, lengths, rate, cv, arrivals, max_in_flight, duration_s)
     check_output(output, (".json",), "--output")
 
     inputs = resolve_inputs(cluster, machine_profile, mix, regions, seed, model, profiles, profile_mix)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from helix.simulator.errors import HelixInputError
+from helix.simulator.textfiles import read_text
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _ITEM = re.compile(r"^\s*(?P<name>.*?)\s+(?P<value>-?\d+(?:\.\d+)?)\b")
@@ -104,10 +104,7 @@ class PaperResults:
 
     @classmethod
     def load(cls, path: Path) -> PaperResults:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise HelixInputError(f"cannot read the paper's results: {exc.strerror or exc}", str(path)) from exc
+        text = read_text(path, "the paper's results")
         return cls.parse(text, str(path))
 
     @classmethod

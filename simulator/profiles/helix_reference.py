@@ -25,6 +25,7 @@ from helix.simulator.errors import HelixInputError
 from helix.simulator.generators import split_machine_type
 from helix.simulator.model import ModelSpec
 from helix.simulator.profiles.base import BatchConventions, BatchLimits, Profiles
+from helix.simulator.textfiles import read_text
 
 #: Our catalog name → the file's model key.
 HELIX_MODEL_KEYS: dict[str, str] = {"llama2-70b": "llama2_70b", "llama-30b": "llama1_30b"}
@@ -107,10 +108,9 @@ class HelixReferenceProfiles(Profiles):
         super().__init__(model)
         self.path = Path(path)
         where = str(self.path)
+        text = read_text(self.path, "profiles")
         try:
-            data = json.loads(self.path.read_text())
-        except OSError as exc:
-            raise HelixInputError(f"cannot read profiles: {exc.strerror or exc}", where) from exc
+            data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise HelixInputError(f"malformed JSON: {exc}", where) from exc
         models = data.get("models") if isinstance(data, dict) else None

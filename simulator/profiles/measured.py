@@ -24,6 +24,7 @@ from helix.simulator.errors import HelixInputError, pydantic_message
 from helix.simulator.gpus import resolve_gpu
 from helix.simulator.model import MODEL_ALIASES, ModelSpec
 from helix.simulator.profiles.base import Profiles, WorkloadAssumptions
+from helix.simulator.textfiles import read_text
 
 SCHEMA_VERSION = 1
 
@@ -42,7 +43,7 @@ def _check_table(keys: Sequence[float], seconds: Sequence[float], key_name: str)
 class PromptTable(BaseModel):
     """Seconds for one layer to prefill a batch holding `tokens` prompt tokens in total."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     tokens: list[int]
     seconds_per_layer: list[float]
@@ -61,7 +62,7 @@ class DecodeTable(BaseModel):
     totals. Both 0 means context is not modelled.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     batch: list[int]
     seconds_per_layer: list[float]
@@ -77,7 +78,7 @@ class DecodeTable(BaseModel):
 class MachineProfile(BaseModel):
     """What one machine type (GPU model × GPUs per node) does with the file's model."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     gpu: str
     gpu_count: int = Field(default=1, gt=0)
@@ -120,7 +121,7 @@ _SHAPE_FIELDS = set(ModelSpec.model_fields) - {"name"}
 class MeasuredProfileFile(BaseModel):
     """The whole file: one model, any number of machine types."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     schema_version: Literal[1]
     model: str
@@ -168,11 +169,10 @@ class MeasuredProfileFile(BaseModel):
 
 def read_json(path: Path) -> Any:
     """Parse a JSON file, turning every failure into a one-line HelixInputError."""
+    text = read_text(path, "profile file")
     try:
-        return json.loads(path.read_text())
-    except OSError as exc:
-        raise HelixInputError(f"cannot read profile file: {exc.strerror or exc}", str(path)) from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
         raise HelixInputError(f"malformed JSON: {exc}", str(path)) from exc
 
 
