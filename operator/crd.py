@@ -78,7 +78,7 @@ class Reason(StrEnum):
 class CrdModel(BaseModel):
     """Base of every CRD model: camelCase on the wire, unknown fields rejected (as the schema does)."""
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", allow_inf_nan=False)
 
     def wire(self) -> dict[str, Any]:
         """The object as the API server stores it: camelCase keys, unset optional fields left out."""
@@ -163,7 +163,7 @@ class PlacementSpec(CrdModel):
 
     method: PlacementMethod = Field("milp", description=(
         "Placement method: milp, or a heuristic (greedy-flow, petals, swarm, homogeneous, separate, sp-plus)."))
-    time_limit_seconds: float = Field(60.0, gt=0, description=(
+    time_limit_seconds: float = Field(120.0, gt=0, description=(
         "Sets the planner's deterministic work budget (it grows with this) and caps its wall clock; a plan cut by the "
         "cap says so (wall_cap_hit in the plan's config)."))
     partial_inference: bool = Field(True, description="Let a node run only a suffix of its layers.")

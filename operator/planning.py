@@ -9,9 +9,10 @@ decision without a cluster. No Kubernetes API is touched here.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -105,10 +106,12 @@ class PlanningOutcome(BaseModel):
 
 
 def plan_for(spec: HelixClusterSpec, nodes: Sequence[Mapping[str, Any]], previous: PreviousPlan | None,
-             *, name: str = "helixcluster", usage: GpuUsage | None = None) -> PlanningOutcome:
+             *, name: str = "helixcluster", usage: GpuUsage | None = None,
+             progress: Callable[[str], None] | None = None) -> PlanningOutcome:
     """Decide what to serve on `nodes` (Node objects as dicts) given the plan served now (or None) and the GPUs
-    others hold (`usage`: none when not given)."""
-    return _Planning(spec, previous, name).run(nodes, usage or GpuUsage())
+    others hold (`usage`: none when not given); `progress` hears each step as it starts (placement, plan
+    selection's runs, the simulations that judge a plan), for a person waiting on a dry run."""
+    return _Planning(spec, previous, name, progress).run(nodes, usage or GpuUsage())
 
 
 def plan_hash(plan: Plan) -> str:
@@ -165,8 +168,10 @@ def _plan_text(plan: Plan) -> str:
 class _Planning:
     """One planning pass; collects summary lines and conditions on the way."""
 
-    def __init__(self, spec: HelixClusterSpec, previous: PreviousPlan | None, name: str) -> None:
+    def __init__(self, spec: HelixClusterSpec, previous: PreviousPlan | None, name: str,
+                 progress: Callable[[str], None] | None = None) -> None:
         self.spec, self.previous, self.name = spec, previous, name
+        self.progress = progress
         self.summary: list[str] = []
         self.now = _now()
         self.discovery: Discovery | None = None
@@ -202,10 +207,12 @@ class _Planning:
         from helix.simulator.placement import milp  # noqa: F401
 
         problem = PlacementProblem(cluster, model, profiles)
-        options = placement_options(spec)
+        options = dataclasses.replace(placement_options(spec), stage=self.progress)
         self.keep_current(problem, options)
         try:
             check_fits(problem)
+            self.say(f"placing {model.num_layers} layers on {len(cluster.nodes)} nodes with {spec.placement.method} "
+                     f"(time limit {options.time_limit_s:g} s)…")
             candidate = plan_placement(problem, spec.placement.method, options)
         except HelixInputError as exc:
             return self.fail(Reason.INSUFFICIENT_CAPACITY, _message(exc) + held_elsewhere(discovery, usage))
@@ -233,6 +240,10 @@ class _Planning:
                 f"{0 if kept is None else len(kept.nodes)} nodes")
         self.summary.append(text + (f" (lost: {', '.join(lost)})" if lost else ""))
 
+    def say(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress(text)
+
     @property
     def kept_value(self) -> float:
         return self.kept.objective_tokens_per_s if self.kept is not None else 0.0
@@ -243,6 +254,7 @@ class _Planning:
             return 0.0
         key = plan_hash(plan)
         if key not in self.offline:
+            self.say(f"simulating {plan.method} ({len(plan.nodes)} nodes) offline for its served throughput…")
             try:
                 self.offline[key] = serve_offline(problem, plan, self.spec)
             except HelixInputError:
@@ -315,6 +327,7 @@ class _Planning:
         if problems:
             return GateResult(served=None, failures=problems, description="not simulated: invalid plan"), problems
         self.served(problem, plan)
+        self.say("checking the plan against the SLO…")
         return run_gate(problem, plan, self.spec, self.offline.get(plan_hash(plan))), []
 
     # --- outcomes ----------------------------------------------------------------------------------

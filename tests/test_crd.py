@@ -159,7 +159,7 @@ def test_enums_bounds_and_defaults_come_from_the_models() -> None:
     nic = props["network"]["properties"]["nicBandwidthGbps"]
     assert nic["minimum"] == 0 and nic["exclusiveMinimum"] is True
     assert props["nodes"]["properties"]["selector"]["default"] == {"nvidia.com/gpu.present": "true"}
-    assert props["placement"]["properties"]["timeLimitSeconds"]["default"] == 60
+    assert props["placement"]["properties"]["timeLimitSeconds"]["default"] == 120
     selection = props["placement"]["properties"]["selection"]
     assert (selection["enum"], selection["default"]) == (list(SELECTION_MODES), "auto")
     assert props["replan"]["properties"]["minGainPercent"]["default"] == 10

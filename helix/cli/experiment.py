@@ -47,7 +47,7 @@ def experiment_command(
         help="Smoke run: 200 s offline / 400 s online simulated, 5 s MILP (numbers are rough).")] = False,
     time_limit: Annotated[float | None, typer.Option(
         "--time-limit", "-t", metavar="SECONDS", show_default=False, rich_help_panel=RUN_PANEL,
-        help="MILP budget per solve (default 60 s; 5 s with --quick).")] = None,
+        help="MILP budget per solve (default 120 s; 5 s with --quick).")] = None,
     duration: Annotated[float | None, typer.Option(
         "--duration", "-d", metavar="SECONDS", show_default=False, rich_help_panel=RUN_PANEL,
         help="Simulated seconds per run, offline and online (default 680 offline, 1,800 online); offline "

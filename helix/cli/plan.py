@@ -80,7 +80,8 @@ def plan_command(
              "separate, sp-plus.")] = "milp",
     time_limit: Annotated[float, typer.Option(
         "--time-limit", "-t", metavar="SECONDS", rich_help_panel=SOLVER_PANEL,
-        help="Wall-clock budget of the MILP (and of greedy-flow's search).")] = 60.0,
+        help="Sets the MILP's deterministic work budget (it grows with this: same inputs, same plan on any "
+             "machine; a quiet machine uses about half) and caps its wall clock (and greedy-flow's search).")] = 120.0,
     partial_inference: Annotated[bool, typer.Option(
         "--partial-inference/--no-partial-inference", rich_help_panel=SOLVER_PANEL,
         help="Let a node run only a suffix of its layers (Helix's partial inference).")] = True,
@@ -266,6 +267,13 @@ class MilpView:
         self.started = time.monotonic()
         self.latest: ProgressPoint | None = None
         self._logged: ProgressPoint | None = None
+        self.stage_text: str | None = None
+
+    def stage(self, text: str) -> None:
+        """`PlacementOptions.stage` hook: what follows the max-flow search (plan selection)."""
+        self.stage_text = text
+        if not self.interactive:
+            print(f"{time.monotonic() - self.started:5.1f} s  {text}", file=sys.stderr, flush=True)
 
     def update(self, point: ProgressPoint) -> None:
         """Progress hook; may be called from solver threads (it only stores and prints)."""
@@ -291,6 +299,8 @@ class MilpView:
             f"{elapsed:5.1f}/{self.time_limit_s:g} s",
             _progress_text(self.latest) if self.latest else "[dim]warm start and model building…[/]",
         )
+        if self.stage_text:
+            grid.add_row("", self.stage_text, "", "")
         grid.add_row("", "[dim]Ctrl-C: stop and keep the best plan so far[/]", "", "")
         return grid
 
@@ -320,7 +330,7 @@ def solve(problem: PlacementProblem, method: str, options: PlacementOptions, qui
     err = _console(stderr=True)
     if method == "milp":
         view = MilpView(options.time_limit_s, interactive=err.is_terminal)
-        options = dataclasses.replace(options, progress=view.update)
+        options = dataclasses.replace(options, progress=view.update, stage=view.stage)
         if not err.is_terminal:
             print(f"milp: solving (time limit {options.time_limit_s:g} s; Ctrl-C keeps the best plan so far)",
                   file=sys.stderr, flush=True)

@@ -71,7 +71,7 @@ EXIT_INTERRUPTED = 130
 #: The built-in example: the paper's single-region cluster (Helix, ASPLOS'25, Sec 6.1).
 EXAMPLE_MIX: dict[str, int] = {"A100-40G": 4, "L4": 8, "T4": 12}
 EXAMPLE_CLUSTER_NAME = "paper-single-24"
-EXAMPLE_TIME_LIMIT_S = 30.0
+EXAMPLE_TIME_LIMIT_S = 60.0
 #: Long enough that decode throughput moves < 2% between seeds (measured over seeds 0-3: ±1.1% Helix,
 #: ±1.9% Swarm, ±0.5% Petals; a 3,600 s window gives ±3%): requests live for minutes (a few hundred
 #: output tokens at 1-2 s each through up to 24 hops), so shorter windows are noisy.
@@ -81,7 +81,7 @@ EXAMPLE_WARMUP_S = 600.0
 DEFAULT_DURATION_S = 1400.0
 #: Without --warmup (and with --duration, or outside the example), this share of the duration is skipped.
 WARMUP_FRACTION = 1 / 7
-DEFAULT_TIME_LIMIT_S = 60.0
+DEFAULT_TIME_LIMIT_S = 120.0
 DEFAULT_SCHEDULER = "maxflow"
 PLAN_FILE_SUFFIXES = (".json", ".yaml", ".yml", ".ini")
 #: Nodes shown in the per-node table (the busiest first); the JSON has all of them.
@@ -175,8 +175,8 @@ def simulate_command(
              "sp-plus.")] = None,
     time_limit: Annotated[float | None, typer.Option(
         "--time-limit", "-t", metavar="SECONDS", show_default=False, rich_help_panel=PLACEMENT_PANEL,
-        help=f"MILP wall-clock budget (default {DEFAULT_TIME_LIMIT_S:g} s; {EXAMPLE_TIME_LIMIT_S:g} s for the "
-             "built-in example).")] = None,
+        help=f"MILP work budget and wall-clock cap (default {DEFAULT_TIME_LIMIT_S:g} s; "
+             f"{EXAMPLE_TIME_LIMIT_S:g} s for the built-in example).")] = None,
     selection: Annotated[str, selection_option(PLACEMENT_PANEL)] = DEFAULT_SELECTION,
     scheduler: Annotated[str | None, typer.Option(
         "--scheduler", "-s", metavar="NAME", show_default=False, rich_help_panel=SIM_PANEL,
@@ -248,7 +248,7 @@ def simulate_command(
     limit = check_time_limit(time_limit, EXAMPLE_TIME_LIMIT_S if example else DEFAULT_TIME_LIMIT_S)
     duration_s, warmup_s = (resolve_window(duration, warmup, EXAMPLE_DURATION_S, EXAMPLE_WARMUP_S) if example
                             else resolve_window(duration, warmup, DEFAULT_DURATION_S))
-    workload = resolve_workload(mode, lengths, rate, cv, arrivals, max_in_flight)
+    workload = resolve_workload(mode, lengths, rate, cv, arrivals, max_in_flight, duration_s)
     if plan is not None:
         check_input_file(plan, PLAN_FILE_SUFFIXES, "--plan")
     if kv_capacity is not None:
@@ -403,10 +403,14 @@ def resolve_window(duration: float | None, warmup: float | None, default_duratio
 
 
 def resolve_workload(mode: str, lengths: str | None, rate: float | None, cv: float | None,
-                     arrivals: Path | None, max_in_flight: int | None) -> Workload:
-    """The workload from the options; options that do not apply to the mode are errors, not ignored."""
+                     arrivals: Path | None, max_in_flight: int | None, duration_s: float) -> Workload:
+    """The workload from the options; options that do not apply to the mode are errors, not ignored.
+
+    A run too big to finish (rate × duration, in-flight cap) is refused here, before any planning.
+    """
     from helix.simulator.errors import HelixInputError
     from helix.simulator.requests import ArrivalProcess, GammaArrivals, PoissonArrivals, TraceArrivals, Workload
+    from helix.simulator.simulate import check_run_size
 
     if mode not in ("offline", "online"):
         raise HelixInputError(f"unknown mode {mode!r}; choose offline or online", "--mode")
@@ -431,7 +435,9 @@ def resolve_workload(mode: str, lengths: str | None, rate: float | None, cv: flo
         process = TraceArrivals.load(arrivals, rate)
     elif rate is not None:
         process = GammaArrivals(rate, cv) if cv is not None else PoissonArrivals(rate)
-    return Workload(lengths=resolve_lengths(lengths), arrivals=process, max_in_flight=max_in_flight)
+    workload = Workload(lengths=resolve_lengths(lengths), arrivals=process, max_in_flight=max_in_flight)
+    check_run_size(duration_s, workload)
+    return workload
 
 
 def check_input_file(path: Path, suffixes: tuple[str, ...], option: str) -> None:

@@ -39,7 +39,7 @@ class PlacementOptions:
     """Knobs shared by all methods; heuristics ignore the solver ones."""
 
     partial_inference: bool = True
-    time_limit_s: float = 60.0
+    time_limit_s: float = 120.0
     #: Scales the deterministic work budgets the time limit sets (budget.py) without moving the
     #: wall-clock cap: below 1, a quicker search with room to spare on a slow or busy machine.
     effort: float = 1.0
@@ -53,9 +53,13 @@ class PlacementOptions:
     #: default, Azure-Conversation-like lengths); only its lengths matter, runs are offline.
     workload: Workload | None = field(default=None, compare=False)
     progress: Callable[[ProgressPoint], None] | None = field(default=None, compare=False)
+    #: What the planner is doing after the max-flow search, one line per step (selection's candidate
+    #: search and each of its simulations), for a person watching; None: silent.
+    stage: Callable[[str], None] | None = field(default=None, compare=False)
 
     def resolved(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("progress", "workload")}
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in ("progress", "stage", "workload")}
         out["workload"] = None if self.workload is None else self.workload.describe()
         return out
 

@@ -4,10 +4,11 @@ A plan must not depend on how fast or how busy the machine is, so every search i
 units that do not: CP-SAT's deterministic time (its own count of work, the same on any machine),
 estimate evaluations, and simulated events. `--time-limit` sets those budgets (they grow with it,
 so a longer limit still buys a better plan; `PlacementOptions.effort` scales them) and is also the
-wall-clock cap. The budgets are sized
-so that a quiet 2-core machine uses about a third of the limit; the cap only bites on a machine
-several times slower or busier than that, and a plan cut by it says so (`wall_cap_hit` in the
-plan's config), since it may then differ from the plan the same inputs give elsewhere.
+wall-clock cap. The budgets are sized so that one core of a quiet machine spends about half the
+limit at the default 120 s (short limits a larger share: CP-SAT and the estimate have floors below
+which they prove or rank nothing); the cap only bites on a machine about twice slower or busier,
+and a plan cut by it says so (`wall_cap_hit` in the plan's config), since it may then differ from
+the plan the same inputs give elsewhere.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from helix.simulator.placement.base import PlacementOptions
 #: CP-SAT deterministic time per second of the time limit, for the max-flow search (warm start
 #: excluded). On the placement models one unit is about 2–3 CPU-seconds of the interleaved
 #: 2-worker search (measured on the paper's 24-node mix).
-CPSAT_DTIME_PER_LIMIT_S = 0.25
+CPSAT_DTIME_PER_LIMIT_S = 0.125
 #: Of that, what the max-flow search keeps when selection follows it (selection is where the
 #: served throughput is decided; the max-flow optimum is one of its candidates).
 CPSAT_SHARE_WITH_SELECTION = 0.2
@@ -29,11 +30,11 @@ CPSAT_SHARE_WITH_SELECTION = 0.2
 #: clusters) and prove nothing, so short limits still get it (the cap may then cut it).
 CPSAT_MIN_DTIME = 1.5
 #: Simulated events per second of the time limit, for selection's gate simulations.
-SELECTION_EVENTS_PER_LIMIT_S = 40_000
+SELECTION_EVENTS_PER_LIMIT_S = 20_000
 #: Served-estimate evaluations per second of the time limit on a 24-node cluster. An evaluation
 #: costs about nodes^1.5 (max flow, route decomposition and the batch-cycle grid: 5 ms at 24 nodes,
 #: 160 ms at 200), so the count scales by (24 / nodes)^1.5, never below ESTIMATE_EVALS_MIN.
-ESTIMATE_EVALS_PER_LIMIT_S = 40
+ESTIMATE_EVALS_PER_LIMIT_S = 20
 ESTIMATE_EVALS_MIN = 60
 
 

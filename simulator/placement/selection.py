@@ -104,6 +104,10 @@ class _Gate:
         self.duration_s = GATE_MAX_S
         self.events_per_s = 0.0  # of the pilot, per simulated second
 
+    def say(self, text: str) -> None:
+        if self.options.stage is not None:
+            self.options.stage(f"selection: {text}")
+
     def _simulate(self, ranges: Ranges, label: str, duration_s: float, warmup_s: float, seed: int) -> SimulationResult:
         from helix.simulator.simulate import Progress, simulate
 
@@ -126,6 +130,7 @@ class _Gate:
     def size(self, first: _Gated, screens: int, finals: int) -> None:
         """Pick the final length from a pilot of `first`: `screens` screening and `finals` final runs
         fit the event budget."""
+        self.say(f"pilot run of {first.candidate.label} ({GATE_PILOT_S:g} s simulated) sizes the runs")
         try:
             pilot = self._simulate(first.candidate.ranges, first.candidate.label, GATE_PILOT_S, 0.0, self.options.seed)
         except _OverBudget:
@@ -144,9 +149,10 @@ class _Gate:
         seconds = screens * self.screen_s + finals * self.duration_s
         return self.events + seconds * self.events_per_s <= self.budget.selection_events
 
-    def _run(self, gated: _Gated, duration_s: float, seed: int) -> float | None:
+    def _run(self, gated: _Gated, duration_s: float, seed: int, what: str) -> float | None:
         if not self.open:
             return None
+        self.say(f"{what}: {gated.candidate.label} ({duration_s:g} s simulated, seed {seed})")
         try:
             result = self._simulate(gated.candidate.ranges, gated.candidate.label, duration_s,
                                     duration_s * GATE_WARMUP_SHARE, seed)
@@ -158,11 +164,11 @@ class _Gate:
         gated.events += result.events
         return result.decode_throughput_tokens_per_s
 
-    def screen(self, gated: _Gated) -> None:
-        gated.screen = self._run(gated, self.screen_s, self.options.seed)
+    def screen(self, gated: _Gated, what: str) -> None:
+        gated.screen = self._run(gated, self.screen_s, self.options.seed, what)
 
-    def final(self, gated: _Gated, seed: int) -> None:
-        value = self._run(gated, self.duration_s, seed)
+    def final(self, gated: _Gated, seed: int, what: str) -> None:
+        value = self._run(gated, self.duration_s, seed, what)
         if value is not None:
             gated.finals.append(value)
 
@@ -231,6 +237,9 @@ def select(problem: PlacementProblem, options: PlacementOptions, best_max_flow: 
     if mode == "max-flow" or not best_max_flow:
         return best_max_flow, record | {"chosen": MAX_FLOW_LABEL}
     started = time.monotonic()
+    if options.stage is not None:
+        options.stage(f"selection: scoring candidate placements by the served estimate "
+                      f"({budget.estimate_evals:,} evaluations)")
     search = ServedSearch(problem, options, budget.estimate_evals, cap)
     pool = search.candidates([(MAX_FLOW_LABEL, best_max_flow), *others])
     gated = _shortlist(pool, {label for label, ranges in others if ranges})
@@ -239,13 +248,13 @@ def select(problem: PlacementProblem, options: PlacementOptions, best_max_flow: 
     if mode == "simulate":
         finals = (GATE_LEADERS + 1) * GATE_SEEDS
         gate.size(gated[0], len(gated), finals)
-        for g in gated:
+        for i, g in enumerate(gated, start=1):
             if g.baseline or gate.affords(1, finals):
-                gate.screen(g)
+                gate.screen(g, f"screen {i} of up to {len(gated)}")
         final = finalists(gated)
         for i in range(GATE_SEEDS):
-            for g in final:
-                gate.final(g, options.seed + i)
+            for j, g in enumerate(final, start=1):
+                gate.final(g, options.seed + i, f"final {i * len(final) + j}/{GATE_SEEDS * len(final)}")
     most = max(len(g.finals) for g in gated)
     screened = [g for g in gated if g.screen is not None]
     if most:  # the finalists compete on their final runs (a lucky screen does not win)
