@@ -234,6 +234,33 @@ def test_greedy_completions_and_chat_equal_the_whole_model(serve: Serve, greedy:
 
 @pytest.mark.e2e
 @pytest.mark.slow
+def test_eight_concurrent_requests_of_different_lengths_equal_the_whole_model(serve: Serve, greedy: Any,
+                                                                               tokenizer: Any) -> None:
+    """Eight prompts of eight lengths at once: the workers' batches mix rows of different lengths and
+    contexts at every step (what a user's first load test does; it once failed 7 of 8 with HTTP 502)."""
+    prompts = ["Hi", *(f"request {i}: " + "and so on, " * i for i in range(1, 7)), "x" * 40]
+
+    async def test() -> None:
+        async with aiohttp.ClientSession() as session:
+            results = await asyncio.gather(*(complete(session, serve.url, "/v1/completions", {
+                "prompt": p, "max_tokens": 6 + i, "temperature": 0, "ignore_eos": True})
+                for i, p in enumerate(prompts)))
+        for i, (p, r) in enumerate(zip(prompts, results, strict=True)):
+            want = tokenizer.decode(greedy(tokenizer(p)["input_ids"], 6 + i), skip_special_tokens=True)
+            assert r["choices"][0]["text"] == want, p
+
+    assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) == 8
+    asyncio.run(asyncio.wait_for(test(), 60))
+
+
+    # start-up said what it waited for, worker by worker
+    assert "starting 3 workers (torch, 1 threads each)" in text and "starting the router" in text
+    for name in ("w0", "w1", "w2"):
+        assert f"  {name} listening on {serve.info['workers'][name]}, loading layers" in text
+        assert re.search(rf"^  {name} is up \([123] of 3\)$", text, re.MULTILINE), text
+    assert "API key" not in text
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_it_prints_the_endpoint_and_a_curl_example_that_works(serve: Serve, greedy: Any, tokenizer: Any) -> None:
     text = serve.stderr.read_text()
     url, pids = serve.url, serve.info["pids"]
