@@ -10,9 +10,12 @@ heartbeat answers), forgetful (drops Forwards) or dead (socket closed) on demand
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -30,7 +33,7 @@ from typer.testing import CliRunner
 from helix.cli.app import app as cli_app
 from helix.simulator.flow import max_flow
 from helix.simulator.plan import NodeAssignment, Plan
-from helix.worker.api import ServedModel, TextStream, create_app, load_served_model
+from helix.worker.api import HEADER_TIMEOUT_S, ServedModel, TextStream, create_app, load_served_model, server_options
 from helix.worker.messages import (
     FORWARD_HEADER_RESERVE_BYTES,
     Error,
@@ -53,6 +56,7 @@ from helix.worker.router import (
     local_plan,
     parse_workers,
 )
+from helix.worker.security import ClusterKeys
 from helix.worker.tiny_model import EOS_ID, save_byte_tokenizer
 from helix.worker.transport import Peers, Receiver, TransportOptions
 
@@ -201,7 +205,8 @@ class Rig:
 
 @asynccontextmanager
 async def rig(served: ServedModel, tmp_path: Path, workers: list[FakeWorker] | None = None,
-              plan: Plan | None = None, wait_up: bool = True, **options: Any) -> AsyncIterator[Rig]:
+              plan: Plan | None = None, wait_up: bool = True, api_key: str | None = None,
+              header_timeout_s: float = HEADER_TIMEOUT_S, **options: Any) -> AsyncIterator[Rig]:
     plan = plan or three_node_plan()
     fakes = workers or [FakeWorker(a.name, a.start_layer, a.end_layer) for a in plan.nodes]
     for w in fakes:
@@ -213,8 +218,7 @@ async def rig(served: ServedModel, tmp_path: Path, workers: list[FakeWorker] | N
     route_log = tmp_path / "routes.jsonl"
     router = Router(Topology.from_plan(plan, _spec()), [WorkerAddress(w.name, w.address) for w in fakes],
                     RouterOptions(**options), route_log=RouteLog(route_log))
-    client = TestClient(TestServer(create_app(router, served)))
-    await client.start_server()
+    client = await serve_app(create_app(router, served, api_key=api_key), header_timeout_s)
     try:
         if wait_up:
             await until(lambda: all(n.up for n in router.state.nodes.values()), 5.0)
@@ -223,6 +227,18 @@ async def rig(served: ServedModel, tmp_path: Path, workers: list[FakeWorker] | N
         await client.close()
         for w in fakes:
             await w.stop()
+
+
+async def serve_app(app: Any, header_timeout_s: float = HEADER_TIMEOUT_S) -> TestClient[Any, Any]:
+    """A test client for `app` on a server with the router's HTTP limits (the test server always cancels
+    the handler of a client that disconnects, as `server_options` asks)."""
+    server = TestServer(app)
+    options = server_options(header_timeout_s)
+    assert options.pop("handler_cancellation") is True
+    await server.start_server(**options)
+    client = TestClient(server)
+    await client.start_server()
+    return client
 
 
 def _spec() -> Any:
@@ -442,6 +458,159 @@ def test_bad_requests_get_openai_errors(served: ServedModel, tmp_path: Path) -> 
             long = await r.client.post("/v1/completions", json={"prompt": "x" * 200, "max_tokens": 100})
             assert (await long.json())["error"]["code"] == "context_length_exceeded"
             assert not r.router._live and r.router.metrics.requests.labels("ok")._value.get() == 0
+
+    run(test)
+
+
+def test_hostile_bodies_get_400_not_500(served: ServedModel, tmp_path: Path) -> None:
+    """A 5,000-digit seed, a lone surrogate and 100k-deep JSON are the client's mistakes: 400, saying which."""
+    async def test() -> None:
+        async with rig(served, tmp_path) as r:
+            cases = [
+                (b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", "number too large"),
+                (b'{"prompt": "a\\ud800b", "max_tokens": 2}', "prompt holds a lone surrogate (\\ud800) at character 1"),
+                (b'{"messages": [{"role": "user", "content": "\\udfff"}]}', "lone surrogate"),
+                (b'{"prompt": "x", "extra": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+            ]
+            for body, expected in cases:
+                path = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
+                resp = await r.client.post(path, data=body, headers={"Content-Type": "application/json"})
+                data = await resp.json()
+                assert resp.status == 400 and expected in data["error"]["message"], (body[:40], data)
+            assert not r.router._live and (await r.client.get("/healthz")).status == 200
+
+    run(test)
+
+
+def test_api_key_and_json_only(served: ServedModel, tmp_path: Path) -> None:
+    async def test() -> None:
+        async with rig(served, tmp_path, api_key="sk-test") as r:
+            body = {"prompt": "x", "max_tokens": 2}
+            for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "sk-test"}):
+                resp = await r.client.post("/v1/completions", json=body, headers=headers)
+                data = await resp.json()
+                assert resp.status == 401 and data["error"]["code"] == "invalid_api_key", data
+                assert resp.headers["WWW-Authenticate"] == "Bearer"
+            assert (await r.client.get("/v1/models")).status == 401
+            good = {"Authorization": "Bearer sk-test"}
+            assert (await r.client.post("/v1/completions", json=body, headers=good)).status == 200
+            assert (await r.client.get("/v1/models", headers=good)).status == 200
+            # probes and scrapers need no key
+            assert (await r.client.get("/healthz")).status == 200 and (await r.client.get("/metrics")).status == 200
+            # what a web page can post cross-origin without a preflight is refused
+            for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+                resp = await r.client.post("/v1/completions", data=json.dumps(body).encode(),
+                                           headers={**good, "Content-Type": kind})
+                data = await resp.json()
+                assert resp.status == 415 and data["error"]["code"] == "unsupported_media_type", data
+            assert r.router.metrics.requests.labels("ok")._value.get() == 1
+
+    run(test)
+
+
+def test_connections_that_never_finish_their_headers_are_closed(served: ServedModel, tmp_path: Path) -> None:
+    async def test() -> None:
+        async with rig(served, tmp_path, header_timeout_s=0.3) as r:
+            assert r.client.port is not None
+            conns = [await asyncio.open_connection("127.0.0.1", r.client.port) for _ in range(20)]
+            for _reader, writer in conns:
+                writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: appl")
+                await writer.drain()
+            for reader, writer in conns:  # the server closes each one: EOF without an answer
+                assert await asyncio.wait_for(reader.read(), 10.0) == b""
+                writer.close()
+            assert (await r.client.get("/healthz")).status == 200
+
+    run(test)
+
+
+def test_a_non_streaming_client_that_leaves_stops_its_request_and_frees_its_kv(served: ServedModel,
+                                                                               tmp_path: Path) -> None:
+    async def test() -> None:
+        async with rig(served, tmp_path) as r:
+            for w in r.workers.values():
+                w.delay_s = 0.01
+            post = asyncio.create_task(r.client.post("/v1/completions", json={"prompt": "x", "max_tokens": 200}))
+            await until(lambda: any(len(lv.generated) >= 3 for lv in r.router._live.values()), 5.0)
+            post.cancel()  # the client closes its connection
+            await asyncio.gather(post, return_exceptions=True)
+            await until(lambda: not r.router._live, 5.0)
+            assert r.router.metrics.requests.labels("cancelled")._value.get() == 1
+            # every worker of the route got its Release and holds nothing for it any more
+            await until(lambda: all(not w.kv for w in r.workers.values()), 5.0)
+            assert sum(len(w.releases) for w in r.workers.values()) >= 1
+            assert all(n.in_flight == 0 and n.kv_expected == 0 for n in r.router.state.nodes.values())
+
+    run(test)
+
+
+def test_a_7mb_prompt_beside_concurrent_requests_leaves_heartbeats_and_healthz_alone(served: ServedModel,
+                                                                                    tmp_path: Path) -> None:
+    """The prompt is read, parsed and measured off the event loop; meanwhile requests are served, /healthz
+    answers and no worker misses its heartbeats (asserted on events: the down counters, not on times).
+
+    With the router's own heartbeat settings (every 0.5 s, down after 3 misses): the fake workers and the
+    client share the router's event loop here, so the rig's 50 ms heartbeats would measure the test's
+    own load on a busy machine rather than the router."""
+    async def test() -> None:
+        defaults = RouterOptions()
+        async with rig(served, tmp_path, heartbeat_interval_s=defaults.heartbeat_interval_s,
+                       heartbeat_misses=defaults.heartbeat_misses) as r:
+            prompt = "é" * (7 * 1024 * 1024 // 2 - 64)  # 7 MiB of UTF-8
+            huge = json.dumps({"prompt": prompt, "max_tokens": 4}, ensure_ascii=False).encode()
+            assert 7 * 1024 * 1024 - 256 < len(huge) < 8 * 1024 * 1024
+            big = asyncio.create_task(r.client.post("/v1/completions", data=huge,
+                                                    headers={"Content-Type": "application/json"}))
+            small = [asyncio.create_task(r.client.post("/v1/completions", json={"prompt": f"p{i}", "max_tokens": 4}))
+                     for i in range(8)]
+            health = []
+            while not big.done():
+                health.append((await r.client.get("/healthz")).status)
+                await asyncio.sleep(0.01)
+            resp = await big
+            assert resp.status == 400 and (await resp.json())["error"]["code"] == "context_length_exceeded"
+            assert [s.status for s in await asyncio.gather(*small)] == [200] * 8
+            assert set(health) <= {200}
+            assert all(r.router.metrics.worker_down.labels(w)._value.get() == 0 for w in r.workers)
+
+    run(test)
+
+
+def test_text_work_runs_off_the_event_loop(served: ServedModel, tmp_path: Path) -> None:
+    """Parsing, the chat template, tokenizing and detokenizing happen on the pool's threads."""
+    threads: set[str] = set()
+
+    class Watched:
+        """The real tokenizer, noting which thread each call ran on (copies share the note)."""
+
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def __deepcopy__(self, memo: dict[int, Any]) -> Watched:
+            return Watched(copy.deepcopy(self.inner, memo))
+
+        def __getattr__(self, name: str) -> Any:
+            value = getattr(self.inner, name)
+            if not callable(value):
+                return value
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                threads.add(threading.current_thread().name)
+                return value(*args, **kwargs)
+            return call
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            threads.add(threading.current_thread().name)
+            return self.inner(*args, **kwargs)
+
+    async def test() -> None:
+        watched = dataclasses.replace(served, tokenizer=Watched(served.tokenizer))
+        async with rig(watched, tmp_path) as r:
+            assert (await r.client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 3})).status == 200
+            chat = await r.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                                    "max_tokens": 3, "stream": True})
+            assert chat.status == 200 and (await chat.text()).endswith("data: [DONE]\n\n")
+        assert threads and all(name.startswith("helix-text") for name in threads), threads
 
     run(test)
 
@@ -702,7 +871,7 @@ def test_router_cli_rejects_bad_input(model_dir: Path, tmp_path: Path) -> None:
     three_node_plan().save(plan)
     runner = CliRunner()
     base = ["router", "--plan", str(plan), "--model", str(model_dir)]
-    cases = [
+    cases = [([*args, "--insecure"], text) for args, text in [  # these are about other options
         (["--workers", "a=tcp://127.0.0.1:1"], "no address for plan node"),
         (["--workers", "a=tcp://x:1,b=tcp://x:2,c=tcp://x:3", "--scheduler", "fifo"], "unknown scheduler"),
         (["--workers", "a=tcp://x:1,b=tcp://x:2,c=tcp://x:3", "--max-queue", "-1"], "--max-queue"),
@@ -711,6 +880,18 @@ def test_router_cli_rejects_bad_input(model_dir: Path, tmp_path: Path) -> None:
         (["--workers", "a=tcp://127.0.0.1,b=tcp://x:2,c=tcp://x:3"],
          "--workers: a: 'tcp://127.0.0.1' is not a ZeroMQ endpoint to connect to: write tcp://HOST:PORT"),
         (["--workers", "a=tcp://x:1,b=tcp://x:2,c=tcp://x:3", "--activation-dtype", "int8"], "--activation-dtype"),
+    ]]
+    keys = tmp_path / "keys"
+    ClusterKeys.generate().write(keys, "router")
+    workers = ["--workers", "a=tcp://x:1,b=tcp://x:2,c=tcp://x:3"]
+    cases += [
+        (workers, "--keys: the router admits only its cluster's processes: give the key folder (router.secret and "
+                  "worker.public"),
+        ([*workers, "--keys", str(tmp_path / "nope")], f"--keys: {tmp_path / 'nope'}: no such folder"),
+        ([*workers, "--keys", str(keys), "--insecure"], "--keys: give either a key folder or --insecure"),
+        ([*workers, "--keys", str(keys), "--host", "0.0.0.0"],
+         "--api-key: the API would listen on 0.0.0.0, beyond this machine: set an API key"),
+        ([*workers, "--keys", str(keys), "--api-key", " "], "--api-key: must be printable ASCII text"),
     ]
     for args, text in cases:
         out = runner.invoke(cli_app, [*base, *args])
@@ -720,7 +901,7 @@ def test_router_cli_rejects_bad_input(model_dir: Path, tmp_path: Path) -> None:
     wrong = tmp_path / "wrong.json"
     local_plan(8, 2).save(wrong)
     out = runner.invoke(cli_app, ["router", "--plan", str(wrong), "--model", str(model_dir), "--workers",
-                                  "w0=tcp://x:1,w1=tcp://x:2"])
+                                  "w0=tcp://x:1,w1=tcp://x:2", "--insecure"])
     assert out.exit_code == 2 and "8 layers" in out.output
 
 

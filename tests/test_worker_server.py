@@ -700,6 +700,8 @@ def test_a_full_queue_refuses_work_and_still_serves_pings_and_releases(model_dir
                      "install a CUDA build of torch",
                      marks=pytest.mark.skipif(torch.version.cuda is not None, reason="a CUDA build of torch")),
         (["--layers", "0:2", "--dtype", "int8"], "--dtype: unknown dtype 'int8'"),
+        (["--layers", "0:2"], "--keys: the worker admits only its cluster's processes: give the key folder "
+                              "(worker.secret and router.public"),
     ],
 )
 def test_cli_input_errors_are_one_line_exit_2(model_dir: Path, args: list[str], expected: str) -> None:
