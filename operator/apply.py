@@ -16,12 +16,14 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from helix.operator.kube import PODS, ApiError, Kind, KubeClient
+from helix.operator.kube import PODS, SECRETS, ApiError, Kind, KubeClient
 from helix.operator.resources import (
     CONFIG_HASH_ANNOTATION,
     PLAN_HASH_ANNOTATION,
     OwnedObjects,
     Owner,
+    keys_secret,
+    keys_secret_name,
     selector,
 )
 
@@ -80,6 +82,30 @@ def _create(kube: KubeClient, kind: Kind, desired: dict[str, Any], done: Applied
             return Applied.WAITING
         raise
     return done
+
+
+def ensure_keys(kube: KubeClient, owner: Owner) -> str:
+    """The uid of the HelixCluster's key Secret, which is created with fresh keys when there is none.
+
+    Only ever read or created (the operator's only rights on Secrets are get and create): keys that
+    changed under running pods would lock them out of each other. Rotation is deleting the Secret; the
+    next reconcile makes a new one, and its uid, in every pod's `helix.ai/keys`, rolls the pods onto it.
+    """
+    name = keys_secret_name(owner)
+    live = kube.get(SECRETS, owner.namespace, name)
+    if live is None:
+        try:
+            live = kube.create(SECRETS, owner.namespace, keys_secret(owner))
+        except ApiError as exc:
+            if not exc.conflict:
+                raise
+            live = kube.get(SECRETS, owner.namespace, name)  # created meanwhile (another reconcile)
+            if live is None:
+                raise
+    if not owned_by(live, owner):
+        raise ForeignObjectError(f"secrets/{name} exists in {owner.namespace} but is not owned by HelixCluster "
+                                 f"{owner.name}: delete or rename it")
+    return str((live.get("metadata") or {}).get("uid") or "")
 
 
 def apply_objects(kube: KubeClient, objects: OwnedObjects, owner: Owner) -> dict[str, Applied]:

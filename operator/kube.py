@@ -53,6 +53,7 @@ class Kind:
 CONFIG_MAPS = Kind("v1", "configmaps")
 PODS = Kind("v1", "pods")
 SERVICES = Kind("v1", "services")
+SECRETS = Kind("v1", "secrets")
 DEPLOYMENTS = Kind("apps/v1", "deployments")
 NODES = Kind("v1", "nodes", namespaced=False)
 HELIX_CLUSTERS = Kind(API_VERSION, PLURAL)

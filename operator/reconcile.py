@@ -40,7 +40,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from helix import __version__
-from helix.operator.apply import Applied, ForeignObjectError, apply_objects, component_pods
+from helix.operator.apply import Applied, ForeignObjectError, apply_objects, component_pods, ensure_keys
 from helix.operator.crd import ConditionType, HelixClusterSpec, Reason
 from helix.operator.discovery import discover
 from helix.operator.gpus import RESOURCE_GPU, GpuUsage, gpu_usage
@@ -336,10 +336,12 @@ async def roll_out(rt: Runtime, owner: Owner, spec: HelixClusterSpec, target: In
                    nodes: Sequence[Mapping[str, Any]], generation: int | None,
                    status: dict[str, Any] | None = None, conditions: Sequence[Mapping[str, Any]] = ()) -> None:
     """Apply the objects of `target`; on failure record why (with the planning status) and retry later."""
-    rollout = Rollout(owner=owner, spec=spec, plan=target.plan, cluster=target.cluster, plan_hash=target.plan_hash,
-                      inputs_hash=target.inputs_hash, images=rt.images, node_gpus=node_gpus(nodes),
-                      service_account=rt.settings.service_account)
     try:
+        keys_version = await rt.call(ensure_keys, rt.kube, owner)
+        rollout = Rollout(owner=owner, spec=spec, plan=target.plan, cluster=target.cluster,
+                          plan_hash=target.plan_hash, inputs_hash=target.inputs_hash, images=rt.images,
+                          node_gpus=node_gpus(nodes), service_account=rt.settings.service_account,
+                          keys_version=keys_version)
         objects = owned_objects(rollout)
         results = await rt.call(apply_objects, rt.kube, objects, owner)
     except (ApiError, ForeignObjectError) as exc:

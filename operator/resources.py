@@ -13,6 +13,11 @@ What a rollout consists of:
   else held (`operator/gpus.py`). A node that advertises no `nvidia.com/gpu` (a CPU try-out cluster
   with fake GPU labels) gets a CPU worker instead.
 - The router Deployment and its Service `<name>-router` — the cluster's endpoint.
+- The Secret `<name>-keys` (`keys_secret`, created once by `apply.ensure_keys`, never rewritten): the
+  data plane's CURVE key pairs (`helix.worker.security`) and the API key. Worker pods mount only the
+  worker secret and the router's public key, the router only its own secret and the workers' public
+  key, and gets the API key as HELIX_API_KEY. Pods carry the Secret's uid (`helix.ai/keys`): deleting
+  the Secret makes a new one, and with it new pods — that is how keys are rotated.
 
 Every object carries the HelixCluster as controlling owner (deleted with it by garbage collection),
 the standard labels and `helix.ai/config-hash`, a digest of the object as built here: the runtime
@@ -23,9 +28,11 @@ a node's layers leaves that worker running.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
+import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,6 +43,7 @@ from helix.operator.gpus import RESOURCE_GPU
 from helix.operator.kube import CONFIG_MAPS, DEPLOYMENTS, PODS, SERVICES, Kind
 from helix.simulator.cluster import Cluster, dump_cluster_yaml
 from helix.simulator.plan import NodeAssignment, Plan
+from helix.worker.security import ClusterKeys, Role, key_file
 
 NAME_LABEL = "app.kubernetes.io/name"
 INSTANCE_LABEL = "app.kubernetes.io/instance"
@@ -48,6 +56,7 @@ PLAN_HASH_ANNOTATION = "helix.ai/plan-hash"
 CONFIG_HASH_ANNOTATION = "helix.ai/config-hash"
 INPUTS_HASH_ANNOTATION = "helix.ai/inputs-hash"
 PLANNED_ANNOTATION = "helix.ai/planned-tokens-per-second"
+KEYS_ANNOTATION = "helix.ai/keys"
 
 APP = "helix"
 MANAGER = "helix-operator"
@@ -56,6 +65,9 @@ CLUSTER_FILE = "cluster.yaml"
 WORKERS_FILE = "workers.txt"
 CONFIG_DIR = "/etc/helix"
 MODELS_DIR = "/models"
+KEYS_DIR = "/etc/helix-keys"
+#: The key of the API key in the HelixCluster's Secret.
+API_KEY_ENTRY = "api-key"
 #: uid/gid the containers run as (non-root; the images' `helix` user).
 RUN_AS = 10001
 
@@ -109,6 +121,8 @@ class Rollout(BaseModel):
     #: is gone: it gets no pod (one pinned to a deleted node could never run).
     node_gpus: dict[str, int]
     service_account: str | None = None
+    #: uid of the key Secret the pods read (`apply.ensure_keys`): a new Secret rolls every pod onto its keys.
+    keys_version: str = ""
 
 
 class OwnedObjects(BaseModel):
@@ -165,6 +179,10 @@ def router_name(owner: Owner) -> str:
 
 def worker_pod_name(owner: Owner, node: str) -> str:
     return dns_label(owner.name, "worker", node)
+
+
+def keys_secret_name(owner: Owner) -> str:
+    return dns_label(owner.name, "keys")
 
 
 def worker_address(owner: Owner, node: str, port: int) -> str:
@@ -306,6 +324,29 @@ _TMP_VOLUME = {"name": "tmp", "emptyDir": {}}
 _TMP_MOUNT = {"name": "tmp", "mountPath": "/tmp"}
 
 
+def keys_secret(owner: Owner) -> dict[str, Any]:
+    """A new Secret with fresh keys: both CURVE key pairs and a random API key (256 bits)."""
+    entries = {**ClusterKeys.generate().files(), API_KEY_ENTRY: secrets.token_urlsafe(32)}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": _metadata(owner, keys_secret_name(owner), "keys"),
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in sorted(entries.items())},
+    }
+
+
+def _keys_volume(owner: Owner, role: Role) -> dict[str, Any]:
+    """The Secret's entries one role reads: its own secret key, the other role's public key (group-readable:
+    the containers run as RUN_AS with fsGroup RUN_AS)."""
+    other: Role = "worker" if role == "router" else "router"
+    items = [{"key": name, "path": name} for name in (key_file(role, "secret"), key_file(other, "public"))]
+    return {"name": "keys", "secret": {"secretName": keys_secret_name(owner), "defaultMode": 0o440, "items": items}}
+
+
+_KEYS_MOUNT = {"name": "keys", "mountPath": KEYS_DIR, "readOnly": True}
+
+
 def container_resources(given: ContainerResources | None, gpus: int = 0) -> dict[str, dict[str, Any]]:
     """A container's `resources`: the spec's requests and limits, and `gpus` nvidia.com/gpu over the spec's
     own (a worker pinned to a node takes exactly the node's GPUs); empty parts left out, as the API server
@@ -329,7 +370,7 @@ def worker_pod(rollout: Rollout, node: NodeAssignment, weights: WeightsMount) ->
     command = ["helix", "worker", "--model", weights.model_dir, "--layers", layers,
                "--listen", f"tcp://0.0.0.0:{port}", "--advertise", f"tcp://$(POD_IP):{port}",
                "--name", node.name, "--engine", spec.workers.engine, "--device", "cuda" if gpus > 0 else "cpu",
-               "--dtype", spec.model.dtype]
+               "--dtype", spec.model.dtype, "--keys", KEYS_DIR]
     pod_spec: dict[str, Any] = {
         "nodeName": node.name,
         "hostname": name,
@@ -348,13 +389,14 @@ def worker_pod(rollout: Rollout, node: NodeAssignment, weights: WeightsMount) ->
             "readinessProbe": {"tcpSocket": {"port": "zmq"}, "periodSeconds": 10},
             "resources": container_resources(spec.workers.resources, gpus),
             "securityContext": _container_security(read_only_root=False),  # engines write compile caches
-            "volumeMounts": [*weights.mounts, _TMP_MOUNT],
+            "volumeMounts": [*weights.mounts, _TMP_MOUNT, _KEYS_MOUNT],
         }],
-        "volumes": [*weights.volumes, _TMP_VOLUME],
+        "volumes": [*weights.volumes, _TMP_VOLUME, _keys_volume(owner, "worker")],
     }
     if rollout.service_account:
         pod_spec["serviceAccountName"] = rollout.service_account
-    metadata = _metadata(owner, name, "worker", annotations={LAYERS_ANNOTATION: layers})
+    metadata = _metadata(owner, name, "worker", annotations={LAYERS_ANNOTATION: layers,
+                                                              KEYS_ANNOTATION: rollout.keys_version})
     metadata["labels"][NODE_LABEL] = label_value(node.name)
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
     stamped(pod)  # the hash leaves the plan hash out: a re-plan that keeps these layers keeps the pod
@@ -378,7 +420,7 @@ def router_command(rollout: Rollout, weights: WeightsMount) -> list[str]:
                "--scheduler", spec.scheduling.method,
                "--listen", f"tcp://0.0.0.0:{zmq_port}", "--advertise", f"tcp://$(POD_IP):{zmq_port}",
                "--max-queue", str(spec.router.max_queue),
-               "--request-timeout", f"{spec.router.request_timeout_seconds:g}"]
+               "--request-timeout", f"{spec.router.request_timeout_seconds:g}", "--keys", KEYS_DIR]
     if spec.placement.profiles == "roofline":
         # With the cluster the router recomputes flows when workers come and go; it has roofline profiles
         # built in, but not a profile file that lives in the operator's container.
@@ -398,7 +440,8 @@ def router_deployment(rollout: Rollout, weights: WeightsMount) -> dict[str, Any]
             "name": "router",
             "image": rollout.images.router,
             "command": router_command(rollout, weights),
-            "env": _ENV,
+            "env": [*_ENV, {"name": "HELIX_API_KEY", "valueFrom": {"secretKeyRef": {
+                "name": keys_secret_name(owner), "key": API_KEY_ENTRY}}}],
             "ports": [{"name": "http", "containerPort": spec.router.port, "protocol": "TCP"},
                       {"name": "zmq", "containerPort": spec.workers.port, "protocol": "TCP"}],
             # /healthz is 200 once a complete route of workers is up: ready = can serve a request.
@@ -407,10 +450,10 @@ def router_deployment(rollout: Rollout, weights: WeightsMount) -> dict[str, Any]
             "resources": container_resources(spec.router.resources),
             "securityContext": _container_security(read_only_root=True),
             "volumeMounts": [{"name": "plan", "mountPath": CONFIG_DIR, "readOnly": True},
-                             *weights.mounts, _TMP_MOUNT],
+                             *weights.mounts, _TMP_MOUNT, _KEYS_MOUNT],
         }],
         "volumes": [{"name": "plan", "configMap": {"name": plan_config_map_name(owner)}},
-                    *weights.volumes, _TMP_VOLUME],
+                    *weights.volumes, _TMP_VOLUME, _keys_volume(owner, "router")],
     }
     if rollout.service_account:
         pod_spec["serviceAccountName"] = rollout.service_account
@@ -424,7 +467,8 @@ def router_deployment(rollout: Rollout, weights: WeightsMount) -> dict[str, Any]
             "template": {
                 # A new plan changes the annotation, which rolls the routers onto it.
                 "metadata": {"labels": labels(owner, "router"),
-                             "annotations": {PLAN_HASH_ANNOTATION: rollout.plan_hash}},
+                             "annotations": {PLAN_HASH_ANNOTATION: rollout.plan_hash,
+                                             KEYS_ANNOTATION: rollout.keys_version}},
                 "spec": pod_spec,
             },
         },

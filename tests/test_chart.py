@@ -331,6 +331,7 @@ def operator_needs(namespace: str) -> list[tuple[str, str, str]]:
     clusters = group_of(kube.HELIX_CLUSTERS), kube.HELIX_CLUSTERS.plural
     needs += [(*clusters, verb) for verb in ("get", "list", "watch", "patch")]
     needs += [(clusters[0], f"{clusters[1]}/status", "patch"), ("", "events", "create")]
+    needs += [(group_of(kube.SECRETS), kube.SECRETS.plural, verb) for verb in ("get", "create")]  # apply.ensure_keys
     if any(ref.get("blockOwnerDeletion") for _, obj in objects for ref in obj["metadata"]["ownerReferences"]):
         needs.append((clusters[0], f"{clusters[1]}/finalizers", "update"))
     return needs
@@ -420,7 +421,7 @@ RW = "get,list,watch,create,patch,delete"
 #: What the operator may do in a namespace it serves (the Role, or the ClusterRole when cluster-wide).
 WORKLOAD = {("helix.ai", "helixclusters", "get,list,watch,patch"), ("helix.ai", "helixclusters/status", "patch"),
             ("helix.ai", "helixclusters/finalizers", "update"), ("", "configmaps", RW), ("", "pods", RW),
-            ("", "services", RW), ("apps", "deployments", RW), ("", "events", "create")}
+            ("", "services", RW), ("apps", "deployments", RW), ("", "events", "create"), ("", "secrets", "get,create")}
 READ_CLUSTER = {("", "nodes", "get,list,watch"), ("apiextensions.k8s.io", "customresourcedefinitions", "list,watch")}
 
 
@@ -435,8 +436,9 @@ def test_the_rules_of_each_mode(chart: Any) -> None:
     assert rules_by_scope(render(chart, PEERING)) == {"cluster": READ_CLUSTER | WORKLOAD | {peering}}
     assert rules_by_scope(render(chart, EVERYTHING)) == {
         "cluster": namespaced_reads, "team-a": WORKLOAD | {("kopf.dev", "kopfpeerings", "get,list,watch,patch")}}
-    for values in VALUE_SETS.values():  # no secrets in any mode: the operator reads and writes none
-        assert not [r for rules in rules_by_scope(render(chart, values)).values() for r in rules if r[1] == "secrets"]
+    for values in VALUE_SETS.values():  # secrets: the key Secrets it makes and reads back, never more
+        assert {r for rules in rules_by_scope(render(chart, values)).values() for r in rules if r[1] == "secrets"
+                } <= {("", "secrets", "get,create")}
 
 
 # -- ServiceMonitors and the dashboard ConfigMap ----------------------------------------------------

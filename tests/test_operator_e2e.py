@@ -14,6 +14,7 @@ while the API server runs. Most tests run the operator with --all-namespaces, as
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import json
@@ -35,6 +36,7 @@ from typing import Any, TypeVar
 import kmock
 import kmock._internal.parsing as kmock_parsing
 import pytest
+import zmq
 from kopf.testing import KopfRunner
 
 from helix.operator.crd import API_VERSION, GROUP, KIND, PAUSED_ANNOTATION, PLURAL, VERSION
@@ -103,6 +105,7 @@ RESOURCES: dict[str, tuple[str, bool, tuple[str, ...]]] = {
     "v1/nodes": ("Node", False, ()),
     "v1/pods": ("Pod", True, ("status",)),
     "v1/configmaps": ("ConfigMap", True, ()),
+    "v1/secrets": ("Secret", True, ()),
     "v1/services": ("Service", True, ()),
     "v1/events": ("Event", True, ()),
     "apps/v1/deployments": ("Deployment", True, ("status",)),
@@ -237,6 +240,7 @@ class Kubectl:
     HXC = f"/apis/{API_VERSION}/namespaces/{NAMESPACE}/{PLURAL}"
     PODS = f"/api/v1/namespaces/{NAMESPACE}/pods"
     CONFIG_MAPS = f"/api/v1/namespaces/{NAMESPACE}/configmaps"
+    SECRETS = f"/api/v1/namespaces/{NAMESPACE}/secrets"
     SERVICES = f"/api/v1/namespaces/{NAMESPACE}/services"
     DEPLOYMENTS = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments"
 
@@ -473,8 +477,28 @@ def test_rollout_creates_the_owned_objects_and_reports_ready(api: ApiServer, kub
             assert pod["metadata"]["ownerReferences"] == [owner_ref]
             assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
 
+        # The data plane's keys: made once into a Secret the HelixCluster owns, each role mounting only its part.
+        secret = kubectl.get(f"{Kubectl.SECRETS}/{NAME}-keys")
+        assert secret["metadata"]["ownerReferences"] == [owner_ref]
+        keys = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+        assert set(keys) == {"api-key", "router.public", "router.secret", "worker.public", "worker.secret"}
+        for role in ("router", "worker"):
+            assert zmq.curve_public(keys[f"{role}.secret"].encode()).decode() == keys[f"{role}.public"]
+        assert len(keys["api-key"]) >= 40
+        for pod in pods.values():
+            assert flag(pod["spec"]["containers"][0]["command"], "--keys") == "/etc/helix-keys"
+            volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "keys")["secret"]
+            assert volume["secretName"] == f"{NAME}-keys"
+            assert [i["key"] for i in volume["items"]] == ["worker.secret", "router.public"]
+            assert pod["metadata"]["annotations"]["helix.ai/keys"] == secret["metadata"]["uid"]
+
         deployment = kubectl.get(f"{Kubectl.DEPLOYMENTS}/{NAME}-router")
         router = deployment["spec"]["template"]["spec"]["containers"][0]
+        assert flag(router["command"], "--keys") == "/etc/helix-keys"
+        router_volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "keys")
+        assert [i["key"] for i in router_volume["secret"]["items"]] == ["router.secret", "worker.public"]
+        assert {"name": "HELIX_API_KEY", "valueFrom": {"secretKeyRef": {"name": f"{NAME}-keys", "key": "api-key"}}
+                } in router["env"]
         assert router["image"] == "registry.test/helix-operator:1"
         assert router["securityContext"]["readOnlyRootFilesystem"] is True
         assert flag(router["command"], "--plan") == "/etc/helix/plan.json"
@@ -504,6 +528,19 @@ def test_rollout_creates_the_owned_objects_and_reports_ready(api: ApiServer, kub
         with urllib.request.urlopen(f"http://127.0.0.1:{operator.health_port}/healthz", timeout=5) as response:
             assert response.status == 200
         assert "finalizers" not in kubectl.hxc()["metadata"]  # deletion never waits on the operator
+
+        # Rotation: delete the Secret; the next reconcile makes new keys and rolls every pod onto them.
+        kubectl.delete(f"{Kubectl.SECRETS}/{NAME}-keys")
+        kubectl.patch(f"{Kubectl.HXC}/{NAME}", {"spec": {"router": {"replicas": 2}}})
+        wait_for("new keys", lambda: (kubectl.get(f"{Kubectl.SECRETS}/{NAME}-keys") or {}).get(
+            "metadata", {}).get("uid") not in (None, secret["metadata"]["uid"]))
+        rotated = kubectl.get(f"{Kubectl.SECRETS}/{NAME}-keys")
+        assert rotated["data"]["worker.secret"] != secret["data"]["worker.secret"]
+        wait_for("pods on the new keys", lambda: len(kubectl.pods()) == len(layers) and all(
+            p["metadata"]["annotations"]["helix.ai/keys"] == rotated["metadata"]["uid"]
+            for p in kubectl.pods().values()))
+        wait_for("the router on the new keys", lambda: kubectl.get(f"{Kubectl.DEPLOYMENTS}/{NAME}-router")["spec"][
+            "template"]["metadata"]["annotations"]["helix.ai/keys"] == rotated["metadata"]["uid"])
         wait_for("the RolledOut event", lambda: any(
             e.get("reason") == "RolledOut" and e["involvedObject"]["name"] == NAME
             for e in kubectl.items(f"/api/v1/namespaces/{NAMESPACE}/events")))

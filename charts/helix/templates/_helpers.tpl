@@ -92,4 +92,9 @@ app.kubernetes.io/component: operator
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# A HelixCluster's data-plane keys: made once, read back, never listed, changed or deleted (garbage
+# collection removes them with their HelixCluster).
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "create"]
 {{- end }}
