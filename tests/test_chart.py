@@ -680,3 +680,38 @@ def test_the_kind_walkthrough_serves_the_model_the_worker_cpu_image_bakes_in() -
     assert f"create_tiny_model('{spec.model.weights}')" in baked
     assert spec.workers.engine == "torch"
 
+
+
+def _selects(selector: dict[str, Any], pod_labels: dict[str, str]) -> bool:
+    """Whether a LabelSelector (matchLabels, matchExpressions with In) picks a pod with `pod_labels`."""
+    if any(pod_labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    return all(e["operator"] == "In" and pod_labels.get(e["key"]) in e["values"]
+               for e in selector.get("matchExpressions") or [])
+
+
+def test_network_policies_let_workers_hear_only_routers_and_peers(chart: Any) -> None:
+    objects = owned_objects(example_rollout("team-a"))
+    worker = objects.worker_pods[0]["metadata"]["labels"]
+    router_template = objects.router_deployment["spec"]["template"]
+    router = router_template["metadata"]["labels"]
+    other = {"app.kubernetes.io/name": "something-else"}
+    policies = [o for o in render(chart, NAMESPACED) if o["kind"] == "NetworkPolicy"]
+    assert sorted(p["metadata"]["namespace"] for p in policies) == ["team-a", "team-a", "team-b", "team-b"]
+    for policy in (p for p in policies if p["metadata"]["namespace"] == "team-a"):
+        spec = policy["spec"]
+        assert spec["policyTypes"] == ["Ingress"]
+        if _selects(spec["podSelector"], worker):
+            assert not _selects(spec["podSelector"], router)
+            peers = [peer["podSelector"] for rule in spec["ingress"] for peer in rule["from"]]
+            assert any(_selects(s, router) for s in peers) and any(_selects(s, worker) for s in peers)
+            assert not any(_selects(s, other) for s in peers)
+            assert all("ports" not in rule for rule in spec["ingress"])
+        else:
+            assert _selects(spec["podSelector"], router)
+            from_workers, http = spec["ingress"]
+            assert [_selects(peer["podSelector"], worker) for peer in from_workers["from"]] == [True]
+            ports = [p["name"] for p in router_template["spec"]["containers"][0]["ports"]]
+            assert "from" not in http and http["ports"] == [{"port": "http", "protocol": "TCP"}] and "http" in ports
+    assert not [o for o in render(chart, CLUSTER_WIDE) if o["kind"] == "NetworkPolicy"]
+    assert not [o for o in render(chart, {"networkPolicy": {"enabled": False}}) if o["kind"] == "NetworkPolicy"]
