@@ -39,6 +39,10 @@ from helix.simulator.schedulers import Scheduler, make_scheduler
 ONLINE_DEFAULT_LOAD = 0.7
 #: A run covers at most one simulated day: memory is per simulated second, and CPU per event.
 MAX_DURATION_S = 86_400
+#: Online, a run is overloaded when its admission queue grew over the window by at least this many
+#: requests and this share of all arrivals (a few waiting at the end is noise, not overload).
+OVERLOAD_MIN_GROWTH = 10
+OVERLOAD_SHARE = 0.05
 #: Online runs hold every request they admit; about 1 KB each.
 MAX_ARRIVALS = 2_000_000
 #: Offline, admit while the expected KV use of the scarcest layer is at most this (Helix's feeder: 0.8).
@@ -105,6 +109,7 @@ class _Driver:
         self.next_id = 0
         self.dropped = 0
         self.closed = False
+        self.waiting_at_window_start = 0
         engine.on_iteration_done = self._iteration_done
         engine.on_request_done = self._request_done
 
@@ -171,6 +176,9 @@ class _Driver:
                 raise HelixInputError(f"the scheduler refused {self.dropped} requests on an empty cluster: no "
                                       "request of this workload fits (KV cache or prompt limits)", "workload")
 
+    def queue_at_window_start(self) -> None:
+        self.waiting_at_window_start = len(self.waiting)
+
     def admit_waiting(self) -> None:
         """Online: admit arrivals in order; the first one held blocks the rest until capacity frees."""
         while self.waiting:
@@ -233,6 +241,7 @@ def simulate(
         mean_tokens = workload.lengths.mean_input_tokens + workload.lengths.mean_output_tokens
         arrivals = workload.arrivals or PoissonArrivals(ONLINE_DEFAULT_LOAD * flow.value / mean_tokens)
         driver.start_online(arrivals, seed, duration_s)
+        loop.at(warmup_s, lambda _: driver.queue_at_window_start())
     if progress is not None:
         _report_progress(loop, progress, duration_s, recorder, engine, started)
 
@@ -246,6 +255,9 @@ def simulate(
         "workload": {**workload.describe(), **(arrivals.describe() if arrivals else {})},
         "offline_kv_target": offline_kv_target if offline else None, "drain": drain,
         "requests_dropped": driver.dropped, "cluster": cluster.name, "model": model.name,
+        **({} if offline else {"requests_arrived": driver.next_id,
+                               "waiting_at_window_start": driver.waiting_at_window_start,
+                               "waiting_at_end": len(driver.waiting)}),
         "plan": {"method": plan.method, "objective_tokens_per_s": plan.objective_tokens_per_s,
                  "nodes": len(plan.nodes)},
         "profiles": profiles.describe(), "batch_conventions": asdict(conventions),
@@ -255,6 +267,30 @@ def simulate(
     return recorder.result(engine.nodes, flow.value,
                            bound if bound is not None else compute_bound(cluster, model, profiles),
                            loop.now, time.monotonic() - started, loop.events, config)
+
+
+def overload(result: SimulationResult) -> str | None:
+    """Why an online run's latencies mean little, when arrivals outpaced service; None when they did not.
+
+    The sign is a queue of requests not yet admitted that grew over the measured window by at least
+    OVERLOAD_MIN_GROWTH requests and OVERLOAD_SHARE of all arrivals: then latencies include a wait that
+    grows with the run's length, and the finished rate is what the cluster actually sustains.
+    """
+    c = result.config
+    if c.get("mode") != "online" or "waiting_at_end" not in c:
+        return None
+    arrived, start, end = c["requests_arrived"], c["waiting_at_window_start"], c["waiting_at_end"]
+    growth = end - start
+    if growth < max(OVERLOAD_MIN_GROWTH, OVERLOAD_SHARE * arrived):
+        return None
+    w0, w1 = result.window_s
+    offered = arrived / result.simulated_s
+    served = result.requests_finished / result.simulated_s
+    return (f"overloaded: arrivals outpace service — the queue of requests waiting for admission grew from {start:,} "
+            f"to {end:,} over the measured {w0:g}–{w1:g} s; {result.requests_finished:,} of {arrived:,} arrivals "
+            f"finished ({served:.2f} req/s served against {offered:.2f} req/s arriving), so latencies include a "
+            f"wait that grows with the run. Lower --rate below about {served:.2f} req/s, or find the highest rate "
+            "that meets latency targets with --slo-ttft/--slo-itl (capacity at SLO)")
 
 
 def _report_progress(loop: EventLoop, progress: Callable[[Progress], None], duration_s: float,

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from helix.cli.app import app
 from helix.cli.inputs import connectivity_problems, load_cluster, selection_option
+from helix.cli.plan import summary_items
 from helix.simulator.cluster import Cluster, GpuNode, Link, load_cluster_yaml
 from helix.simulator.model import resolve_model
 from helix.simulator.placement.selection import AUTO_MAX_NODES, SELECTION_MODES
@@ -168,6 +169,48 @@ def test_plan_selection_max_flow_serves_the_optimum(tmp_path: Path) -> None:
     assert "max-flow: the max-flow optimum" in " ".join(out.split())
 
 
+def test_summary_compares_like_with_like(tmp_path: Path) -> None:
+    """Max flow beside max flow (served plan, optimum, bound), simulated beside simulated from the same runs, and
+    the status explained."""
+    output = tmp_path / "plan.json"
+    assert run("plan", "--mix", SMALL_MIX, "--method", "petals", "--quiet", "-o", str(output))[0] == 0
+    plan = load_plan(output)
+    served = plan.objective_tokens_per_s
+    shortlist = [
+        {"label": "petals", "baseline": True, "same_as": [], "served_tokens_per_s": 1.0,
+         "screen_decode_tokens_per_s": 300.0, "simulated_decode_tokens_per_s": [301.0, 299.0]},
+        {"label": "greedy-flow", "baseline": True, "same_as": ["max-flow"], "served_tokens_per_s": 1.0,
+         "screen_decode_tokens_per_s": 280.0, "simulated_decode_tokens_per_s": []},
+        {"label": "join#1+climb", "baseline": False, "same_as": [], "served_tokens_per_s": 1.0,
+         "screen_decode_tokens_per_s": 320.0, "simulated_decode_tokens_per_s": [330.0, 332.0]},
+    ]
+    plan = plan.model_copy(update={
+        "method": "milp", "status": "simulation-selected", "bound_tokens_per_s": 2 * served, "gap": 0.5,
+        "config": {"max_flow_optimum_tokens_per_s": 1.5 * served, "max_flow_status": "feasible",
+                   "selection": {"mode": "auto", "resolved": "simulate", "chosen": "join#1+climb",
+                                 "chosen_by": "simulation", "candidates_scored": 40, "shortlist": shortlist,
+                                 "simulation": {"duration_s": 300, "screen_s": 100, "screen_seed": 0,
+                                                "final_seeds": [0, 1]}}}})
+    items = dict(summary_items(plan, 10, 10))
+    assert items["max flow"] == f"{served:.1f} tokens/s (the max-flow optimum found: {1.5 * served:.1f})"
+    assert "the optimum found is within 25.00% of it (feasible); the served plan, 50.00% below it" in items["bound"]
+    assert items["selection"] == "simulation chose join#1+climb of 3 shortlisted (40 candidates scored)"
+    assert items["why"] == ("highest mean of the final runs (300 s offline, seeds 0, 1): served plan 331.0, "
+                            "best baseline petals 300.0; screening runs (100 s, seed 0): served plan 320.0, "
+                            "best baseline petals 300.0, max-flow optimum (= greedy-flow) 280.0 decode tokens/s")
+    assert items["status"].startswith("simulation-selected: another candidate simulated above the max-flow optimum")
+
+
+def test_tables_are_whole_when_piped() -> None:
+    """Off a terminal (no COLUMNS) nothing is cut at 80 columns: every name and number is there in full."""
+    result = CliRunner().invoke(app, ["plan", "--regions", "a-very-long-region-name-one:A100-80G:2,L4:4;"
+                                      "another-quite-long-region-name:T4:6", "--method", "petals"],
+                                env={"COLUMNS": None})
+    assert result.exit_code == 0, result.stderr
+    assert "…" not in result.stdout
+    assert "another-quite-long-region-name-t4-5" in result.stdout
+
+
 def test_selection_help_states_the_planners_numbers() -> None:
     """The --selection help names selection.py's modes and numbers without importing it (see inputs.py)."""
     text = selection_option("Solver").help
@@ -279,6 +322,8 @@ BAD_YAML = {
     "no-way-back.yaml": ("nodes:\n  - {name: a, gpu: A100-80G}\nlinks:\n"
                          "  - {from: coordinator, to: a, bandwidth_bps: 10e9, bidirectional: false}\n"),
     "not-a-mapping.yaml": "- just\n- a list\n",
+    "infinite.yaml": ("nodes:\n  - {name: a, gpu: A100-80G, vram_bytes: .inf}\n"
+                      "  - {name: b, gpu: L4, nic_in_bps: .nan}\n"),
 }
 
 
@@ -315,11 +360,18 @@ BAD_YAML = {
     (["--mix", SMALL_MIX, "--output", "{tmp}/plan.txt"], "unknown file type '.txt'"),
     (["--mix", SMALL_MIX, "--output", "{tmp}/no/such/dir/plan.json"], "does not exist"),
     (["--mix", SMALL_MIX, "--plot", "{tmp}/plan.gif"], "unknown file type '.gif'"),
+    (["--cluster", "{tmp}/latin1.yaml"], "cluster file is not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8"),
+    (["--cluster", "{tmp}/infinite.yaml"], "nodes.0.vram_bytes: Input should be a finite number; nodes.1.nic_in_bps"),
+    (["--regions", "us:T4:1500;eu:L4:600"], "--regions: 2,100 nodes is more than the 2,000 a cluster may have"),
+    (["--mix", "A100-80G:100000000"], "--mix: 100,000,000 nodes is more than the 2,000"),
+    (["--mix", SMALL_MIX, "--model", "{tmp}/latin1-config.json"], "model config is not UTF-8 text"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str], expected: str) -> None:
     for name, text in BAD_YAML.items():
         write(tmp_path / name, text)
     write(tmp_path / "cluster.txt", "nodes: []\n")
+    (tmp_path / "latin1.yaml").write_bytes("nodes:\n  - {name: caf\u00e9, gpu: L4}\n".encode("latin-1"))
+    (tmp_path / "latin1-config.json").write_bytes('{"model_type": "llama", "name": "\u00e9"}'.encode("latin-1"))
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     result = CliRunner().invoke(app, ["plan", "--method", "greedy-flow", *args] if "--method" not in args
                                 else ["plan", *args], env=WIDE)

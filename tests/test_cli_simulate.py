@@ -136,6 +136,20 @@ def test_online_poisson_gamma_and_arrivals_file(tmp_path: Path) -> None:
     assert data["config"]["workload"]["arrivals"] == "trace" and data["requests_admitted"] > 0
 
 
+def test_online_overload_is_flagged_with_numbers() -> None:
+    """Arrivals far above what the cluster serves: the report says so, with the queue and rates, and a hint."""
+    code, out, err = run("simulate", "--mix", SMALL_MIX, "--method", "greedy-flow", "--mode", "online", "--rate", "50",
+                         "--duration", "40", "--warmup", "10")
+    assert code == 0, err
+    text = " ".join(out.split())  # the warning wraps inside its table cell
+    assert "overloaded: arrivals outpace service" in text
+    assert "req/s served against" in text and "Lower --rate" in text
+    # a light load is not flagged
+    code, out, err = run("simulate", *FAST, "--mode", "online", "--rate", "0.5", "--duration", "40", "--warmup", "10")
+    assert code == 0, err
+    assert "overloaded" not in out
+
+
 def test_lengths_from_a_csv_trace(tmp_path: Path) -> None:
     lengths = tmp_path / "lengths.csv"
     lengths.write_text("input_tokens,output_tokens\n40,8\n80,16\n")
@@ -340,6 +354,10 @@ def _bad_cases(tmp: Path, plan: Path) -> list[tuple[list[str], str]]:
     data = json.loads(plan.read_text())
     data["nodes"][0]["gpu"] = "H100"
     wrong_gpu.write_text(json.dumps(data))
+    latin1_plan = tmp / "latin1.json"
+    latin1_plan.write_bytes('{"model": "caf\u00e9"}'.encode("latin-1"))
+    latin1_csv = tmp / "latin1.csv"
+    latin1_csv.write_bytes(b"input_tokens,output_tokens\n10,\xff\n")
     mix = ["--mix", SMALL_MIX]
     return [
         (["simulate", *mix, "--plan", str(plan), "--method", "petals"], "--plan: give either --plan FILE or --method"),
@@ -383,6 +401,15 @@ def _bad_cases(tmp: Path, plan: Path) -> list[tuple[list[str], str]]:
         (["compare", *mix, "--methods", " , "], "--methods: give at least one name"),
         (["compare", *mix, "--methods", "greedy-flow", "--rate", "1"], "--rate: offline mode"),
         (["compare", *mix, "--duration", "10", "--warmup", "20"], "--warmup: warm-up 20 s"),
+        # sizes that would exhaust memory or days of CPU are refused before any work
+        (["simulate", *FAST, "--duration", "1e12"], "--duration: 1e+12 simulated seconds is more than"),
+        (["simulate", *FAST, "--mode", "online", "--rate", "1e9"], "--rate: 1e+09 req/s for"),
+        (["simulate", *FAST, "--max-in-flight", "100000000"], "--max-in-flight: 100,000,000 is more than"),
+        (["simulate", "--mix", "A100-80G:100000000"], "--mix: 100,000,000 nodes is more than the 2,000"),
+        (["compare", *mix, "--duration", "1e12"], "--duration: 1e+12 simulated seconds"),
+        # a file that is not UTF-8 text, anywhere a file is read
+        (["simulate", *mix, "--plan", str(latin1_plan)], "plan is not UTF-8 text (byte 0xe9 on line 1)"),
+        (["simulate", *mix, "--lengths", str(latin1_csv)], "trace is not UTF-8 text (byte 0xff on line 2)"),
     ]
 
 

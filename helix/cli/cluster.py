@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from helix.cli.console import console as make_console
 from helix.cli.errors import handle_errors
 from helix.cli.inputs import CLUSTER_HELP, MachineProfileOption, MixOption, RegionsOption, SeedOption, load_cluster
 
@@ -69,7 +70,6 @@ def show_command(
 
     Exits 2 (after the summary) when the flow cannot cross the cluster.
     """
-    from rich.console import Console
     from rich.table import Table
 
     from helix.cli.inputs import check_connected
@@ -93,7 +93,7 @@ def show_command(
     table.add_section()
     table.add_row("total", "", str(len(cluster.nodes)), str(sum(n.gpu_count for n in cluster.nodes)), "",
                   f"{total_vram / 1e9:.0f}", style="bold")
-    console = Console(highlight=False)
+    console = make_console()
     console.print(table)
 
     coord = cluster.coordinator

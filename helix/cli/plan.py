@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from helix.cli.console import console
 from helix.cli.dry_run import (
     AddOption,
     FileOption,
@@ -244,9 +245,7 @@ def _check_target(path: Path | None, suffixes: tuple[str, ...], option: str) -> 
 
 
 def _console(stderr: bool = False) -> Console:
-    from rich.console import Console
-
-    return Console(stderr=stderr, highlight=False)
+    return console(stderr)
 
 
 # --- solving, with a live view ---------------------------------------------------------------------
@@ -412,19 +411,54 @@ def print_plan(console: Console, plan: Plan, inputs: Inputs) -> None:
     console.print(grid)
 
 
+#: What each plan status means, as the summary states it (docs/placement.md, "Plan statuses").
+STATUS_MEANINGS = {
+    "optimal": "the max-flow optimum, proven optimal, is served",
+    "feasible": "the best max-flow placement found is served (optimality not proven)",
+    "simulation-selected": "another candidate simulated above the max-flow optimum and is served",
+    "estimate-selected": "another candidate had the highest served estimate and is served (not simulated)",
+    "heuristic": "placed by a heuristic method as it is",
+    "no-solution": "no placement that serves anything was found",
+}
+
+
 def summary_items(plan: Plan, total_nodes: int, used_nodes: int) -> list[tuple[str, str]]:
-    """Objective, bound, gap and how the plan was found, as (label, text) pairs."""
-    items = [("objective", f"{plan.objective_tokens_per_s:.1f} tokens/s")]
+    """What was served and why, then how it was found, as (label, text) pairs.
+
+    Max flow is compared with max flow (the served plan's, the optimum's, the proven bound) and
+    simulated throughput with simulated throughput from the same runs, never one with the other.
+    """
+    config = plan.config
+    optimum = config.get("max_flow_optimum_tokens_per_s")
+    differs = optimum is not None and abs(optimum - plan.objective_tokens_per_s) > 1e-6
+    text = f"{plan.objective_tokens_per_s:.1f} tokens/s"
+    if differs:
+        text += f" (the max-flow optimum found: {optimum:.1f})"
+    items = [("max flow", text)]
     if plan.bound_tokens_per_s is not None:
-        gap = "" if plan.gap is None else f" (gap {plan.gap:.2%})"
-        items.append(("bound", f"{plan.bound_tokens_per_s:.1f} tokens/s{gap}"))
+        bound = plan.bound_tokens_per_s
+        text = f"{bound:.1f} tokens/s (proven, on max flow)"
+        if plan.gap is not None and differs and bound > 0:
+            text += (f": the optimum found is within {(bound - optimum) / bound:.2%} of it "
+                     f"({config.get('max_flow_status')}); the served plan, {plan.gap:.2%} below it, gives up max flow "
+                     "for served throughput")
+        elif plan.gap is not None:
+            text += f", gap {plan.gap:.2%}"
+        items.append(("bound", text))
     if plan.compute_bound_tokens_per_s is not None:
         items.append(("compute bound", f"{plan.compute_bound_tokens_per_s:.1f} tokens/s (network ignored)"))
-    items.append(("status", f"{plan.status}, {plan.solve_seconds:.1f} s"))
-    if plan.config.get("stopped_early"):
+    selection = config.get("selection")
+    if selection:
+        items += selection_items(selection)
+    meaning = STATUS_MEANINGS.get(plan.status)
+    items.append(("status", f"{plan.status}" + (f": {meaning}" if meaning else "") + f", {plan.solve_seconds:.1f} s"))
+    if config.get("wall_cap_hit"):
+        items.append(("wall cap", "[yellow]the time limit cut the deterministic budget short (a slow or busy "
+                                  "machine): the same inputs may give another plan elsewhere[/]"))
+    if config.get("stopped_early"):
         items.append(("stopped", "interrupted (Ctrl-C/SIGTERM): this is the best plan found so far"))
     items.append(("nodes used", f"{used_nodes} of {total_nodes}"))
-    opts = plan.config.get("options", {})
+    opts = config.get("options", {})
     if opts:
         prune = opts.get("prune_keep")
         parts = [f"partial inference {'on' if opts.get('partial_inference', True) else 'off'}",
@@ -434,7 +468,7 @@ def summary_items(plan: Plan, total_nodes: int, used_nodes: int) -> list[tuple[s
                       f"warm start {'on' if opts.get('warm_start') else 'off'}",
                       f"workers {opts.get('workers')}", f"prune keep {'default' if prune is None else prune}"]
         items.append(("options", ", ".join(parts)))
-    prof = plan.config.get("profiles", {})
+    prof = config.get("profiles", {})
     if prof:
         text = str(prof.get("source", "?"))
         if prof.get("mix"):
@@ -442,11 +476,9 @@ def summary_items(plan: Plan, total_nodes: int, used_nodes: int) -> list[tuple[s
         if prof.get("path"):
             text += f" ({prof['path']})"
         items.append(("profiles", text))
-    selection = plan.config.get("selection")
-    if selection:
-        items.append(("selection", _selection_text(selection)))
-    skip = {"method", "options", "profiles", "cluster_nodes", "stopped_early", "selection"}
-    for key, value in plan.config.items():
+    skip = {"method", "options", "profiles", "cluster_nodes", "stopped_early", "selection", "wall_cap_hit",
+            "max_flow_optimum_tokens_per_s", "max_flow_status"}
+    for key, value in config.items():
         if key not in skip:
             items.append((key.replace("_", " "), _format_detail(value)))
     if plan.objective_tokens_per_s <= 0:
@@ -455,38 +487,55 @@ def summary_items(plan: Plan, total_nodes: int, used_nodes: int) -> list[tuple[s
     return items
 
 
-def _selection_text(record: dict[str, Any]) -> str:
-    """One line for the MILP's plan selection (the full record is in the plan file's config)."""
+def selection_items(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """The MILP's plan selection: what was served, and the like-with-like figures that chose it (the full
+    record is in the plan file's config)."""
     chosen = record.get("chosen", "?")
-    if "chosen_by" not in record:
-        why = " (stopped)" if record.get("skipped") else ""
-        return f"{record.get('resolved', record.get('mode'))}: the max-flow optimum{why}"
+    how = record.get("chosen_by")
+    if how is None:
+        why = ", stopped before selection" if record.get("skipped") else ""
+        return [("selection", f"{record.get('resolved', record.get('mode'))}: the max-flow optimum is served{why}")]
     shortlist = record.get("shortlist", [])
     by_label = {label: c for c in shortlist for label in (c["label"], *c.get("same_as", []))}
+    entry = by_label.get(chosen, {})
+    items = [("selection", f"{how} chose {chosen} of {len(shortlist)} shortlisted "
+                           f"({record.get('candidates_scored', 0)} candidates scored)")]
+    if how == "estimate":
+        optimum = by_label.get("max-flow", {})
+        items.append(("why", f"served estimate {entry.get('served_tokens_per_s', 0):.1f} tokens/s against the "
+                             f"max-flow optimum's {optimum.get('served_tokens_per_s', 0):.1f} "
+                             "(a model, not simulated)"))
+        return items
+    sim = record.get("simulation", {})
+    baselines = [c for c in shortlist if c.get("baseline") and c.get("screen_decode_tokens_per_s") is not None]
+    best_baseline = max(baselines, key=lambda c: c["screen_decode_tokens_per_s"], default=None)
 
-    def simulated(entry: dict[str, Any]) -> float | None:
-        """The mean of its final runs, else its screening run (decode tokens/s)."""
-        if record["chosen_by"] != "simulation":
-            return None
-        runs = entry.get("simulated_decode_tokens_per_s") or []
-        return sum(runs) / len(runs) if runs else entry.get("screen_decode_tokens_per_s")
+    def named(c: dict[str, Any]) -> str:
+        if c is entry:
+            return "served plan"
+        if c is best_baseline:
+            return f"best baseline {c['label']}"
+        if c is by_label.get("max-flow"):
+            return "max-flow optimum" + ("" if c["label"] == "max-flow" else f" (= {c['label']})")
+        return c["label"]
 
-    def served(label: str) -> str:
-        entry = by_label.get(label, {})
-        value = simulated(entry)
-        if value is not None:
-            return f"{value:.1f} decode tokens/s simulated"
-        return f"{entry.get('served_tokens_per_s', 0):.1f} tokens/s estimated served"
-
-    text = f"{record['chosen_by']} chose {chosen} ({served(chosen)}"
-    baselines = [(simulated(c), c["label"]) for c in shortlist if c.get("baseline") and simulated(c) is not None]
-    if baselines:
-        value, label = max(baselines)
-        if label != chosen:
-            text += f"; best baseline: {label} {value:.1f}"
-    if chosen != "max-flow" and "max-flow" in by_label and by_label["max-flow"] is not by_label.get(chosen):
-        text += f"; max-flow optimum: {served('max-flow')}"
-    return text + f"; {len(shortlist)} of {record.get('candidates_scored', 0)} candidates shortlisted)"
+    compared = [entry] + [c for c in (best_baseline, by_label.get("max-flow")) if c is not None and c is not entry]
+    screened = [f"{named(c)} {c['screen_decode_tokens_per_s']:.1f}" for c in compared
+                if c.get("screen_decode_tokens_per_s") is not None]
+    finals = [c for c in shortlist if c.get("simulated_decode_tokens_per_s")]
+    lines = []
+    if finals:
+        seeds = ", ".join(str(s) for s in sim.get("final_seeds", []))
+        means = sorted(((sum(c["simulated_decode_tokens_per_s"]) / len(c["simulated_decode_tokens_per_s"]), named(c))
+                        for c in finals), reverse=True)
+        lines.append(f"highest mean of the final runs ({sim.get('duration_s', 0):g} s offline, seeds {seeds}): "
+                     + ", ".join(f"{label} {value:.1f}" for value, label in means))
+    if screened:
+        lines.append(f"screening runs ({sim.get('screen_s', 0):g} s, seed {sim.get('screen_seed', 0)}): "
+                     + ", ".join(screened))
+    if lines:
+        items.append(("why", "; ".join(lines) + " decode tokens/s"))
+    return items
 
 
 def _format_detail(value: Any) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections import deque
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from helix.cli.capacity import SloItlOption, SloTtftOption
+from helix.cli.console import console
 from helix.cli.dry_run import (
     AddOption,
     FileOption,
@@ -698,19 +698,11 @@ def run_example(inputs: Inputs | None = None, *, time_limit_s: float = EXAMPLE_T
 
 # --- reporting -------------------------------------------------------------------------------------
 def stdout_console() -> Console:
-    """Tables go to stdout; off a terminal without COLUMNS, 120 columns so wide tables do not wrap."""
-    from rich.console import Console
-
-    console = Console(highlight=False)
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        console.width = 120
-    return console
+    return console()
 
 
 def stderr_console() -> Console:
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False)
+    return console(stderr=True)
 
 
 def _wrote(console: Console, quiet: bool, what: str, path: Path) -> None:
@@ -799,6 +791,8 @@ def print_result(console: Console, run: Run, inputs: Inputs) -> None:
     """One run: throughput and bounds, latency percentiles, the busiest nodes."""
     from rich.table import Table
 
+    from helix.simulator.simulate import overload
+
     r, c = run.result, run.result.config
     w0, w1 = r.window_s
     grid = Table.grid(padding=(0, 2))
@@ -817,6 +811,8 @@ def print_result(console: Console, run: Run, inputs: Inputs) -> None:
                              f"{(c.get('inputs') or {}).get('kv_capacity') or 'the profiles'}")
     grid.add_row("run", f"{r.simulated_s:,.0f} s simulated in {r.wall_s:.1f} s wall ({r.events:,} events), "
                         f"seed {c.get('seed')}")
+    if (warning := overload(r)) is not None:
+        grid.add_row("[red]warning[/]", f"[red]{warning}[/]")
     console.print(f"[bold]{inputs.model.name} on {inputs.cluster.name} — {run.method} + {run.scheduler}, "
                   f"{c.get('mode')}[/]")
     console.print(grid)
@@ -861,6 +857,8 @@ def cluster_text(inputs: Inputs) -> str:
 
 def print_comparison(console: Console, runs: Sequence[Run], inputs: Inputs) -> None:
     """The example's table and what exactly was compared."""
+    from helix.simulator.simulate import overload
+
     first = runs[0].result
     w0, w1 = first.window_s
     c = first.config
@@ -877,11 +875,29 @@ def print_comparison(console: Console, runs: Sequence[Run], inputs: Inputs) -> N
     if milp is not None:
         gap = "" if milp.gap is None else f", gap {milp.gap:.1%}"
         notes.append(f"MILP: {milp.status}{gap} after {milp.solve_seconds:.1f} s.")
+    if (inverted := max_flow_inversion(runs)) is not None:
+        notes.append(inverted)
+    notes += [f"{r.label}: {warning}" for r in runs if (warning := overload(r.result)) is not None]
     wall = sum(r.result.wall_s for r in runs)
     notes.append(f"{len(runs)} × {first.simulated_s:,.0f} simulated s in {wall:.1f} s wall. Per-run details: "
                  "--output results.json.")
     for line in notes:
         console.print(f"[dim]{line}[/]")
+
+
+def max_flow_inversion(runs: Sequence[Run]) -> str | None:
+    """A note when a run with more max flow serves less than another: max flow is a ceiling, not a forecast."""
+    for more in runs:
+        for other in runs:
+            a, b = more.result, other.result
+            if (a.max_flow_tokens_per_s > b.max_flow_tokens_per_s
+                    and a.decode_throughput_tokens_per_s < b.decode_throughput_tokens_per_s):
+                return (f"{more.label} has more max flow than {other.label} ({a.max_flow_tokens_per_s:,.0f} vs "
+                        f"{b.max_flow_tokens_per_s:,.0f} tokens/s) yet serves less: max flow is a placement's ceiling "
+                        "on tokens through its layers, while serving also pays for pipeline depth, batching and the KV "
+                        "cache each layer holds (docs/placement.md, 'Max flow is not served throughput'). The MILP's "
+                        "plan is selected on simulated served throughput.")
+    return None
 
 
 def example_json(runs: Sequence[Run], inputs: Inputs, time_limit_s: float) -> dict[str, Any]:
