@@ -359,18 +359,21 @@ def test_garbage_on_the_router_ports_does_not_hurt(serve: Serve) -> None:
             for h, p in ((host, int(port)), (http_host, int(http_port))):
                 with socket.create_connection((h, p), timeout=2) as raw:  # not ZMTP, not HTTP
                     raw.sendall(os.urandom(4096))
-            # The router's socket admits only this run's workers (keys made for the run): the plain
-            # socket and the random bytes never got past the handshake, and each refusal was counted.
+            # The router's socket admits only this run's workers (keys made for the run): neither the plain
+            # socket nor the random bytes got past the handshake, and the plain socket's refusal (a ZMTP
+            # greeting with the wrong mechanism; random bytes may just be a dropped connection) was counted.
             deadline = time.monotonic() + 10
             while True:
                 async with session.get(serve.url + "/metrics") as resp:
                     metrics = await resp.text()
-                if metric_value(metrics, 'helix_rejected_connections_total{process="router"}') >= 2:
+                if metric_value(metrics, 'helix_rejected_connections_total{process="router"}') >= 1:
                     break
                 assert time.monotonic() < deadline, metrics
                 await asyncio.sleep(0.1)
             got = await complete(session, serve.url, "/v1/completions", {"prompt": "still here", "max_tokens": 4})
             assert got["usage"]["completion_tokens"] == 4
+            assert sum(metric_value(metrics, f'helix_router_messages_dropped_total{{reason="{reason}"}}')
+                       for reason in ("malformed", "oversize", "unexpected")) == 0  # nothing of theirs was read
             for name in METRIC_NAMES:
                 assert f"# TYPE {name} " in metrics, name
 
