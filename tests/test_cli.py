@@ -78,7 +78,7 @@ def test_plan_greedy_table_and_json(tmp_path: Path) -> None:
     output = tmp_path / "plan.json"
     code, out, err = run("plan", "--mix", SMALL_MIX, "--method", "greedy-flow", "--output", str(output))
     assert code == 0, err
-    for text in ("node", "GPU", "layers", "flow in", "util", "objective", "compute bound", "validated",
+    for text in ("node", "GPU", "layers", "flow in", "util", "max flow", "compute bound", "validated",
                  "a100-80g-0", "wrote plan to"):
         assert text in out
     plan = load_plan(output)
@@ -489,7 +489,7 @@ def test_cluster_show_helix_ini(reference_dir: Path) -> None:
 def test_ctrl_c_returns_best_plan_so_far(tmp_path: Path) -> None:
     """SIGINT during the MILP search: the command prints and saves the best plan, exit 0, promptly."""
     output = tmp_path / "plan.json"
-    cmd = [sys.executable, "-m", "helix.cli.app", "plan", "--mix", "A100-40G:4,L4:8,T4:12", "--time-limit", "15",
+    cmd = [sys.executable, "-m", "helix.cli.app", "plan", "--mix", "A100-40G:4,L4:8,T4:12", "--time-limit", "600",
            "--output", str(output)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             env=os.environ | WIDE)
@@ -507,8 +507,27 @@ def test_ctrl_c_returns_best_plan_so_far(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err
-    assert waited < 5, f"the MILP ran on for {waited:.1f} s after Ctrl-C"
-    assert "objective" in out and "stopped" in out and output.exists()
+    # far inside the 600 s limit (whose budget alone takes minutes), however busy the machine
+    assert waited < 120, f"the MILP ran on for {waited:.1f} s after Ctrl-C"
+    assert "max flow" in out and "stopped" in out and output.exists()
     plan = load_plan(output)
     assert plan.objective_tokens_per_s > 0
     assert plan.config["stopped_early"] is True
+
+
+# --- helix keys ------------------------------------------------------------------------------------
+def test_keys_writes_each_role_its_own_files(tmp_path: Path) -> None:
+    from helix.worker.security import load_keys
+
+    folder = tmp_path / "keys"
+    code, out, err = run("keys", str(folder))
+    assert "keys/router" in out and "keys/worker" in out
+    assert code == 0, err
+    assert sorted(p.name for p in (folder / "router").iterdir()) == ["router.secret", "worker.public"]
+    assert sorted(p.name for p in (folder / "worker").iterdir()) == ["router.public", "worker.secret"]
+    assert all((p.stat().st_mode & 0o777) == 0o600 for p in folder.rglob("*.*"))
+    router, worker = load_keys(folder / "router", "router"), load_keys(folder / "worker", "worker")
+    assert router.peer_public == worker.own.public and worker.peer_public == router.own.public  # each trusts the other
+    # never overwritten: a running plane would lose its peers
+    code, _, err = run("keys", str(folder))
+    assert code == 2 and err.startswith(f"error: {folder}: already exists")
