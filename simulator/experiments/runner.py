@@ -34,7 +34,7 @@ from helix.simulator.profiles.base import Profiles
 from helix.simulator.profiles.loader import load_profiles
 from helix.simulator.requests import BUILTIN_LENGTHS, ArrivalProcess, LengthSampler, PoissonArrivals, Workload
 from helix.simulator.results import SimulationResult
-from helix.simulator.simulate import simulate
+from helix.simulator.simulate import Progress, simulate
 from helix.simulator.validate import assert_valid
 
 #: Online arrival rate as a share of the system's own offline total throughput (see the module docstring).
@@ -220,7 +220,8 @@ class Context:
             # Plan selection judges candidates on the lengths the experiment then simulates.
             options = PlacementOptions(time_limit_s=limit, seed=self.config.seed, warm_start=warm_start,
                                        prune_keep=prune_keep, workers=self.config.workers, selection=selection,
-                                       workload=Workload(lengths=self.lengths()))
+                                       workload=Workload(lengths=self.lengths()),
+                                       stage=lambda text: self.log(f"{cluster} / {model}: {text}"))
             self.log(f"{cluster} / {model}: placing with {method}"
                      + (f" ({limit:g} s limit, warm start {'on' if warm_start else 'off'}, prune_keep "
                         f"{'default' if prune_keep is None else prune_keep}, selection {selection})"
@@ -275,11 +276,20 @@ class Context:
             else:
                 workload = Workload(lengths=self.lengths(), arrivals=self.arrivals(self.online_rate(served, scheduler)))
                 duration, warmup = b.online_s, b.online_warmup_s
+            label = f"{served.key} + {scheduler}, {mode}"
+            marks = [75, 50, 25]  # a line at each quarter: a long simulation is never a silent wait
+
+            def progress(point: Progress) -> None:
+                if marks and point.simulated_s >= point.duration_s * marks[-1] / 100:
+                    self.log(f"{label}: {marks.pop()}% of {duration:,.0f} simulated s, "
+                             f"{point.decode_tokens:,} tokens decoded")
+
+            self.log(f"{label}: simulating {duration:,.0f} s")
             result = simulate(served.cluster, served.model, served.profiles, served.plan, scheduler=scheduler,
                               mode="offline" if mode == "offline" else "online", duration_s=duration,
                               warmup_s=warmup, seed=self.config.seed, workload=workload,
-                              kv_capacity_override=served.kv_capacity)
-            self.log(f"{served.key} + {scheduler}, {mode}: decode {result.decode_throughput_tokens_per_s:,.1f} "
+                              kv_capacity_override=served.kv_capacity, progress=progress)
+            self.log(f"{label}: decode {result.decode_throughput_tokens_per_s:,.1f} "
                      f"tokens/s ({result.simulated_s:,.0f} s simulated in {result.wall_s:.1f} s)")
             self._results[key] = result
         return self._results[key]
