@@ -121,11 +121,14 @@ class _Driver:
     def start_offline(self) -> None:
         self.engine.loop.at(0.0, lambda _: self.fill())
 
-    def start_online(self, arrivals: ArrivalProcess, seed: int, until_s: float) -> None:
+    def start_online(self, arrivals: ArrivalProcess, seed: int, until_s: float, window_start_s: float) -> None:
         times = arrivals.times(random.Random(f"{seed}-arrivals"), until_s)
         loop = self.engine.loop
+        counted = [False]
 
         def arrive(it: Iterator[float]) -> None:
+            if not counted[0] and loop.now >= window_start_s:  # the queue as measuring begins (no extra event)
+                self.waiting_at_window_start, counted[0] = len(self.waiting), True
             self.waiting.append(self.new_request(loop.now))
             self.admit_waiting()
             schedule_next(it)
@@ -175,9 +178,6 @@ class _Driver:
             if self.dropped > EMPTY_REFUSALS:
                 raise HelixInputError(f"the scheduler refused {self.dropped} requests on an empty cluster: no "
                                       "request of this workload fits (KV cache or prompt limits)", "workload")
-
-    def queue_at_window_start(self) -> None:
-        self.waiting_at_window_start = len(self.waiting)
 
     def admit_waiting(self) -> None:
         """Online: admit arrivals in order; the first one held blocks the rest until capacity frees."""
@@ -240,8 +240,7 @@ def simulate(
     else:
         mean_tokens = workload.lengths.mean_input_tokens + workload.lengths.mean_output_tokens
         arrivals = workload.arrivals or PoissonArrivals(ONLINE_DEFAULT_LOAD * flow.value / mean_tokens)
-        driver.start_online(arrivals, seed, duration_s)
-        loop.at(warmup_s, lambda _: driver.queue_at_window_start())
+        driver.start_online(arrivals, seed, duration_s, warmup_s)
     if progress is not None:
         _report_progress(loop, progress, duration_s, recorder, engine, started)
 

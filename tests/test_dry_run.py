@@ -292,7 +292,11 @@ def test_dry_run_without_edits_plans_once() -> None:
         "placement": {"method": "greedy-flow"}, "slo": {"simulationSeconds": 20}}})
     calls: list[str] = []
     result = dry_run(hc, [node("a"), node("b", gpu="T4")], progress=calls.append)
-    assert calls == ["planning…"] and result.baseline is None and result.current is None
+    # one planning pass: its steps, and no second pass for a baseline
+    assert calls[0] == "planning…" and calls.count("planning…") == 1
+    assert calls[1] == "placing 32 layers on 2 nodes with greedy-flow (time limit 120 s)…"
+    assert not any(c.startswith("planning the nodes as they are") for c in calls)
+    assert result.baseline is None and result.current is None
     assert result.endpoint == "http://small-router.ml.svc:8000"
     assert result.outcome.rollout and result.objects_error is None
     assert {o["metadata"]["namespace"] for o in result.objects} == {"ml"}

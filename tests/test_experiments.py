@@ -544,11 +544,11 @@ def _check_proven(plan: dict[str, Any]) -> list[float]:
 def _placement_quality(tmp_path: Path, *reference: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Runs placement-quality with a budget it never needs (it stops at the proof); its JSON and summary rows."""
     out = tmp_path / "results"
-    code, stdout, err = run_cli("placement-quality", *reference, "--time-limit", "30", "--out", str(out), "--quiet")
+    code, stdout, err = run_cli("placement-quality", *reference, "--time-limit", "60", "--out", str(out), "--quiet")
     assert code == 0, err
     assert "incumbent and bound over time" in stdout and err == ""
     data = json.loads((out / "placement-quality.json").read_text())
-    assert data["name"] == "placement-quality" and data["config"]["budget"]["milp_time_limit_s"] == 30.0
+    assert data["name"] == "placement-quality" and data["config"]["budget"]["milp_time_limit_s"] == 60.0
     assert data["config"]["setups"] == [{"cluster": "small-12", "model": "llama2-70b", "mode": None}]
     assert "| variant |" in data["markdown"] and len(data["runs"]) == 2
     assert [r["plan"]["config"]["options"]["warm_start"] for r in data["runs"]] == [False, True]
