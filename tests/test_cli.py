@@ -98,8 +98,9 @@ def test_plan_milp_short_limit_yaml_output(tmp_path: Path) -> None:
     plan = load_plan(output)
     assert plan.method == "milp"
     assert plan.bound_tokens_per_s is not None and plan.bound_tokens_per_s >= plan.objective_tokens_per_s - 1e-6
-    # off a terminal, MILP progress is plain lines on stderr
+    # off a terminal, MILP progress is plain lines on stderr, and plan selection says what it does
     assert "milp" in err and "incumbent" in err
+    assert "selection: scoring candidate placements by the served estimate" in err
     # the written plan validates against the same inputs, independently of the CLI
     cluster, _ = load_cluster(mix=SMALL_MIX)
     model = resolve_model("llama2-70b")
@@ -365,12 +366,15 @@ BAD_YAML = {
     (["--regions", "us:T4:1500;eu:L4:600"], "--regions: 2,100 nodes is more than the 2,000 a cluster may have"),
     (["--mix", "A100-80G:100000000"], "--mix: 100,000,000 nodes is more than the 2,000"),
     (["--mix", SMALL_MIX, "--model", "{tmp}/latin1-config.json"], "model config is not UTF-8 text"),
+    (["--cluster", "{tmp}/latin1.ini"], "is not UTF-8 text (byte 0xe9 on line 2)"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str], expected: str) -> None:
     for name, text in BAD_YAML.items():
         write(tmp_path / name, text)
     write(tmp_path / "cluster.txt", "nodes: []\n")
     (tmp_path / "latin1.yaml").write_bytes("nodes:\n  - {name: caf\u00e9, gpu: L4}\n".encode("latin-1"))
+    for ini in ("latin1.ini", "machine_profile.ini"):  # a Helix cluster file reads its machine profile beside it
+        (tmp_path / ini).write_bytes("[Machines]\ncaf\u00e9 = 1\n".encode("latin-1"))
     (tmp_path / "latin1-config.json").write_bytes('{"model_type": "llama", "name": "\u00e9"}'.encode("latin-1"))
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     result = CliRunner().invoke(app, ["plan", "--method", "greedy-flow", *args] if "--method" not in args
