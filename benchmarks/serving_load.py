@@ -206,7 +206,8 @@ def bench(server: Server, model: Path, dataset: Path, prompts: int, concurrency:
     model_name = json.loads(server.get("/v1/models"))["data"][0]["id"]
     args = ["--backend", "openai", "--base-url", server.url, "--endpoint", "/v1/completions",
             "--model", model_name, "--tokenizer", str(model), "--dataset-name", "custom",
-            "--dataset-path", str(dataset), "--skip-chat-template", "--num-prompts", str(prompts),
+            "--dataset-path", str(dataset), "--custom-output-len", "-1",  # each line's output_tokens (default: 256)
+            "--skip-chat-template", "--num-prompts", str(prompts),
             "--max-concurrency", str(concurrency), "--request-rate", "inf", "--ignore-eos",
             "--temperature", "0", "--seed", str(seed), "--percentile-metrics", "ttft,tpot,itl,e2el",
             "--metric-percentiles", "50,95", "--disable-tqdm", "--save-result", "--result-dir", str(out_dir),
