@@ -51,6 +51,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,7 +211,8 @@ def bench(server: Server, model: Path, dataset: Path, prompts: int, concurrency:
             "--skip-chat-template", "--num-prompts", str(prompts),
             "--max-concurrency", str(concurrency), "--request-rate", "inf", "--ignore-eos",
             "--temperature", "0", "--seed", str(seed), "--percentile-metrics", "ttft,tpot,itl,e2el",
-            "--metric-percentiles", "50,95", "--disable-tqdm", "--save-result", "--result-dir", str(out_dir),
+            "--metric-percentiles", "50,95", "--disable-tqdm", "--save-result", "--save-detailed",
+            "--result-dir", str(out_dir),
             "--result-filename", f"{tag}.json"]
     pids = dict(server.pids)
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
@@ -235,14 +237,16 @@ def bench(server: Server, model: Path, dataset: Path, prompts: int, concurrency:
             "load_after": os.getloadavg()[0]}
 
 
-def figures(run: dict[str, Any]) -> dict[str, float]:
+def figures(run: dict[str, Any]) -> dict[str, Any]:
     r = run["result"]
+    errors = Counter(e.strip().splitlines()[-1][:200] for e in r.get("errors", []) if e)
     return {
         "completed": r["completed"], "failed": r.get("failed", r["num_prompts"] - r["completed"]),
         "req_s": r["request_throughput"], "out_tok_s": r["output_throughput"],
         "ttft_p50": r["p50_ttft_ms"], "ttft_p95": r["p95_ttft_ms"],
         "itl_p50": r["p50_itl_ms"], "itl_p95": r["p95_itl_ms"],
         "load": (run["load_before"] + run["load_after"]) / 2,
+        "errors": dict(errors.most_common(5)),
     }
 
 
