@@ -360,7 +360,14 @@ def soak(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             loads.append(f["load"])
             print(json.dumps({"soak_segment": i, **f}), flush=True)
             i += 1
-        time.sleep(3)  # a few heartbeats: every worker has reported after its last release
+        # Every worker up again and reporting: the KV figures below are its own, after the last release.
+        deadline = time.monotonic() + 60
+        while True:
+            time.sleep(2)
+            health = json.loads(server.get("/healthz"))
+            if all(w["up"] for w in health["workers"].values()) or time.monotonic() > deadline:
+                break
+        time.sleep(2)
         metrics = server.get("/metrics")
         health = json.loads(server.get("/healthz"))
         ok_after = metric_samples(metrics, "helix_requests_total").get('{status="ok"}', 0.0)
