@@ -9,7 +9,7 @@ and kept within the model's context. Each prompt is random lowercase text; the b
 makes one token per character.
 
 For each model config and concurrency it serves the model twice, back to back: as a pipeline
-(--workers 2: [0, L/2) -> [L/2, L), one process per stage) and unsplit (--workers 1: one worker
+(a plan of two stages, [0, L/2) -> [L/2, L), one process each) and unsplit (--workers 1: one worker
 holding every layer), both through the same router, so the ratio of their figures is what the
 pipeline costs. Configs: `tiny` (the built-in model; its layers take microseconds, so everything is
 overhead) and `bigger` (random weights, hidden 512, 8 layers: milliseconds per layer on this CPU).
@@ -136,11 +136,11 @@ class Server:
 
 
 @contextlib.contextmanager
-def serving(model: Path, workers: int, api_key: str, logs: Path, python: str) -> Iterator[Server]:
-    """`helix serve --local` as a user runs it (with the venv's `python`), in its own session; stopped
-    with SIGTERM on exit."""
-    cmd = [python, "-m", "helix.cli.app", "serve", "--local", "--model", str(model), "--workers",
-           str(workers), "--port", "0", "--log-dir", str(logs), "--quiet"]
+def serving(model: Path, layout: list[str], api_key: str, logs: Path, python: str) -> Iterator[Server]:
+    """`helix serve --local` as a user runs it (with the venv's `python`; `layout`: `--workers N` or
+    `--plan FILE`), in its own session; stopped with SIGTERM on exit."""
+    cmd = [python, "-m", "helix.cli.app", "serve", "--local", "--model", str(model), *layout, "--port", "0",
+           "--log-dir", str(logs), "--quiet"]
     err = (logs / "serve.stderr").open("w")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
                             env={**os.environ, "HELIX_API_KEY": api_key})
@@ -271,6 +271,19 @@ def make_model(tmp: Path, config: str) -> Path:
     return create_tiny_model(tmp / config, seed=0, **CONFIGS[config])
 
 
+def pipeline_plan(model: Path, tmp: Path) -> Path:
+    """Two stages, [0, L/2) -> [L/2, L), one process each: the split whose cost the benchmark measures.
+    (`--workers 2` would be two whole-model lanes, i.e. replicas.)"""
+    from helix.simulator.plan import NodeAssignment, Plan
+
+    layers = int(json.loads((model / "config.json").read_text())["num_hidden_layers"])
+    path = tmp / f"{model.name}-pipeline.json"
+    Plan(model=model.name, num_layers=layers, method="pipeline", objective_tokens_per_s=0.0,
+         nodes=[NodeAssignment(name="head", gpu="cpu", start_layer=0, end_layer=layers // 2),
+                NodeAssignment(name="tail", gpu="cpu", start_layer=layers // 2, end_layer=layers)]).save(path)
+    return path
+
+
 def load_runs(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for config in args.configs:
@@ -284,11 +297,12 @@ def load_runs(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
             write_dataset(dataset, pairs, seed=c)
             row: dict[str, Any] = {"config": config, "concurrency": c, "prompts": n, "lengths": source,
                                    "mean_in": sum(p[0] for p in pairs) / n, "mean_out": sum(p[1] for p in pairs) / n}
-            for mode, workers in (("pipeline", 2), ("unsplit", 1)):
+            layouts = {"pipeline": ["--plan", str(pipeline_plan(model, tmp))], "unsplit": ["--workers", "1"]}
+            for mode, layout in layouts.items():
                 logs = tmp / f"logs-{config}-{c}-{mode}"
                 logs.mkdir()
                 key = secrets.token_urlsafe(16)
-                with serving(model, workers, key, logs, args.server_python) as server:
+                with serving(model, layout, key, logs, args.server_python) as server:
                     run = bench(server, model, dataset, n, c, key, tmp, f"{config}-{c}-{mode}", seed=c)
                 row[mode] = {**figures(run), "cpu_s": run["cpu_s"], "wall_s": run["wall_s"]}
                 print(json.dumps({"config": config, "concurrency": c, "mode": mode, **row[mode]}), flush=True)
@@ -334,7 +348,7 @@ def soak(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     sent = completed = failed = 0
     kills: list[dict[str, Any]] = []
     loads: list[float] = []
-    with serving(model, 3, key, logs, args.server_python) as server:
+    with serving(model, ["--workers", "3"], key, logs, args.server_python) as server:
         ok_before = metric_samples(server.get("/metrics"), "helix_requests_total").get('{status="ok"}', 0.0)
 
         def killer() -> None:
