@@ -299,8 +299,8 @@ def load_runs(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
                                    "mean_in": sum(p[0] for p in pairs) / n, "mean_out": sum(p[1] for p in pairs) / n}
             layouts = {"pipeline": ["--plan", str(pipeline_plan(model, tmp))], "unsplit": ["--workers", "1"]}
             for mode, layout in layouts.items():
-                logs = tmp / f"logs-{config}-{c}-{mode}"
-                logs.mkdir()
+                logs = (args.logs or tmp) / f"logs-{config}-{c}-{mode}"
+                logs.mkdir(parents=True)
                 key = secrets.token_urlsafe(16)
                 with serving(model, layout, key, logs, args.server_python) as server:
                     run = bench(server, model, dataset, n, c, key, tmp, f"{config}-{c}-{mode}", seed=c)
@@ -339,8 +339,8 @@ def soak(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     scale = args.length_scale or DEFAULT_SCALE[config]
     c = args.soak_concurrency
     segment = args.prompts_per_slot * c * 2
-    logs = tmp / "logs-soak"
-    logs.mkdir()
+    logs = (args.logs or tmp) / "logs-soak"
+    logs.mkdir(parents=True)
     key = secrets.token_urlsafe(16)
     end = time.monotonic() + args.soak_minutes * 60
     kill_at = [time.monotonic() + args.soak_minutes * 60 * f for f in (0.3, 0.65)]
@@ -422,6 +422,7 @@ def main() -> None:
                         help="the interpreter (venv) that runs helix serve, e.g. one made as README's serving "
                         "section says; the client stays in this one, which has vLLM")
     parser.add_argument("--output", type=Path, help="write every figure as JSON")
+    parser.add_argument("--logs", type=Path, help="keep the router's and workers' logs here (a new folder)")
     args = parser.parse_args()
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in args.configs if c not in CONFIGS]
