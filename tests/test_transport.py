@@ -392,3 +392,22 @@ def test_endpoint_problem_accepts_what_a_socket_can_connect_to(address: str) -> 
 def test_endpoint_problem_names_addresses_that_cannot_be_connected_to(address: str) -> None:
     problem = endpoint_problem(address)
     assert problem is not None and repr(address) in problem and "tcp://HOST:PORT" in problem
+
+
+def test_a_missed_wake_up_delays_a_message_but_never_strands_it() -> None:
+    """ZeroMQ wakes a waiting receiver through an edge-triggered descriptor; when the edge is consumed
+    elsewhere (here: reading the socket's EVENTS, as a handshake on a busy machine did), the message
+    must still be received — the wait is bounded (RECV_RECHECK_MS), so it is late, not lost."""
+
+    async def test() -> None:
+        rx = Receiver(ANY_PORT)
+        async with Peers() as peers:
+            got = asyncio.create_task(rx.recv(timeout_s=5))
+            await asyncio.sleep(0.2)  # the receiver is waiting on its socket
+            await peers.send(rx.address, forward(1, tokens=4, width=64, dtype="float32"), timeout_s=2)
+            time.sleep(0.3)  # the loop is blocked while the message lands in ZeroMQ's queue
+            rx._sock.getsockopt(zmq.EVENTS)  # the edge is consumed: no wake-up will come for it
+            assert isinstance(await got, Forward)
+        rx.close()
+
+    run(test)

@@ -65,6 +65,12 @@ from helix.worker.security import GUARDS, CurveKeys, Role
 
 log = logging.getLogger(__name__)
 
+#: A receiver waits for its socket at most this long before looking again itself. ZeroMQ signals
+#: readiness through an edge-triggered descriptor; on a busy machine a CURVE handshake on the same
+#: socket was seen to leave messages queued with no wake-up (a worker then stopped answering
+#: anyone), so the wait is bounded and a missed edge costs at most this much latency.
+RECV_RECHECK_MS = 100
+
 #: Handshake failures a receiver counts as a refused connection: a key not admitted (AUTH), another
 #: mechanism or a broken greeting (PROTOCOL), a handshake that failed otherwise (NO_DETAIL).
 _REFUSED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -256,7 +262,11 @@ class Receiver:
         if self._monitor is not None and self._monitor_task is None:
             self._monitor_task = asyncio.create_task(self._count_refused(), name=f"monitor {self.address}")
         try:
-            return await self._sock.recv_multipart(copy=False)
+            while True:
+                try:
+                    return await self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    await self._sock.poll(timeout=RECV_RECHECK_MS, flags=zmq.POLLIN)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if self._closed and (task is None or not task.cancelling()):
