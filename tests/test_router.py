@@ -1026,3 +1026,23 @@ def test_maxflow_spreads_requests_over_routes_in_proportion_to_the_flows(served:
             assert abs(first_hops.count(name) - requests * flow / total) <= 1.0, (name, first_hops, out)
 
     run(test)
+
+
+def test_a_live_worker_marked_down_still_gets_its_release(served: ServedModel, tmp_path: Path) -> None:
+    """A worker that only misses its heartbeats (a busy machine) is marked down and its requests move; it is
+    alive and holds their KV, so the abandoned attempt's Release must reach it (not wait for its idle sweep)."""
+    async def test() -> None:
+        async with rig(served, tmp_path) as r:
+            b = r.workers["b"]
+            for w in r.workers.values():
+                w.delay_s = 0.005
+            task = asyncio.create_task(r.client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 40}))
+            await until(lambda: bool(b.kv), 5.0)  # decoding through a → b
+            b.silent = True  # stops answering pings, keeps its socket and its KV
+            await until(lambda: not r.router.state.nodes["b"].up, 5.0)
+            body = await (await task).json()
+            assert body["usage"]["completion_tokens"] == 40  # finished on the spare route
+            await until(lambda: not b.kv, 5.0)
+            assert b.releases, "the worker marked down got no Release"
+
+    run(test)

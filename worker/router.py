@@ -924,12 +924,14 @@ class Router:
             return False
 
     def _release_on(self, route: Route, request_id: str, attempt: int) -> None:
-        """Tell every hop of a route to free the request's KV (in the background; down hops skipped)."""
+        """Tell every hop of a route to free the request's KV, in the background. Hops marked down get
+        it too: a worker marked down for missed heartbeats on a busy machine may well be alive, and
+        would otherwise hold the KV until its idle sweep; a dead one just lets the send time out
+        (a Release's timeout marks nothing down)."""
         if self._peers is None:
             return
         for hop in route:
-            if self.state.nodes[hop.node].up:
-                self._spawn(self._send(hop.node, Release(request_id, attempt), self.options.release_timeout_s))
+            self._spawn(self._send(hop.node, Release(request_id, attempt), self.options.release_timeout_s))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
