@@ -266,7 +266,7 @@ class Receiver:
                 try:
                     return await self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                 except zmq.Again:
-                    await self._sock.poll(timeout=RECV_RECHECK_MS, flags=zmq.POLLIN)
+                    await self._sock.poll(timeout=RECV_RECHECK_MS)  # POLLIN by default
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if self._closed and (task is None or not task.cancelling()):
