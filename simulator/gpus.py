@@ -41,13 +41,19 @@ GPU_SPECS: dict[str, GpuSpec] = {
     )
 }
 
+#: Not a GPU: the machine type of a node whose layers run on its CPUs (a CPU worker, measured with
+#: `helix profile --device cpu`). Kept out of GPU_SPECS, which lists GPUs to discover and generate. Its
+#: figures are a nominal server socket, there so a cluster naming CPU nodes loads anywhere; plan such
+#: nodes with a measured profile, and give them `vram_bytes` (the RAM their worker may use).
+CPU_SPEC = GpuSpec("CPU", 64 * GB, 2e12, 200e9)
+
 
 def _key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
 _LOOKUP: dict[str, GpuSpec] = {}
-for _spec in GPU_SPECS.values():
+for _spec in (*GPU_SPECS.values(), CPU_SPEC):
     for _alias in (_spec.name, *_spec.aliases):
         _LOOKUP[_key(_alias)] = _spec
 
@@ -56,6 +62,6 @@ def resolve_gpu(name: str, where: str | None = None) -> GpuSpec:
     """Find a GPU by canonical name, alias or GFD product label (case and punctuation ignored)."""
     spec = _LOOKUP.get(_key(name))
     if spec is None:
-        known = ", ".join(GPU_SPECS)
+        known = ", ".join([*GPU_SPECS, CPU_SPEC.name])
         raise HelixInputError(f"unknown GPU type {name!r}; known types: {known}", where)
     return spec

@@ -1,0 +1,162 @@
+"""`helix profile`: measure a model's layers on this machine and write a measured profile.
+
+The measuring is `helix.worker.profiling` (the worker's own engines, random weights of the real
+shapes unless a checkpoint is given); this module checks the options, shows progress on stderr
+(one line per measured point, none with --quiet), prints the tables it measured and writes the file
+`helix plan --profiles` and `helix simulate --profiles` read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from helix.cli.console import console
+from helix.cli.errors import handle_errors
+
+if TYPE_CHECKING:
+    from helix.worker.profiling import ProfileResult
+
+GRID_PANEL = "Grid"
+MACHINE_PANEL = "Machine"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("profile")(profile_command)
+
+
+def parse_ints(text: str | None, option: str) -> tuple[int, ...] | None:
+    """`128,256,512` → (128, 256, 512); None stays None (the device's default grid)."""
+    from helix.simulator.errors import HelixInputError
+
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise HelixInputError(f"expected comma-separated integers, got {text!r}", option) from None
+
+
+@handle_errors
+def profile_command(
+    model: Annotated[str, typer.Option(
+        "--model", "-m", metavar="NAME|DIR", show_default=False,
+        help="Catalog model (llama2-70b, llama3.1-8b, ...: random weights of its shapes), a folder with only a "
+             "config.json (random weights), or a checkpoint folder (its weights).")],
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", metavar="FILE.json", show_default=False,
+        help="Where to write the measured profile (docs/profile-format.md).")],
+    engine: Annotated[str, typer.Option("--engine", metavar="torch|vllm", help="The worker engine to time.")]
+        = "torch",
+    device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="cpu, cuda or cuda:N.")] = "cpu",
+    dtype: Annotated[str | None, typer.Option(
+        "--dtype", metavar="DTYPE", show_default=False,
+        help="float32, float16 or bfloat16 (default: the model's; the file's model shape records it, and "
+             "plans must use a model of that dtype).")] = None,
+    layers: Annotated[int, typer.Option(
+        "--layers", metavar="K",
+        help="Decoder layers loaded and timed together; times are per layer (a larger K spreads the per-step "
+             "overhead a hop pays once).")] = 1,
+    prompt_tokens: Annotated[str | None, typer.Option(
+        "--prompt-tokens", metavar="N,...", show_default=False, rich_help_panel=GRID_PANEL,
+        help="Prompt batch sizes in tokens (default: 128 ... 8192 on CUDA, 32,128,512 on CPU).")] = None,
+    decode_batches: Annotated[str | None, typer.Option(
+        "--decode-batches", metavar="N,...", show_default=False, rich_help_panel=GRID_PANEL,
+        help="Decode batch sizes in sequences (default: 1 ... 256 on CUDA, 1,4,16 on CPU).")] = None,
+    contexts: Annotated[str | None, typer.Option(
+        "--contexts", metavar="N,...", show_default=False, rich_help_panel=GRID_PANEL,
+        help="Context tokens per sequence: decode batches run at the first; the others, at the middle batch "
+             "size, give the cost per context token (default: 1000,2000,4000 on CUDA, 128,512 on CPU).")] = None,
+    prompt_length: Annotated[int | None, typer.Option(
+        "--prompt-length", metavar="N", show_default=False, rich_help_panel=GRID_PANEL,
+        help="Tokens per prompt in a prompt batch (default: 750, the workload's average input).")] = None,
+    warmup: Annotated[int, typer.Option("--warmup", metavar="N", rich_help_panel=GRID_PANEL,
+                                        help="Untimed runs before each point.")] = 1,
+    repeats: Annotated[int, typer.Option("--repeats", metavar="N", rich_help_panel=GRID_PANEL,
+                                         help="Timed runs per point; the median is kept.")] = 3,
+    memory_bytes: Annotated[int | None, typer.Option(
+        "--memory-bytes", metavar="N", show_default=False, rich_help_panel=MACHINE_PANEL,
+        help="Memory a worker here may use for weights and KV cache (default: CUDA's free memory; on CPU the "
+             "RAM available now).")] = None,
+    memory_utilization: Annotated[float, typer.Option(
+        "--memory-utilization", metavar="F", rich_help_panel=MACHINE_PANEL,
+        help="Share of that memory the engine takes, as vLLM's gpu_memory_utilization.")] = 0.9,
+    gpu: Annotated[str | None, typer.Option(
+        "--gpu", metavar="TYPE", show_default=False, rich_help_panel=MACHINE_PANEL,
+        help="Machine type to record (default: the GPU CUDA reports; CPU on cpu).")] = None,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", metavar="N", show_default=False, rich_help_panel=MACHINE_PANEL,
+        help="torch intra-op threads (default: torch's).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random weights and inputs.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no tables: one summary line.")]
+        = False,
+) -> None:
+    """Measure one decoder layer's prompt and decode batch times and the KV capacity here; write a profile.
+
+    Example: helix profile --model llama3.1-8b --device cuda -o h100.json; then
+    helix plan --mix H100:4 --model llama3.1-8b --profiles h100.json
+    """
+    from helix.simulator.errors import HelixInputError
+    from helix.simulator.profiles.measured import write_measured_profile
+    from helix.worker.profiling import DEFAULT_GRIDS, Grid, ProfileSettings, profile_model
+
+    if output.suffix.lower() != ".json":
+        raise HelixInputError(f"{output}: a profile is JSON; name it .json", "--output")
+    if not output.parent.is_dir():
+        raise HelixInputError(f"{output}: folder {output.parent} does not exist", "--output")
+    base = DEFAULT_GRIDS["cuda" if device.startswith("cuda") else "cpu"]
+    grid = Grid(
+        prompt_tokens=parse_ints(prompt_tokens, "--prompt-tokens") or base.prompt_tokens,
+        decode_batches=parse_ints(decode_batches, "--decode-batches") or base.decode_batches,
+        contexts=parse_ints(contexts, "--contexts") or base.contexts,
+        prompt_length=base.prompt_length if prompt_length is None else prompt_length,
+        warmup=warmup, repeats=repeats)
+    settings = ProfileSettings(model=model, engine=engine, device=device, dtype=dtype, layers=layers, grid=grid,
+                               memory_bytes=memory_bytes, memory_utilization=memory_utilization, gpu=gpu,
+                               threads=threads, seed=seed)
+    err = console(stderr=True)
+    result = profile_model(settings, None if quiet else lambda text: err.print(text, markup=False, highlight=False))
+    write_measured_profile(output, result.model, [result.machine], result.measured_on)
+    if quiet:
+        print(summary_line(result, output))
+    else:
+        print_result(result, output)
+
+
+def summary_line(result: ProfileResult, output: Path) -> str:
+    m = result.machine
+    return (f"{result.model.name} on {m.machine_type} ({result.measured_on['engine']}, {result.model.dtype}): "
+            f"prompt {m.prompt.tokens[-1]} tokens {m.prompt.seconds_per_layer[-1] * 1e3:.3g} ms/layer, "
+            f"decode batch {m.decode.batch[-1]} {m.decode.seconds_per_layer[-1] * 1e3:.3g} ms/layer, "
+            f"max layers {m.max_layers}; wrote {output}")
+
+
+def print_result(result: ProfileResult, output: Path) -> None:
+    from rich.table import Table
+
+    from helix.simulator.cluster import GpuNode
+    from helix.simulator.profiles.measured import MeasuredProfileFile, MeasuredProfiles
+
+    m = result.machine
+    out = console()
+    table = Table(title=f"{result.model.name} on {m.machine_type}: seconds per layer "
+                        f"({result.measured_on['engine']}, {result.model.dtype}, {result.measured_on['device']})")
+    for column in ("phase", "batch", "ms / layer", "tokens/s per layer"):
+        table.add_column(column, justify="left" if column == "phase" else "right")
+    for tokens, seconds in zip(m.prompt.tokens, m.prompt.seconds_per_layer, strict=True):
+        table.add_row("prompt", f"{tokens} tokens", f"{seconds * 1e3:.3g}", f"{tokens / seconds:,.0f}")
+    context = m.decode.context_tokens_per_sequence
+    for batch, seconds in zip(m.decode.batch, m.decode.seconds_per_layer, strict=True):
+        table.add_row("decode", f"{batch} × {context} context", f"{seconds * 1e3:.3g}", f"{batch / seconds:,.0f}")
+    out.print(table)
+    data = MeasuredProfileFile(schema_version=1, model=result.model.name, gpus={m.machine_type: m})
+    profiles = MeasuredProfiles(result.model, data)
+    node = GpuNode(name="this", gpu=m.gpu, gpu_count=m.gpu_count)
+    held = max(1, m.max_layers)
+    memory = result.measured_on["memory"]
+    out.print(f"context cost: {m.decode.seconds_per_context_token * 1e9:.3g} ns per token of batch context; memory "
+              f"budget {memory['bytes'] * memory['utilization'] / 1e9:.1f} GB ({memory['source']}): at most "
+              f"{m.max_layers} layers, {profiles.kv_capacity_tokens(node, held):,} KV tokens per layer at {held}")
+    out.print(f"wrote profile to [bold]{output}[/]")

@@ -1,0 +1,193 @@
+"""`helix profile`: a real engine measured on this CPU, a file plan and simulate accept, one-line errors.
+
+The grids are tiny (two points, one run each) so the tests take seconds; they check structure —
+times positive and finite, the file round-trips, the planner and simulator read it — never speed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from helix.cli.app import app  # noqa: E402
+from helix.simulator.cluster import GpuNode  # noqa: E402
+from helix.simulator.model import resolve_model  # noqa: E402
+from helix.simulator.profiles.measured import MeasuredProfileFile, MeasuredProfiles  # noqa: E402
+from helix.worker.profiling import Grid, kv_tokens_needed, resolve_source, write_random_shard  # noqa: E402
+from helix.worker.tiny_model import create_tiny_model, tiny_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = ["--prompt-tokens", "8,16", "--decode-batches", "1,2", "--contexts", "8,16", "--warmup", "0",
+         "--repeats", "1", "--threads", "1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def keep_threads() -> Iterator[None]:
+    """helix profile --threads sets torch's thread count for the process the CliRunner shares."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return create_tiny_model(tmp_path_factory.mktemp("model") / "tiny", seed=1)
+
+
+@pytest.fixture(scope="module")
+def measured(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("profile") / "cpu.json"
+    result = CliRunner().invoke(app, ["profile", "--model", str(tiny), "--output", str(out), *QUICK])
+    assert result.exit_code == 0, result.stderr or result.exception
+    assert "[1/5] prompt 8 tokens" in result.stderr  # progress, one line per point
+    assert "wrote profile to" in result.stdout
+    return out
+
+
+def test_the_file_holds_positive_times_and_the_configuration(measured: Path, tiny: Path) -> None:
+    data = MeasuredProfileFile.load(measured)
+    (label, entry), = data.gpus.items()
+    assert label == "CPU" and entry.gpu == "CPU" and entry.gpu_count == 1
+    times = [*entry.prompt.seconds_per_layer, *entry.decode.seconds_per_layer]
+    assert all(t > 0 and math.isfinite(t) for t in times)
+    assert entry.prompt.tokens == [8, 16] and entry.decode.batch == [1, 2]
+    assert entry.decode.context_tokens_per_sequence == 8 and entry.decode.seconds_per_context_token >= 0
+    assert entry.max_layers == 8 and entry.memory_budget_bytes and entry.memory_budget_bytes > 0
+    on = data.measured_on
+    assert on["dtype"] == "float32" and on["threads"] == 1 and on["layers_timed"] == 1
+    assert on["engine"].startswith("torch") and on["torch"] == torch.__version__
+    assert on["grid"]["repeats"] == 1 and on["memory"]["source"] == "MemAvailable in /proc/meminfo"
+    assert [p["context_tokens_per_sequence"] for p in on["context_sweep"]] == [8, 16]
+    assert data.model_shape == {k: v for k, v in resolve_model(str(tiny)).model_dump(exclude={"name"}).items()
+                                if v is not None}
+    # What the reader answers for a CPU node of this file: the measured points themselves.
+    profiles = MeasuredProfiles(resolve_model(str(tiny)), data)
+    node = GpuNode(name="n", gpu="cpu")
+    assert profiles.prompt_layer_time(node, 16) == entry.prompt.seconds_per_layer[1]
+    assert profiles.kv_capacity_tokens(node, 8) > 0 and profiles.throughput(node, 8) > 0
+
+
+def test_plan_and_simulate_read_it(measured: Path, tiny: Path, tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    common = ["--mix", "CPU:3", "--model", str(tiny), "--profiles", str(measured)]
+    result = CliRunner().invoke(app, ["plan", *common, "--time-limit", "1", "-o", str(plan), "-q"])
+    assert result.exit_code == 0, result.stderr
+    assert {n["gpu"] for n in json.loads(plan.read_text())["nodes"]} == {"CPU"}
+    result = CliRunner().invoke(app, ["simulate", *common, "--plan", str(plan), "--duration", "5", "-q"])
+    assert result.exit_code == 0, result.stderr
+
+
+def test_a_different_dtype_is_a_different_model_shape(tiny: Path, tmp_path: Path) -> None:
+    """The file records the dtype measured: a plan of the float32 model refuses a bfloat16 profile."""
+    out = tmp_path / "bf16.json"
+    result = CliRunner().invoke(app, ["profile", "--model", str(tiny), "-o", str(out), "--dtype", "bfloat16",
+                                      "--quiet", *QUICK])
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == "" and len(result.stdout.splitlines()) == 1 and "wrote" in result.stdout
+    assert MeasuredProfileFile.load(out).model_shape["dtype"] == "bfloat16"
+    result = CliRunner().invoke(app, ["plan", "--mix", "CPU:2", "--model", str(tiny), "--profiles", str(out), "-q"])
+    assert result.exit_code == 2 and "different model shape: dtype='bfloat16'" in result.stderr
+
+
+def test_a_config_without_weights_gets_random_weights_of_its_shapes(tmp_path: Path) -> None:
+    folder = tmp_path / "config-only"
+    tiny_config(num_layers=4, hidden=96, heads=3, kv_heads=1, intermediate=160).save_pretrained(str(folder))
+    out = tmp_path / "random.json"
+    result = CliRunner().invoke(app, ["profile", "--model", str(folder), "-o", str(out), "--layers", "2", "-q",
+                                      *QUICK])
+    assert result.exit_code == 0, result.stderr
+    data = MeasuredProfileFile.load(out)
+    assert data.measured_on["weights"].endswith("(random weights)") and data.measured_on["layers_timed"] == 2
+    assert data.model_shape is not None and data.model_shape["hidden_size"] == 96
+
+
+def test_random_shard_holds_only_the_timed_layers(tmp_path: Path) -> None:
+    """A catalog model's config at full size, but only layers [1, 2) written (no 128k-token embedding)."""
+    source = resolve_source("llama3.1-8b")
+    assert source.weights_dir is None and source.spec.name == "llama3.1-8b"
+    config = source.hf_config
+    assert (config.hidden_size, config.intermediate_size, config.num_key_value_heads, config.vocab_size) == \
+        (4096, 14336, 8, 128256)
+    small = config.__class__.from_dict({**config.to_dict(), "hidden_size": 64, "intermediate_size": 96,
+                                        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32})
+    folder = write_random_shard(small, tmp_path / "shard", 1, 2, torch.bfloat16, seed=0)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index and all(name.startswith("model.layers.1.") for name in index)
+    assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == 32
+
+
+def test_kv_capacity_covers_the_largest_phase() -> None:
+    grid = Grid(prompt_tokens=(100, 2000), decode_batches=(1, 8, 64), contexts=(1000, 3000), prompt_length=750)
+    # decode: 64 requests of 1000 tokens + 4 runs × 3 batch sizes, rounded up to 256: 64 × 1024 (the largest)
+    assert kv_tokens_needed(grid) == max(64 * 1024, 8 * 3072, 768 + 768 + 512)
+
+
+@pytest.mark.parametrize(("args", "where"), [
+    (["--model", "nope-70b"], "--model"),
+    (["--layers", "7"], "--layers"),
+    (["--layers", "0"], "--layers"),
+    (["--prompt-tokens", "8,x"], "--prompt-tokens"),
+    (["--prompt-tokens", "16"], "--prompt-tokens"),
+    (["--decode-batches", "4,2"], "--decode-batches"),
+    (["--contexts", "0,8"], "--contexts"),
+    (["--repeats", "0"], "--repeats"),
+    (["--dtype", "int8"], "--dtype"),
+    (["--engine", "tensorrt"], "--engine"),
+    (["--device", "tpu"], "--device"),
+    (["--gpu", "B9000"], "--gpu"),
+    (["--memory-utilization", "1.5"], "--memory-utilization"),
+    (["--output", "profile.yaml"], "--output"),
+    (["--output", "no/such/folder/p.json"], "--output"),
+])
+def test_bad_input_is_one_line(args: list[str], where: str, tiny: Path, tmp_path: Path) -> None:
+    model = [] if "--model" in args else ["--model", str(tiny)]
+    output = [] if "--output" in args else ["--output", str(tmp_path / "p.json")]
+    result = CliRunner().invoke(app, ["profile", *model, *output, *args])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {where}"), result.stderr
+    assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_the_vllm_engine_profiles_too(tmp_path: Path) -> None:
+    """vLLM's CPU kernels need a head size of 32: a model with one. In a process of its own (vLLM's
+    OpenMP threads are set at import)."""
+    model = create_tiny_model(tmp_path / "heads32", hidden=128, heads=4, kv_heads=2, intermediate=256)
+    out = tmp_path / "vllm.json"
+    done = subprocess.run([sys.executable, "-m", "helix.cli.app", "profile", "--model", str(model), "-o", str(out),
+                           "--engine", "vllm", "-q", *QUICK], capture_output=True, text=True, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = MeasuredProfileFile.load(out)
+    assert data.measured_on["engine"].startswith("vllm 0.")
+    assert all(t > 0 for t in data.gpus["CPU"].decode.seconds_per_layer)
+
+
+@pytest.mark.slow
+def test_the_gpu_suite_cpu_path(tmp_path: Path) -> None:
+    """benchmarks/gpu_suite.py as CI runs it: the CUDA path with CPU sizes, torch engine."""
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_suite.py"), "--device", "cpu",
+                           "--engines", "torch", "--threads", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, check=False, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "suite.json").read_text())
+    (prof,) = report["profiles"]
+    assert prof["machine_type"] == "CPU" and all(p["measured_s"] > 0 for p in prof["points"])
+    if report["serving_skipped"] is None:
+        assert [r["workers"] for r in report["serving"]] == [1, 2]
+        assert all(r["failed"] == 0 and r["completed"] == 4 for r in report["serving"])
+    assert "## Serving" in (tmp_path / "suite.md").read_text()
