@@ -8,9 +8,19 @@ import pytest
 
 from helix.simulator.cluster import Cluster
 from helix.simulator.generators import single_region
+from helix.simulator.placement.base import PlacementOptions
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "reference"
+#: How much longer than its work a test's planning run may take on the clock. Searches are budgeted in
+#: deterministic units (placement/budget.py), so a busy machine may slow them down but never cut them short.
+WALL_SLACK = 30.0
+
+
+def work_limit(seconds: float, **kwargs: object) -> PlacementOptions:
+    """The deterministic budgets of `--time-limit seconds`, under a wall cap WALL_SLACK times longer: what
+    a test asserts about the search's result then cannot depend on the machine's load."""
+    return PlacementOptions(time_limit_s=seconds * WALL_SLACK, effort=1 / WALL_SLACK, **kwargs)  # type: ignore[arg-type]
 
 
 def make_cluster(mix: dict[str, int] | None = None, **kwargs: object) -> Cluster:

@@ -23,7 +23,7 @@ from helix.simulator.placement.base import (
 from helix.simulator.placement.heuristics import check_fits
 from helix.simulator.profiles.roofline import RooflineProfiles
 from helix.simulator.validate import assert_valid
-from tests.conftest import make_cluster
+from tests.conftest import make_cluster, work_limit
 
 HEURISTICS = ("petals", "swarm", "homogeneous", "separate", "sp-plus", "greedy-flow")
 BASELINES = ("petals", "swarm", "homogeneous", "separate", "sp-plus")
@@ -62,7 +62,7 @@ CLUSTERS = {
 def test_every_method_gives_valid_ranges_with_flow(method: str, cluster_key: str, partial: bool) -> None:
     build, model = CLUSTERS[cluster_key]
     problem = _problem(build(), model)
-    options = PlacementOptions(partial_inference=partial, seed=3, time_limit_s=2)
+    options = work_limit(2, partial_inference=partial, seed=3)
     result = PLACEMENT_METHODS[method](problem, options)
     assert result.status == "heuristic"
     _check_ranges(problem, result.ranges)
@@ -78,7 +78,7 @@ def test_every_method_gives_valid_ranges_with_flow(method: str, cluster_key: str
 @pytest.mark.parametrize("method", HEURISTICS)
 def test_plans_validate(method: str) -> None:
     problem = _problem(make_cluster({"A100-40G": 2, "L4": 3, "T4": 4}), MID)
-    plan = plan_placement(problem, method, PlacementOptions(time_limit_s=2))
+    plan = plan_placement(problem, method, work_limit(2))
     assert plan.objective_tokens_per_s > 0
     assert_valid(plan, problem.cluster, problem.model, problem.profiles)
 

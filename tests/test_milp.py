@@ -17,12 +17,13 @@ import pytest
 from helix.simulator.generators import multi_region, single_region
 from helix.simulator.model import MODEL_CATALOG
 from helix.simulator.placement import milp as milp_module
-from helix.simulator.placement.base import PlacementOptions, PlacementProblem, plan_placement
+from helix.simulator.placement.base import PlacementProblem, plan_placement
 from helix.simulator.placement.coverage import CoverageModel
 from helix.simulator.placement.pruning import prune_edges
 from helix.simulator.plan import ProgressPoint
 from helix.simulator.profiles.roofline import RooflineProfiles
 from helix.simulator.validate import validate_plan
+from tests.conftest import work_limit
 
 MODEL = MODEL_CATALOG["llama2-70b"]
 
@@ -34,8 +35,8 @@ def problem_for(cluster: object) -> PlacementProblem:
 def test_small_cluster_is_solved_to_proven_optimality() -> None:
     problem = problem_for(single_region({"L4": 8, "T4": 8}))
     points: list = []
-    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=20, progress=points.append,
-                                                            selection="max-flow"))
+    plan = plan_placement(problem, "milp", work_limit(20, progress=points.append,
+                                           selection="max-flow"))
     assert validate_plan(plan, problem.cluster, problem.model, problem.profiles) == []
     assert plan.status == "optimal"
     assert plan.bound_tokens_per_s == pytest.approx(plan.objective_tokens_per_s, rel=2e-3)
@@ -46,7 +47,7 @@ def test_small_cluster_is_solved_to_proven_optimality() -> None:
 def test_bound_is_never_below_the_objective_on_a_network_bound_cluster() -> None:
     cluster = multi_region({"us": {"A100-80G": 2, "L4": 2}, "eu": {"L40S": 2, "T4": 3}}, seed=3)
     problem = problem_for(cluster)
-    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=3, selection="max-flow"))
+    plan = plan_placement(problem, "milp", work_limit(3, selection="max-flow"))
     assert validate_plan(plan, cluster, MODEL, problem.profiles) == []
     assert plan.bound_tokens_per_s is not None
     assert plan.bound_tokens_per_s >= plan.objective_tokens_per_s - 1e-6
@@ -55,8 +56,8 @@ def test_bound_is_never_below_the_objective_on_a_network_bound_cluster() -> None
 
 def test_without_partial_inference_ranges_chain_exactly() -> None:
     problem = problem_for(single_region({"A100-80G": 2, "L4": 6}))
-    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=3, partial_inference=False,
-                                                            selection="max-flow"))
+    plan = plan_placement(problem, "milp", work_limit(3, partial_inference=False,
+                                           selection="max-flow"))
     assert validate_plan(plan, problem.cluster, problem.model, problem.profiles) == []
     ranges = plan.ranges
     for flow in plan.flows:
@@ -66,7 +67,7 @@ def test_without_partial_inference_ranges_chain_exactly() -> None:
 
 def test_without_warm_start_the_solver_still_finds_a_plan() -> None:
     problem = problem_for(single_region({"A100-80G": 2, "L40S": 3}))
-    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=3, warm_start=False, selection="max-flow"))
+    plan = plan_placement(problem, "milp", work_limit(3, warm_start=False, selection="max-flow"))
     assert plan.objective_tokens_per_s > 0
     assert "warm_start_method" not in plan.config
 
@@ -79,8 +80,8 @@ def test_without_warm_start_the_solvers_own_incumbent_improves_until_it_meets_th
     """
     problem = problem_for(single_region({"L4": 8, "T4": 8}))
     points: list[ProgressPoint] = []
-    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=20, warm_start=False, prune_keep=0,
-                                                            progress=points.append, selection="max-flow"))
+    plan = plan_placement(problem, "milp", work_limit(20, warm_start=False, prune_keep=0,
+                                           progress=points.append, selection="max-flow"))
     assert plan.status == "optimal" and plan.config["max_flow_status"] == "optimal"
     assert validate_plan(plan, problem.cluster, problem.model, problem.profiles) == []
     incumbents = [p for p in points if p.objective_tokens_per_s > 0]
@@ -98,7 +99,7 @@ def test_a_search_that_finds_nothing_says_so(monkeypatch: pytest.MonkeyPatch) ->
     search's own status must not claim one."""
     monkeypatch.setattr(milp_module._Search, "_solve", lambda *_args, **_kwargs: None)
     problem = problem_for(single_region({"L4": 8, "T4": 8}))
-    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=1, warm_start=False, selection="max-flow"))
+    plan = plan_placement(problem, "milp", work_limit(1, warm_start=False, selection="max-flow"))
     assert plan.nodes == [] and plan.objective_tokens_per_s == 0
     assert plan.status == "no-solution" and plan.config["max_flow_status"] == "no-solution"
 
@@ -108,7 +109,7 @@ def test_a_solve_cut_short_claims_no_bound() -> None:
     which must not be taken for a bound (it once made an empty search "optimal")."""
     problem = problem_for(single_region({"A100-40G": 4, "V100": 6, "L4": 8, "L4x2": 4, "T4": 10, "T4x2": 6,
                                          "T4x4": 4}))
-    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=0.3, warm_start=False, selection="max-flow"))
+    plan = plan_placement(problem, "milp", work_limit(0.3, warm_start=False, selection="max-flow"))
     status = plan.config["max_flow_status"]
     assert (status == "no-solution") == (plan.objective_tokens_per_s == 0) and status != "optimal"
     assert plan.bound_tokens_per_s is None or plan.bound_tokens_per_s > plan.objective_tokens_per_s

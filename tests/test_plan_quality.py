@@ -33,7 +33,7 @@ from helix.simulator.placement.candidates import ServedSearch, balanced_join
 from helix.simulator.placement.heuristics import Tables
 from helix.simulator.placement.served import kv_cover, served_estimate
 from helix.simulator.profiles.roofline import RooflineProfiles
-from tests.conftest import make_cluster
+from tests.conftest import make_cluster, work_limit
 
 SLICE_LIMIT_S = 120.0  # never reached: the cap only guards a machine that stalls
 SLICE_EFFORT = 0.005  # the budgets of a 0.6 s limit (CP-SAT's floor, the baselines' runs)
@@ -157,7 +157,7 @@ def test_the_model_explains_why_the_max_flow_optimum_serves_less_than_the_publis
     profiles = HelixReferenceProfiles(reference_dir / "profiles" / "helix-profiles.json", model, cluster)
     problem = PlacementProblem(cluster, model, profiles)
     published = load_helix_solution(reference_dir / "layouts" / "llama70b-single" / "ilp" / "ilp_sol.ini", cluster)
-    optimum = plan_placement(problem, "milp", PlacementOptions(time_limit_s=10, selection="max-flow"))
+    optimum = plan_placement(problem, "milp", work_limit(10, selection="max-flow"))
     served_optimum, served_published = served_estimate(problem, optimum.ranges), served_estimate(problem, published)
     assert optimum.objective_tokens_per_s > 1.5 * served_published.max_flow_tokens_per_s  # 2045.6 vs 1289.6
     assert served_optimum.hops == 24 and served_published.hops < 16

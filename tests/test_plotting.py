@@ -20,6 +20,7 @@ from helix.simulator.placement.base import (
 from helix.simulator.plan import EdgeFlow, Plan
 from helix.simulator.plotting import plan_figure, plot_plan, top_flows
 from helix.simulator.profiles.roofline import RooflineProfiles
+from tests.conftest import work_limit
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = MODEL_CATALOG["llama3.1-8b"]
@@ -29,7 +30,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _plan(mix: dict[str, int], method: str = "greedy-flow") -> tuple[Plan, PlacementProblem]:
     cluster = single_region(mix)
     problem = PlacementProblem(cluster, MODEL, RooflineProfiles(MODEL))
-    return plan_placement(problem, method, PlacementOptions(time_limit_s=2)), problem
+    return plan_placement(problem, method, work_limit(2)), problem
 
 
 def test_png_for_a_small_plan(tmp_path: Path) -> None:

@@ -10,10 +10,11 @@ from helix.simulator.errors import HelixInputError
 from helix.simulator.flow import max_flow
 from helix.simulator.generators import multi_region, single_region
 from helix.simulator.model import MODEL_CATALOG
-from helix.simulator.placement.base import PLACEMENT_METHODS, PlacementOptions, PlacementProblem, plan_placement
+from helix.simulator.placement.base import PLACEMENT_METHODS, PlacementProblem, plan_placement
 from helix.simulator.placement.heuristics import check_fits
 from helix.simulator.profiles.roofline import RooflineProfiles
 from helix.simulator.validate import validate_plan
+from tests.conftest import work_limit
 
 HEURISTICS = ("petals", "swarm", "homogeneous", "separate", "sp-plus", "greedy-flow")
 GPUS = ("A100-80G", "A100-40G", "L40S", "L4", "A10G", "T4", "V100")
@@ -44,7 +45,7 @@ common = settings(max_examples=12, deadline=None, suppress_health_check=[HealthC
 @given(problems(), st.booleans())
 def test_every_heuristic_plan_validates_and_reports_its_max_flow(problem: PlacementProblem, partial: bool) -> None:
     for method in HEURISTICS:
-        plan = plan_placement(problem, method, PlacementOptions(partial_inference=partial, time_limit_s=1))
+        plan = plan_placement(problem, method, work_limit(1, partial_inference=partial))
         assert validate_plan(plan, problem.cluster, problem.model, problem.profiles) == [], method
         recomputed = max_flow(problem.cluster, problem.model, problem.profiles, plan.ranges, partial).value
         assert plan.objective_tokens_per_s == pytest.approx(recomputed, rel=1e-6, abs=1e-3), method
@@ -59,9 +60,9 @@ def test_milp_is_at_least_every_heuristic(problem: PlacementProblem) -> None:
     simulation prefer, which may give up max flow for throughput the cluster actually serves
     (docs/placement.md); test_plan_quality.py checks that choice.
     """
-    best_heuristic = max(plan_placement(problem, m, PlacementOptions(time_limit_s=1)).objective_tokens_per_s
+    best_heuristic = max(plan_placement(problem, m, work_limit(1)).objective_tokens_per_s
                          for m in HEURISTICS)
-    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=1.5, selection="max-flow"))
+    plan = plan_placement(problem, "milp", work_limit(1.5, selection="max-flow"))
     assert validate_plan(plan, problem.cluster, problem.model, problem.profiles) == []
     assert plan.objective_tokens_per_s >= best_heuristic - 1e-6
     assert plan.bound_tokens_per_s is None or plan.bound_tokens_per_s >= plan.objective_tokens_per_s - 1e-6
@@ -70,7 +71,7 @@ def test_milp_is_at_least_every_heuristic(problem: PlacementProblem) -> None:
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_a_selected_milp_plan_validates_and_reports_its_max_flow(problem: PlacementProblem) -> None:
-    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=1.5, selection="estimate"))
+    plan = plan_placement(problem, "milp", work_limit(1.5, selection="estimate"))
     assert validate_plan(plan, problem.cluster, problem.model, problem.profiles) == []
     recomputed = max_flow(problem.cluster, problem.model, problem.profiles, plan.ranges).value
     assert plan.objective_tokens_per_s == pytest.approx(recomputed, rel=1e-6, abs=1e-3)

@@ -28,7 +28,7 @@ from helix.simulator.placement.served import ServedEstimate
 from helix.simulator.plan import Plan
 from helix.simulator.profiles.roofline import RooflineProfiles
 from helix.simulator.validate import validate_plan
-from tests.conftest import make_cluster
+from tests.conftest import make_cluster, work_limit
 
 MODEL = MODEL_CATALOG["llama-30b"]  # 60 layers: A100-40G holds up to 18, L4 11, T4 7
 MIX = {"A100-40G": 2, "L4": 4, "T4": 4}
@@ -53,7 +53,7 @@ def entry(record: dict, label: str) -> dict:
 
 def test_max_flow_selection_is_the_milp_optimum() -> None:
     problem = problem_for()
-    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=2, selection="max-flow"))
+    plan = plan_placement(problem, "milp", work_limit(2, selection="max-flow"))
     check_plan(problem, plan)
     assert plan.config["selection"] == {"mode": "max-flow", "resolved": "max-flow", "chosen": MAX_FLOW_LABEL}
     assert plan.objective_tokens_per_s == pytest.approx(plan.config["max_flow_optimum_tokens_per_s"], abs=1e-3)
@@ -61,7 +61,7 @@ def test_max_flow_selection_is_the_milp_optimum() -> None:
 
 def test_estimate_selection_serves_the_best_estimate_and_reports_the_max_flow_it_gave_up() -> None:
     problem = problem_for()
-    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=3, selection="estimate"))
+    plan = plan_placement(problem, "milp", work_limit(3, selection="estimate"))
     check_plan(problem, plan)
     record = plan.config["selection"]
     assert record["chosen_by"] == "estimate" and "simulation" not in record
@@ -194,7 +194,7 @@ def test_a_forced_placement_is_solved_and_proven() -> None:
     cluster = multi_region({"us": {"A100-40G": 2, "L4": 2}, "eu": {"A100-40G": 2, "L4": 2, "T4": 2}}, seed=1)
     problem = PlacementProblem(cluster, model, RooflineProfiles(model))
     assert forced_counts(problem) is not None
-    plan = plan_placement(problem, "milp", PlacementOptions(time_limit_s=20, selection="max-flow"))
+    plan = plan_placement(problem, "milp", work_limit(20, selection="max-flow"))
     check_plan(problem, plan)
     assert plan.status == "optimal" and plan.config["forced_chain"] is True
     assert plan.bound_tokens_per_s == pytest.approx(plan.objective_tokens_per_s, rel=1e-3)

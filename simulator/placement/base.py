@@ -56,10 +56,12 @@ class PlacementOptions:
     #: What the planner is doing after the max-flow search, one line per step (selection's candidate
     #: search and each of its simulations), for a person watching; None: silent.
     stage: Callable[[str], None] | None = field(default=None, compare=False)
+    #: True once the user stopped the run (Ctrl-C): a search that could run long ends at its next check.
+    stopped: Callable[[], bool] = field(default=lambda: False, compare=False)
 
     def resolved(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)
-               if f.name not in ("progress", "stage", "workload")}
+               if f.name not in ("progress", "stage", "workload", "stopped")}
         out["workload"] = None if self.workload is None else self.workload.describe()
         return out
 

@@ -428,7 +428,7 @@ def greedy_flow(problem: PlacementProblem, options: PlacementOptions) -> Placeme
     climbing; never worse than the baselines (they are candidates too)."""
     started = time.monotonic()
     tables = _prepare(problem)
-    cap = WallCap.after(max(options.time_limit_s / 2, 0.5))
+    cap = WallCap.after(max(options.time_limit_s / 2, 0.5), options.stopped)
     rng = random.Random(options.seed)
     pi = options.partial_inference
     cover = _Cover(tables, rng, cap)

@@ -301,11 +301,13 @@ class _Stopper:
                 signal.signal(sig, handler)
 
 
-def warm_start(problem: PlacementProblem, options: PlacementOptions) -> tuple[str, Ranges, float, bool]:
+def warm_start(problem: PlacementProblem, options: PlacementOptions,
+               stopped: Callable[[], bool]) -> tuple[str, Ranges, float, bool]:
     """`greedy-flow`'s placement (the best of its own search and every baseline), its max flow, and
-    whether its wall-clock cap bit (its search is bounded by counts; the cap is half the limit)."""
+    whether its wall-clock cap bit (its search is bounded by counts; the cap is half the limit).
+    `stopped` ends its search early: on a big cluster it can take a while, and Ctrl-C must not wait."""
     budget = PlacementOptions(partial_inference=options.partial_inference, seed=options.seed,
-                              time_limit_s=options.time_limit_s)
+                              time_limit_s=options.time_limit_s, stopped=stopped)
     result = PLACEMENT_METHODS[WARM_START_METHOD](problem, budget)
     value = max_flow(problem.cluster, problem.model, problem.profiles, result.ranges, options.partial_inference).value
     return WARM_START_METHOD, result.ranges, value, bool(result.details.get("wall_cap_hit"))
@@ -513,7 +515,7 @@ def milp(problem: PlacementProblem, options: PlacementOptions) -> PlacementResul
     with stopper.installed():
         seed_ranges: Ranges = {}
         if options.warm_start:
-            method, seed_ranges, value, warm_capped = warm_start(problem, options)
+            method, seed_ranges, value, warm_capped = warm_start(problem, options, lambda: stopper.stopped)
             details |= {"warm_start_method": method, "warm_start_tokens_per_s": round(value, 3)}
         keep = options.prune_keep if options.prune_keep is not None else DEFAULT_PRUNE_KEEP
         edges = prune_edges(problem.cluster, problem.model, keep)
@@ -541,7 +543,7 @@ def milp(problem: PlacementProblem, options: PlacementOptions) -> PlacementResul
         if search.status != "optimal" and not stopper.stopped:
             search.full(budget.cpsat_dtime - search.dtime_used, bound_is_global=keep == 0)
         others = [(WARM_START_METHOD, seed_ranges)] if seed_ranges else []
-        if mode != "max-flow":
+        if mode != "max-flow" and not stopper.stopped:
             others += [(name, PLACEMENT_METHODS[name](problem, options).ranges) for name in SELECTION_BASELINES]
         ranges, selection = select(problem, options, search.best.ranges, others, budget, cap)
     details["stopped_early"] = stopper.stopped
