@@ -149,6 +149,7 @@ def test_kv_capacity_covers_the_largest_phase() -> None:
     (["--device", "tpu"], "--device"),
     (["--gpu", "B9000"], "--gpu"),
     (["--memory-utilization", "1.5"], "--memory-utilization"),
+    (["--memory-bytes", "inf"], "--memory-bytes"),
     (["--output", "profile.yaml"], "--output"),
     (["--output", "no/such/folder/p.json"], "--output"),
 ])

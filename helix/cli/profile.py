@@ -8,6 +8,7 @@ shapes unless a checkpoint is given); this module checks the options, shows prog
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -76,7 +77,7 @@ def profile_command(
                                         help="Untimed runs before each point.")] = 1,
     repeats: Annotated[int, typer.Option("--repeats", metavar="N", rich_help_panel=GRID_PANEL,
                                          help="Timed runs per point; the median is kept.")] = 3,
-    memory_bytes: Annotated[int | None, typer.Option(
+    memory_bytes: Annotated[float | None, typer.Option(
         "--memory-bytes", metavar="N", show_default=False, rich_help_panel=MACHINE_PANEL,
         help="Memory a worker here may use for weights and KV cache (default: CUDA's free memory; on CPU the "
              "RAM available now).")] = None,
@@ -106,6 +107,8 @@ def profile_command(
         raise HelixInputError(f"{output}: a profile is JSON; name it .json", "--output")
     if not output.parent.is_dir():
         raise HelixInputError(f"{output}: folder {output.parent} does not exist", "--output")
+    if memory_bytes is not None and not (math.isfinite(memory_bytes) and memory_bytes >= 1):
+        raise HelixInputError(f"must be a positive number of bytes, got {memory_bytes}", "--memory-bytes")
     base = DEFAULT_GRIDS["cuda" if device.startswith("cuda") else "cpu"]
     grid = Grid(
         prompt_tokens=parse_ints(prompt_tokens, "--prompt-tokens") or base.prompt_tokens,
@@ -114,7 +117,8 @@ def profile_command(
         prompt_length=base.prompt_length if prompt_length is None else prompt_length,
         warmup=warmup, repeats=repeats)
     settings = ProfileSettings(model=model, engine=engine, device=device, dtype=dtype, layers=layers, grid=grid,
-                               memory_bytes=memory_bytes, memory_utilization=memory_utilization, gpu=gpu,
+                               memory_bytes=None if memory_bytes is None else int(memory_bytes),
+                               memory_utilization=memory_utilization, gpu=gpu,
                                threads=threads, seed=seed)
     err = console(stderr=True)
     result = profile_model(settings, None if quiet else lambda text: err.print(text, markup=False, highlight=False))
@@ -141,8 +145,8 @@ def print_result(result: ProfileResult, output: Path) -> None:
 
     m = result.machine
     out = console()
-    table = Table(title=f"{result.model.name} on {m.machine_type}: seconds per layer "
-                        f"({result.measured_on['engine']}, {result.model.dtype}, {result.measured_on['device']})")
+    on = result.measured_on
+    table = Table(title=f"{result.model.name} on {m.machine_type}: one decoder layer")
     for column in ("phase", "batch", "ms / layer", "tokens/s per layer"):
         table.add_column(column, justify="left" if column == "phase" else "right")
     for tokens, seconds in zip(m.prompt.tokens, m.prompt.seconds_per_layer, strict=True):
@@ -151,11 +155,12 @@ def print_result(result: ProfileResult, output: Path) -> None:
     for batch, seconds in zip(m.decode.batch, m.decode.seconds_per_layer, strict=True):
         table.add_row("decode", f"{batch} × {context} context", f"{seconds * 1e3:.3g}", f"{batch / seconds:,.0f}")
     out.print(table)
+    out.print(f"measured with {on['engine']}, {result.model.dtype}, {on['threads']} thread(s), on {on['device']}")
     data = MeasuredProfileFile(schema_version=1, model=result.model.name, gpus={m.machine_type: m})
     profiles = MeasuredProfiles(result.model, data)
     node = GpuNode(name="this", gpu=m.gpu, gpu_count=m.gpu_count)
     held = max(1, m.max_layers)
-    memory = result.measured_on["memory"]
+    memory = on["memory"]
     out.print(f"context cost: {m.decode.seconds_per_context_token * 1e9:.3g} ns per token of batch context; memory "
               f"budget {memory['bytes'] * memory['utilization'] / 1e9:.1f} GB ({memory['source']}): at most "
               f"{m.max_layers} layers, {profiles.kv_capacity_tokens(node, held):,} KV tokens per layer at {held}")
