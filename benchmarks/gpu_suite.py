@@ -2,18 +2,20 @@
 
 For each engine installed (torch always, vllm when importable):
 
-1. `helix profile` of one LLaMA-3.1-8B layer and one LLaMA-2-70B layer (random bf16 weights of the real
-   shapes, the device's default grid), each in a fresh process, so each engine's import, weight loading
-   and GPU memory are its own. Beside each measured point the table shows what the roofline predicts
-   for the same machine type, and the process's wall time (import + writing random weights + load +
-   measuring: what benchmarks/engines.py used to report as import and load times);
+1. `helix profile` of LLaMA-3.1-8B and LLaMA-2-70B layers (random bf16 weights of the real shapes, the
+   device's default grid; 4 and 2 layers timed together, so the engine's per-step overhead, which a
+   node pays once per step, is spread as over a node's many layers), each in a fresh process, so each
+   engine's import, weight loading and GPU memory are its own. Beside each measured point the table
+   shows what the roofline predicts for the same machine type, and the process's wall time (import +
+   writing random weights + load + measuring: what benchmarks/engines.py used to report as import
+   and load times);
 2. the serving benchmark (benchmarks/serving_load.py: `helix serve --local` under `vllm bench serve`)
    with 2 and 4 workers sharing the device against 1 process holding the whole model, on a small
    random model (16 layers of hidden 1024), the same requests each time.
 
 It writes suite.json (every figure, with the machine and versions) and suite.md (the tables) into
---out, and prints the tables. On one H100 it is sized to finish within 8 minutes (each step's wall
-time is recorded).
+--out, and prints the tables. It is sized to finish within 8 minutes on one H100 — an estimate: it
+has not run on a GPU yet (each step's wall time is recorded, to check).
 
 The CPU path (`--device cpu`, and the default where torch sees no GPU) runs the same steps with sizes
 a CPU finishes in about a minute: a small random model (hidden 128) instead of the 8B and 70B shapes,
@@ -52,7 +54,7 @@ import serving_load
 class Sizes:
     """What one device runs: the models profiled, helix profile's grid options, the serving workload."""
 
-    profile_models: tuple[str, ...]  # catalog names; SMALL means the small model's config (random weights)
+    profile_models: tuple[tuple[str, int], ...]  # (catalog name or SMALL, layers timed together)
     profile_options: tuple[str, ...]
     serve_model: dict[str, int] = field(default_factory=dict)  # create_tiny_model's shape arguments
     workers: tuple[int, ...] = (1, 2, 4)
@@ -63,10 +65,10 @@ class Sizes:
 
 SMALL = "small"
 SIZES = {
-    "cuda": Sizes(profile_models=("llama3.1-8b", "llama2-70b"), profile_options=(),
+    "cuda": Sizes(profile_models=(("llama3.1-8b", 4), ("llama2-70b", 2)), profile_options=(),
                   serve_model={"num_layers": 16, "hidden": 1024, "intermediate": 2816, "heads": 16, "kv_heads": 8,
                                "vocab": 32000}),
-    "cpu": Sizes(profile_models=(SMALL,),
+    "cpu": Sizes(profile_models=((SMALL, 2),),
                  profile_options=("--prompt-tokens", "16,64", "--decode-batches", "1,4", "--contexts", "32,64"),
                  serve_model={"num_layers": 4, "hidden": 128, "intermediate": 256, "heads": 4, "kv_heads": 2},
                  workers=(1, 2), concurrency=2, prompts=4, length_scale=0.05),
@@ -107,7 +109,8 @@ def machine(device: str) -> dict[str, Any]:
 # -- step 1: profiles ----------------------------------------------------------------------------------
 
 
-def profile(model: str, engine: str, device: str, sizes: Sizes, out: Path, threads: int | None) -> dict[str, Any]:
+def profile(model: str, layers: int, engine: str, device: str, sizes: Sizes, out: Path,
+            threads: int | None) -> dict[str, Any]:
     """One `helix profile` process; its file read back, with the roofline's figures for the same points."""
     from helix.simulator.cluster import GpuNode
     from helix.simulator.profiles.measured import MeasuredProfileFile, MeasuredProfiles
@@ -115,7 +118,8 @@ def profile(model: str, engine: str, device: str, sizes: Sizes, out: Path, threa
 
     path = out / f"profile-{Path(model).name}-{engine}.json"
     cmd = [sys.executable, "-m", "helix.cli.app", "profile", "--model", model, "--engine", engine, "--device", device,
-           "--output", str(path), *sizes.profile_options, *(["--threads", str(threads)] if threads else [])]
+           "--layers", str(layers), "--output", str(path), *sizes.profile_options,
+           *(["--threads", str(threads)] if threads else [])]
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     start = time.monotonic()
     done = subprocess.run(cmd, env=env, check=False)
@@ -245,10 +249,11 @@ def main() -> None:
                               "profiles": [], "serving": []}
     with tempfile.TemporaryDirectory(prefix="helix-gpu-suite-") as tmp_name:
         tmp = Path(tmp_name)
-        models = [str(small_model_config(tmp / "small", sizes)) if m == SMALL else m for m in sizes.profile_models]
+        models = [(str(small_model_config(tmp / "small", sizes)) if m == SMALL else m, k)
+                  for m, k in sizes.profile_models]
         for engine in engines:
-            for model in models:
-                report["profiles"].append(profile(model, engine, args.device, sizes, args.out, args.threads))
+            for model, layers in models:
+                report["profiles"].append(profile(model, layers, engine, args.device, sizes, args.out, args.threads))
                 print(f"suite: profiled {Path(model).name} with {engine} ({time.monotonic() - started:.0f} s)",
                       file=sys.stderr, flush=True)
         report["serving_skipped"] = serving_skipped(args.device)

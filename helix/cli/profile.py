@@ -18,6 +18,7 @@ from helix.cli.console import console
 from helix.cli.errors import handle_errors
 
 if TYPE_CHECKING:
+    from helix.simulator.profiles.measured import MeasuredProfiles
     from helix.worker.profiling import ProfileResult
 
 GRID_PANEL = "Grid"
@@ -100,7 +101,7 @@ def profile_command(
     helix plan --mix H100:4 --model llama3.1-8b --profiles h100.json
     """
     from helix.simulator.errors import HelixInputError
-    from helix.simulator.profiles.measured import write_measured_profile
+    from helix.simulator.profiles.measured import MeasuredProfiles, write_measured_profile
     from helix.worker.profiling import DEFAULT_GRIDS, Grid, ProfileSettings, profile_model
 
     if output.suffix.lower() != ".json":
@@ -122,11 +123,11 @@ def profile_command(
                                threads=threads, seed=seed)
     err = console(stderr=True)
     result = profile_model(settings, None if quiet else lambda text: err.print(text, markup=False, highlight=False))
-    write_measured_profile(output, result.model, [result.machine], result.measured_on)
+    written = write_measured_profile(output, result.model, [result.machine], result.measured_on)
     if quiet:
         print(summary_line(result, output))
     else:
-        print_result(result, output)
+        print_result(result, MeasuredProfiles(result.model, written), output)
 
 
 def summary_line(result: ProfileResult, output: Path) -> str:
@@ -137,11 +138,11 @@ def summary_line(result: ProfileResult, output: Path) -> str:
             f"max layers {m.max_layers}; wrote {output}")
 
 
-def print_result(result: ProfileResult, output: Path) -> None:
+def print_result(result: ProfileResult, profiles: MeasuredProfiles, output: Path) -> None:
+    """The measured points as a table, then what the planner derives from the file (layers, KV)."""
     from rich.table import Table
 
     from helix.simulator.cluster import GpuNode
-    from helix.simulator.profiles.measured import MeasuredProfileFile, MeasuredProfiles
 
     m = result.machine
     out = console()
@@ -156,8 +157,6 @@ def print_result(result: ProfileResult, output: Path) -> None:
         table.add_row("decode", f"{batch} × {context} context", f"{seconds * 1e3:.3g}", f"{batch / seconds:,.0f}")
     out.print(table)
     out.print(f"measured with {on['engine']}, {result.model.dtype}, {on['threads']} thread(s), on {on['device']}")
-    data = MeasuredProfileFile(schema_version=1, model=result.model.name, gpus={m.machine_type: m})
-    profiles = MeasuredProfiles(result.model, data)
     node = GpuNode(name="this", gpu=m.gpu, gpu_count=m.gpu_count)
     held = max(1, m.max_layers)
     memory = on["memory"]
