@@ -28,8 +28,11 @@ The round trip of a route, at load λ (the route carries the flow share s_r of i
   waits behind prompt transfers (I tokens each) in flight on the same link, by Pollaczek–Khinchine,
   λ_l·(I² + O)·τ² / (2·(1 − ρ_l)), which matters on slow WAN links; plus the link's latency;
 * a decode token that catches up with a prompt pass on its route crawls behind it at the prompt's
-  pace: with prompts entering the route at λ·s_r and taking P_r to traverse it, one is in transit
-  with probability 1 − exp(−λ·s_r·P_r), so R_r gains P_r times that.
+  pace: with prompts entering the route at λ·s_r and holding its nodes and links for H_r (their
+  prompt compute, serialization and queueing: P_r less the links' latency, which a decode token
+  travels alongside the prompt rather than behind it), one is ahead with probability
+  1 − exp(−λ·s_r·H_r), so R_r gains H_r times that. Counting the latency too made every WAN
+  crossing look like prompt work and overstated the round trips of routes that cross regions.
 
 Nodes and links must keep up (a saturated one bounds λ), and admission must not stall. The
 maxflow scheduler builds a route hop by hop without backtracking, so a request whose next hop
@@ -211,7 +214,8 @@ class _Model:
         network = (on_links * self.link_wait / np.maximum(1.0 - busy_links, SATURATION_SLACK)) @ self.on_link.T
         prompt = self.prompt_fixed + network
         decode = (self.alpha + self.beta * batch) @ self.on_node.T + self.decode_fixed + network
-        decode -= prompt * np.expm1(-lam * self.share * prompt)
+        held = prompt - self.latency  # H_r: what a prompt pass holds nodes and links for (module docstring)
+        decode -= held * np.expm1(-lam * self.share * held)
         alive = lam * self.share * (self.output_tokens * decode + prompt)  # Little's law, per route
         # Admission stalls where, on some route, the first node out of KV room is not its first
         # hop and the node before it has no other way on (module docstring).
@@ -250,6 +254,11 @@ def served_estimate(problem: PlacementProblem, ranges: Ranges, partial_inference
     `lengths` are the mean (input, output) tokens of the workload (default: the profiles' workload
     assumptions); `flow` saves recomputing the max flow.
     """
+    # The flows the simulator and the router serve by: the max flow over the plan's nodes in the
+    # cluster's order (build_plan). Max flow has many optimal solutions, and which one the solver
+    # returns depends on the order arcs are added: the routes, and so this estimate, would differ
+    # with the order of `ranges` (by up to 30% on the suite's clusters).
+    ranges = {n.name: ranges[n.name] for n in problem.cluster.nodes if n.name in ranges}
     flow = flow or max_flow(problem.cluster, problem.model, problem.profiles, ranges, partial_inference)
     if flow.value <= _EPS:
         return ServedEstimate(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
