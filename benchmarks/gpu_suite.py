@@ -22,8 +22,7 @@ a CPU finishes in about a minute: a small random model (hidden 128) instead of t
 a two-point grid, 1 and 2 workers. CI runs it (tests/test_profile_cmd.py), so the CUDA path differs
 only in its sizes and `--device cuda`.
 
-Serving on a GPU needs `helix serve --local --device`; until serve has that option, the serving step
-on CUDA is skipped with that reason in the JSON (its workers would run on the CPU). Without vLLM
+Serving on a GPU runs `helix serve --local --device cuda`: every worker on the one GPU. Without vLLM
 installed there is no load generator, and the serving step is skipped with that reason.
 
     python benchmarks/gpu_suite.py                          # CUDA if there is a GPU, else the CPU path
@@ -77,17 +76,6 @@ SIZES = {
 
 def installed_engines() -> list[str]:
     return ["torch", *(["vllm"] if importlib.util.find_spec("vllm") is not None else [])]
-
-
-def serve_takes_device() -> bool:
-    """Whether `helix serve --local` can put its workers on a GPU (a --device option)."""
-    import typer.main
-
-    from helix.cli.app import app
-
-    group: Any = typer.main.get_command(app)
-    serve = group.get_command(group.context_class(group), "serve")
-    return any("--device" in getattr(param, "opts", ()) for param in serve.params)
 
 
 def machine(device: str) -> dict[str, Any]:
@@ -168,7 +156,6 @@ def serving_runs(engine: str, device: str, sizes: Sizes, model: Path, tmp: Path)
     pairs, source = serving_load.length_pairs(sizes.prompts, sizes.length_scale, max_context, seed=0)
     dataset = tmp / "requests.jsonl"
     serving_load.write_dataset(dataset, pairs, seed=0)
-    device_option = ["--device", device] if device != "cpu" else []
     rows = []
     for workers in sizes.workers:
         tag = f"{engine}-{workers}"
@@ -176,7 +163,7 @@ def serving_runs(engine: str, device: str, sizes: Sizes, model: Path, tmp: Path)
         logs.mkdir()
         key = secrets.token_urlsafe(16)
         start = time.monotonic()
-        layout = ["--workers", str(workers), "--engine", engine, *device_option]
+        layout = ["--workers", str(workers), "--engine", engine, "--device", device]
         with serving_load.serving(model, layout, key, logs, sys.executable) as server:
             run = serving_load.bench(server, model, dataset, sizes.prompts, sizes.concurrency, key, tmp, tag, seed=0)
         rows.append({"engine": engine, "workers": workers, "lengths": source, "concurrency": sizes.concurrency,
@@ -185,12 +172,10 @@ def serving_runs(engine: str, device: str, sizes: Sizes, model: Path, tmp: Path)
     return rows
 
 
-def serving_skipped(device: str) -> str | None:
+def serving_skipped() -> str | None:
     """Why the serving step cannot run here, or None."""
     if importlib.util.find_spec("vllm") is None:
         return "vLLM is not installed: no load generator (vllm bench serve)"
-    if device != "cpu" and not serve_takes_device():
-        return "helix serve --local has no --device option: its workers would run on the CPU"
     return None
 
 
@@ -256,7 +241,7 @@ def main() -> None:
                 report["profiles"].append(profile(model, layers, engine, args.device, sizes, args.out, args.threads))
                 print(f"suite: profiled {Path(model).name} with {engine} ({time.monotonic() - started:.0f} s)",
                       file=sys.stderr, flush=True)
-        report["serving_skipped"] = serving_skipped(args.device)
+        report["serving_skipped"] = serving_skipped()
         if report["serving_skipped"] is None:
             from helix.worker.tiny_model import create_tiny_model
 

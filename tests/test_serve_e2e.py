@@ -455,6 +455,7 @@ def test_a_given_plan_is_served_and_ctrl_c_stops_everything(model_dir: Path, tmp
     (["--local", "--request-timeout", "0"], "error: --request-timeout: must be positive, got 0"),
     (["--local", "--threads", "0"], "error: --threads: must be at least 1, got 0"),
     (["--local", "--kv-capacity-tokens", "0"], "error: --kv-capacity-tokens: must be at least 1, got 0"),
+    (["--local", "--device", "gpu0"], "error: --device: expected cpu, cuda or cuda:N, got 'gpu0'"),
     (["--local", "--route-log", "{tmp}/nope/routes.jsonl"], "error: --route-log: folder {tmp}/nope does not exist"),
     (["--local", "--engine", "nope"], "error: --engine: unknown engine 'nope'; choose one of"),
     (["--local", "--model", "{tmp}"], "error: --model: {tmp}: not a model folder (no config.json)"),

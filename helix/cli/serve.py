@@ -37,13 +37,14 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
 import tempfile
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -214,8 +215,11 @@ def serve_command(
         "--route-log", metavar="FILE", show_default=False,
         help="The router's route log (helix report --route-log FILE).")] = None,
     engine: Annotated[str, typer.Option("--engine", metavar="torch|vllm", help="The workers' engine.")] = "torch",
-    dtype: Annotated[str | None, typer.Option("--dtype", metavar="DTYPE", show_default=False,
-                                              help="Worker dtype (default: float32 on CPU).")] = None,
+    device: Annotated[str, typer.Option(
+        "--device", metavar="DEVICE", help="Where every worker runs: cpu, cuda or cuda:N (workers share it).")] = "cpu",
+    dtype: Annotated[str | None, typer.Option(
+        "--dtype", metavar="DTYPE", show_default=False,
+        help="Worker dtype (default: float32 on CPU, the checkpoint's half type on GPU).")] = None,
     threads: Annotated[int | None, typer.Option(
         "--threads", metavar="N", show_default=False,
         help="torch threads per worker (default: the cores shared out among the workers).")] = None,
@@ -260,19 +264,29 @@ def serve_command(
 
     if engine not in engine_names():  # whether it is installed, each worker says (importing vLLM takes seconds)
         raise HelixInputError(f"unknown engine {engine!r}; choose one of {', '.join(engine_names())}", "--engine")
+    check_device(device)
     served_plan = _resolve_plan(plan, num_layers, workers, model_name)
     check_api_key(api_key, host)
     _check_port_free(host, port)
 
     tmp = Path(tempfile.mkdtemp(prefix="helix-serve-"))
     try:
-        code = asyncio.run(_serve(tmp, model, served_plan, host, port, scheduler, route_log, engine, dtype,
-                                  threads, kv_capacity_tokens, restart, max_queue, request_timeout, log_dir, quiet,
-                                  api_key or None))
+        launch = WorkerLaunch(engine, device, dtype, threads, kv_capacity_tokens)
+        code = asyncio.run(_serve(tmp, model, served_plan, host, port, scheduler, route_log, launch, restart,
+                                  max_queue, request_timeout, log_dir, quiet, api_key or None))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if code:
         raise typer.Exit(code)
+
+
+def check_device(device: str) -> None:
+    """The form only: whether torch sees that device, each worker says as it starts (importing torch here
+    would cost every run seconds)."""
+    from helix.simulator.errors import HelixInputError
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise HelixInputError(f"expected cpu, cuda or cuda:N, got {device!r}", "--device")
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -299,9 +313,8 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 async def _serve(tmp: Path, model: Path | None, plan: Plan, host: str, port: int,
-                 scheduler: str, route_log: Path | None, engine: str, dtype: str | None, threads: int | None,
-                 kv_capacity_tokens: int | None, restart: bool, max_queue: int, request_timeout: float,
-                 log_dir: Path | None, quiet: bool, api_key: str | None) -> int:
+                 scheduler: str, route_log: Path | None, launch: WorkerLaunch, restart: bool, max_queue: int,
+                 request_timeout: float, log_dir: Path | None, quiet: bool, api_key: str | None) -> int:
     say = (lambda *_a: None) if quiet else (lambda text: print(text, file=sys.stderr, flush=True))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -319,18 +332,18 @@ async def _serve(tmp: Path, model: Path | None, plan: Plan, host: str, port: int
     plan.save(plan_file)
     logs = log_dir or tmp / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    per_worker = threads or max(1, (os.cpu_count() or 2) // max(1, len(plan.nodes)))
-    env = {**{k: v for k, v in os.environ.items() if k not in ("HELIX_API_KEY", "HELIX_KEYS")},
-           "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(per_worker), "TOKENIZERS_PARALLELISM": "false"}
     key_dirs = _ephemeral_keys(tmp)
+    launch = replace(launch, threads=launch.threads or max(1, (os.cpu_count() or 2) // max(1, len(plan.nodes))),
+                     keys=key_dirs["worker"])
+    env = {**{k: v for k, v in os.environ.items() if k not in ("HELIX_API_KEY", "HELIX_KEYS")},
+           "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(launch.threads), "TOKENIZERS_PARALLELISM": "false"}
     router_env = {**env, **({"HELIX_API_KEY": api_key} if api_key else {})}
 
     children: dict[str, Child] = {}
     addresses: dict[str, str] = {}
 
     async def start_all() -> str:
-        addresses.update(await _start_workers(plan, model, children, logs, env, engine, dtype, per_worker,
-                                              kv_capacity_tokens, key_dirs["worker"], say))
+        addresses.update(await _start_workers(plan, model, children, logs, env, launch, say))
         router = Child("router", [*_python(), "router", "--plan", str(plan_file), "--model", str(model), "--workers",
                                   ",".join(f"{n}={a}" for n, a in addresses.items()), "--port", str(port),
                                   "--host", host, "--scheduler", scheduler, "--max-queue", str(max_queue),
@@ -408,23 +421,35 @@ def _ephemeral_keys(tmp: Path) -> dict[str, Path]:
     return folders
 
 
-def _worker_argv(node: Any, model: Path, listen: str, engine: str, dtype: str | None, threads: int,
-                 kv_capacity_tokens: int | None, keys: Path) -> list[str]:
-    return [*_python(), "worker", "--model", str(model), "--layers", f"{node.start_layer}:{node.end_layer}",
-            "--listen", listen, "--name", node.name, "--engine", engine, "--threads", str(threads),
-            "--keys", str(keys), *(["--dtype", dtype] if dtype else []),
-            *(["--kv-capacity-tokens", str(kv_capacity_tokens)] if kv_capacity_tokens else [])]
+@dataclass(frozen=True)
+class WorkerLaunch:
+    """How every worker of a local run starts (the same for all: they share this machine)."""
+
+    engine: str
+    device: str
+    dtype: str | None
+    threads: int | None  # None until _serve shares the cores out
+    kv_capacity_tokens: int | None
+    keys: Path | None = None  # the run's worker keys, made by _serve
+
+    def argv(self, node: Any, model: Path, listen: str) -> list[str]:
+        return [*_python(), "worker", "--model", str(model), "--layers", f"{node.start_layer}:{node.end_layer}",
+                "--listen", listen, "--name", node.name, "--engine", self.engine, "--device", self.device,
+                "--threads", str(self.threads), "--keys", str(self.keys),
+                *(["--dtype", self.dtype] if self.dtype else []),
+                *(["--kv-capacity-tokens", str(self.kv_capacity_tokens)] if self.kv_capacity_tokens else [])]
+
+    def describe(self) -> str:
+        where = "" if self.device == "cpu" else f" on {self.device}"
+        return f"{self.engine}{where}, {self.threads} threads each"
 
 
 async def _start_workers(plan: Plan, model: Path, children: dict[str, Child], logs: Path, env: dict[str, str],
-                         engine: str, dtype: str | None, threads: int, kv_capacity_tokens: int | None, keys: Path,
-                         say: Any) -> dict[str, str]:
+                         launch: WorkerLaunch, say: Any) -> dict[str, str]:
     """Start every worker on an ephemeral port; their `listening` lines give the addresses."""
-    say(f"starting {len(plan.nodes)} workers ({engine}, {threads} threads each) …")
+    say(f"starting {len(plan.nodes)} workers ({launch.describe()}) …")
     for node in plan.nodes:
-        child = Child(node.name, _worker_argv(node, model, "tcp://127.0.0.1:*", engine, dtype, threads,
-                                              kv_capacity_tokens, keys),
-                      logs / f"{node.name}.log")
+        child = Child(node.name, launch.argv(node, model, "tcp://127.0.0.1:*"), logs / f"{node.name}.log")
         children[node.name] = child
         await child.start(env)
     addresses: dict[str, str] = {}
@@ -434,8 +459,7 @@ async def _start_workers(plan: Plan, model: Path, children: dict[str, Child], lo
         say(f"  {node.name} listening on {addresses[node.name]}, loading layers [{node.start_layer}, "
             f"{node.end_layer}) ({i} of {len(plan.nodes)})")
         # Restarts must come back where the router looks for this worker.
-        children[node.name].argv = _worker_argv(node, model, addresses[node.name], engine, dtype, threads,
-                                                kv_capacity_tokens, keys)
+        children[node.name].argv = launch.argv(node, model, addresses[node.name])
     return addresses
 
 
