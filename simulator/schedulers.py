@@ -173,39 +173,61 @@ class _Charges:
     entry, exactly as a dict keyed by route did: when its last request finishes, or, for owners that
     do not report every finished request, when it has not been charged for twice as many charges
     as there are entries (checked whenever the table has doubled).
+
+    That lookup is by the route object's identity: hashing a route hashes every hop of it, which
+    read a few cache lines per hop of every request's route on every decode iteration. `note`
+    hands back the tuple an entry holds (equal routes come back as one object), and `_by_id`
+    finds an entry from the object it holds; the entry keeps that object alive, so its id cannot
+    name another object meanwhile. An equal route held as another object is found by equality.
     """
 
-    __slots__ = ("_clock", "_pending", "_routes", "_sweep_at")
+    __slots__ = ("_by_id", "_clock", "_pending", "_routes", "_sweep_at")
 
     def __init__(self) -> None:
         self._routes: dict[Route, _RouteCharge] = {}
+        self._by_id: dict[int, _RouteCharge] = {}  # id(entry.route) → entry, for every entry of `_routes`
         self._pending: list[_RouteCharge] = []
         self._clock = 0  # charges so far
         self._sweep_at = 1024
 
-    def note(self, route: Route, edges: list[tuple[int, float]], source: object) -> None:
-        """A request was scheduled on `route`, along `edges` (read from the flows mapping `source`)."""
-        entry = self._routes.get(route)
+    def _entry(self, route: Route) -> _RouteCharge | None:
+        entry = self._by_id.get(id(route))
+        return self._routes.get(route) if entry is None else entry
+
+    def _new_entry(self, route: Route, edges: list[tuple[int, float]], source: object) -> _RouteCharge:
+        entry = self._routes[route] = self._by_id[id(route)] = _RouteCharge(route, edges, source, self._clock)
+        return entry
+
+    def _drop(self, entry: _RouteCharge) -> None:
+        del self._routes[entry.route], self._by_id[id(entry.route)]
+
+    def note(self, route: Route, edges: list[tuple[int, float]], source: object) -> Route:
+        """A request was scheduled on `route`, along `edges` (read from the flows mapping `source`);
+        returns the equal route object to hand out (the one kept while requests use it)."""
+        entry = self._entry(route)
         if entry is None:
-            entry = self._routes[route] = _RouteCharge(route, edges, source, self._clock)
+            entry = self._new_entry(route, edges, source)
         entry.users += 1
+        return entry.route
 
     def add(self, route: Route) -> None:
         """One decode iteration ran on `route`."""
-        entry = self._routes.get(route)
-        if entry is None:  # a route this scheduler did not build: its edges are read when charged
-            entry = self._routes[route] = _RouteCharge(route, [], None, self._clock)
+        entry = self._by_id.get(id(route))
+        if entry is None:
+            entry = self._routes.get(route)
+            if entry is None:  # a route this scheduler did not build: its edges are read when charged
+                entry = self._new_entry(route, [], None)
         if not entry.pending:
             self._pending.append(entry)
         entry.pending += 1
 
     def finished(self, route: Route) -> None:
         """A request on `route` finished."""
-        entry = self._routes.get(route)
+        entry = self._entry(route)
         if entry is not None:
             entry.users -= 1
             if entry.users <= 0 and not entry.pending:
-                del self._routes[route]
+                self._drop(entry)
 
     def charge(self, view: ClusterView, loads: _EdgeLoads) -> None:
         flows, load, routes = view.flows, loads.load, self._routes
@@ -221,11 +243,12 @@ class _Charges:
             entry.pending = 0
             entry.used = self._clock
             if entry.users <= 0 and routes.get(entry.route) is entry:
-                del routes[entry.route]
+                self._drop(entry)
         self._pending.clear()
         if len(routes) > self._sweep_at:
             horizon = self._clock - 2 * len(routes)
             self._routes = {r: e for r, e in routes.items() if e.used >= horizon}
+            self._by_id = {id(e.route): e for e in self._routes.values()}
             self._sweep_at = max(1024, 2 * len(self._routes))
 
 
@@ -325,7 +348,7 @@ class MaxFlowScheduler(Scheduler):
             for edge, flow in taken:
                 load[edge] -= work / flow
         else:
-            self._charges.note(route, taken, view.flows)
+            route = self._charges.note(route, taken, view.flows)
         return route
 
     def on_iteration(self, request: Request, route: Route) -> None:

@@ -227,3 +227,33 @@ def test_maxflow_scheduler_routes_as_its_reference_rules_do() -> None:
             scheduler.on_node_down("t4-1")
             reference.reset()
     assert routes > 200
+
+
+def test_a_decode_iteration_never_hashes_the_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Equal routes in use come back from `schedule` as one object, and an iteration on a route the
+    scheduler handed out finds its entry without hashing the route's hops (which read every hop of
+    every request's route per token); an equal route held as another object still counts."""
+    _, state = make_state(OVERLAPPING, SMALL_KV)
+    scheduler = MaxFlowScheduler(state, random.Random(0))
+    routes: list[Route] = []
+    for i in range(200):
+        request = Request(i, 16, 64, 64, 0.0)
+        if (route := scheduler.schedule(request)) is not None:
+            state.admit(request, route)
+            routes.append(route)
+    assert len(set(routes)) < len(routes)  # some routes repeat
+    assert len({id(r) for r in routes}) == len(set(routes))
+    hashes = 0
+    real_hash = Hop.__hash__
+
+    def counting_hash(hop: Hop) -> int:
+        nonlocal hashes
+        hashes += 1
+        return real_hash(hop)
+
+    monkeypatch.setattr(Hop, "__hash__", counting_hash)
+    for route in routes:
+        scheduler.on_iteration(Request(0, 16, 64, 64, 0.0), route)
+    assert hashes == 0
+    scheduler.on_iteration(Request(0, 16, 64, 64, 0.0), tuple(list(routes[0])))
+    assert hashes == len(routes[0])
