@@ -314,15 +314,6 @@ class Engine:
         w0, w1 = self.window
         stats.busy_s += max(0.0, min(now + duration, w1) - max(now, w0))
         stats.batches += 1
-        if now >= w0:
-            delay_sum, delay_max = stats.queue_delay_sum_s, stats.queue_delay_max_s
-            for flight in batch:
-                delay = now - flight.arrived_at
-                delay_sum += delay
-                if delay > delay_max:
-                    delay_max = delay
-            stats.queue_delay_sum_s, stats.queue_delay_max_s = delay_sum, delay_max
-            stats.queued += len(batch)
         sim.state.queue_length -= len(batch)
         self.loop.at(now + duration, self._batch_done, sim)
 
@@ -337,15 +328,19 @@ class Engine:
         sim.next_arrival = min(decodes[0] if decodes else math.inf, prompts[0] if prompts else math.inf)
 
     def _take(self, sim: GpuSim, now: float) -> tuple[list[Flight], float]:
-        """The next batch, FIFO within the node's limits, and how long it runs; reserves its KV.
+        """The next batch, FIFO within the node's limits, and how long it runs; reserves its KV and
+        records its requests' queueing delays.
 
-        The sums the batch time needs are taken in the same pass that selects the batch.
+        The sums the batch time and the statistics need are taken in the same pass that selects the
+        batch, so each request is read once per hop. The delays are summed in batch order, from the
+        node's running sum, whether or not the window has begun, and kept only inside it.
         """
-        limits, state = sim.limits, sim.state
+        limits, state, stats = sim.limits, sim.state, sim.stats
         full = state.end_layer - state.start_layer
         batch: list[Flight] = []
         prompt_tokens = kv_growth = 0
         whole = True  # every request runs all of the node's layers: one group in the batch time
+        delay_sum, delay_max = stats.queue_delay_sum_s, stats.queue_delay_max_s
         if sim.prompts:
             kept: list[Flight] = []
             n = 0
@@ -361,6 +356,10 @@ class Engine:
                     prompt_tokens += flight.tokens
                     kv_growth += kv
                     whole = whole and layers == full
+                    delay = now - flight.arrived_at
+                    delay_sum += delay
+                    if delay > delay_max:
+                        delay_max = delay
                 else:
                     kept.append(flight)
             sim.prompts = kept
@@ -368,9 +367,14 @@ class Engine:
         taken = context = growth = 0  # decodes taken, their context and KV growth (one token per layer)
         if decodes and len(decodes) <= limits.decode_max_tokens:
             # Common case: every waiting decode fits; the FIFO loop below would take them all.
+            prompts_delay_sum, prompts_delay_max = delay_sum, delay_max
             for flight in decodes:
                 context += flight.context
                 growth += flight.step.layers
+                delay = now - flight.arrived_at
+                delay_sum += delay
+                if delay > delay_max:
+                    delay_max = delay
             max_context = limits.decode_max_context
             if max_context is None or context <= max_context:
                 taken = len(decodes)
@@ -378,6 +382,7 @@ class Engine:
                 decodes.clear()
             else:
                 context = growth = 0
+                delay_sum, delay_max = prompts_delay_sum, prompts_delay_max
         if decodes:
             max_context = limits.decode_max_context
             skipped: list[Flight] = []
@@ -390,20 +395,27 @@ class Engine:
                 taken += 1
                 context += flight.context
                 growth += flight.step.layers
+                delay = now - flight.arrived_at
+                delay_sum += delay
+                if delay > delay_max:
+                    delay_max = delay
             if skipped:
                 decodes.extendleft(reversed(skipped))
         kv_growth += growth
         if kv_growth:
             self._kv_touch(sim, now)
             state.kv_used += kv_growth
-            if state.kv_used > sim.stats.kv_peak:
-                sim.stats.kv_peak = state.kv_used
+            if state.kv_used > stats.kv_peak:
+                stats.kv_peak = state.kv_used
         if not batch:
             return batch, 0.0
+        if now >= self.window[0]:
+            stats.queue_delay_sum_s, stats.queue_delay_max_s = delay_sum, delay_max
+            stats.queued += len(batch)
         # A request runs at most the node's layers, so the sum reaches taken × full only when all do.
         if whole and growth == taken * full:
             tokens = prompt_tokens + taken  # a decode carries one token
-            sim.stats.tokens += tokens
+            stats.tokens += tokens
             return batch, tokens * self._overhead_per_token + full * self._layer_time(
                 sim.node, prompt_tokens, taken, context)
         return batch, self._grouped_batch_time(sim, batch)
