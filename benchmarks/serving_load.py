@@ -202,14 +202,17 @@ def metric_samples(text: str, name: str) -> dict[str, float]:
 
 
 def bench(server: Server, model: Path, dataset: Path, prompts: int, concurrency: int, api_key: str,
-          out_dir: Path, tag: str, seed: int) -> dict[str, Any]:
-    """One `vllm bench serve` run; its result JSON plus the CPU each process spent and the load."""
+          out_dir: Path, tag: str, seed: int, request_rate: float = float("inf")) -> dict[str, Any]:
+    """One `vllm bench serve` run; its result JSON plus the CPU each process spent and the load.
+
+    `request_rate` inf sends as fast as `concurrency` allows (a closed loop); a finite rate sends
+    Poisson arrivals drawn from `seed` (an open loop, as the simulator's online mode)."""
     model_name = json.loads(server.get("/v1/models"))["data"][0]["id"]
     args = ["--backend", "openai", "--base-url", server.url, "--endpoint", "/v1/completions",
             "--model", model_name, "--tokenizer", str(model), "--dataset-name", "custom",
             "--dataset-path", str(dataset), "--custom-output-len", "-1",  # each line's output_tokens (default: 256)
             "--skip-chat-template", "--num-prompts", str(prompts),
-            "--max-concurrency", str(concurrency), "--request-rate", "inf", "--ignore-eos",
+            "--max-concurrency", str(concurrency), "--request-rate", str(request_rate), "--ignore-eos",
             "--temperature", "0", "--seed", str(seed), "--percentile-metrics", "ttft,tpot,itl,e2el",
             "--metric-percentiles", "50,95", "--disable-tqdm", "--save-result", "--save-detailed",
             "--result-dir", str(out_dir),
