@@ -92,9 +92,10 @@ def test_plan_greedy_table_and_json(tmp_path: Path) -> None:
 
 def test_plan_milp_short_limit_yaml_output(tmp_path: Path) -> None:
     output = tmp_path / "plan.yaml"
-    code, out, err = run("plan", "--mix", SMALL_MIX, "--time-limit", "2", "--output", str(output))
+    code, out, err = run("plan", "--mix", SMALL_MIX, "--time-limit", "2", "--wall-cap", "120", "--output", str(output))
     assert code == 0, err
     assert "bound" in out and "gap" in out and "warm start method" in out
+    assert "time limit 2 s (wall cap 120 s)" in " ".join(out.split())
     plan = load_plan(output)
     assert plan.method == "milp"
     assert plan.bound_tokens_per_s is not None and plan.bound_tokens_per_s >= plan.objective_tokens_per_s - 1e-6
@@ -351,6 +352,7 @@ BAD_YAML = {
     (["--mix", SMALL_MIX, "--profile-mix", "single_cluster_24"], "--profile-mix"),
     (["--mix", SMALL_MIX, "--machine-profile", "{tmp}/m.ini"], "only applies to a Helix .ini cluster file"),
     (["--mix", SMALL_MIX, "--time-limit", "0"], "--time-limit: must be positive"),
+    (["--mix", SMALL_MIX, "--wall-cap", "-1"], "--wall-cap: must be positive"),
     (["--mix", SMALL_MIX, "--workers", "0"], "--workers"),
     (["--mix", SMALL_MIX, "--prune-keep", "-1"], "--prune-keep"),
     (["--mix", SMALL_MIX, "--method", "milp", "--selection", "best"],

@@ -83,6 +83,10 @@ def plan_command(
         "--time-limit", "-t", metavar="SECONDS", rich_help_panel=SOLVER_PANEL,
         help="Sets the MILP's deterministic work budget (it grows with this: same inputs, same plan on any "
              "machine; a quiet machine uses about half) and caps its wall clock (and greedy-flow's search).")] = 120.0,
+    wall_cap: Annotated[float | None, typer.Option(
+        "--wall-cap", metavar="SECONDS", show_default=False, rich_help_panel=SOLVER_PANEL,
+        help="A wall-clock cap other than --time-limit, the budget unchanged: longer, so a slow or busy machine "
+             "still gives the plan a quiet one does (the cap never bites); shorter, to stop sooner.")] = None,
     partial_inference: Annotated[bool, typer.Option(
         "--partial-inference/--no-partial-inference", rich_help_panel=SOLVER_PANEL,
         help="Let a node run only a suffix of its layers (Helix's partial inference).")] = True,
@@ -138,6 +142,8 @@ def plan_command(
                               "--method")
     if not time_limit > 0:
         raise HelixInputError(f"must be positive, got {time_limit}", "--time-limit")
+    if wall_cap is not None and not wall_cap > 0:
+        raise HelixInputError(f"must be positive, got {wall_cap}", "--wall-cap")
     if workers < 1:
         raise HelixInputError(f"must be at least 1, got {workers}", "--workers")
     if prune_keep is not None and prune_keep < 0:
@@ -151,9 +157,10 @@ def plan_command(
     _check_target(plot, PLOT_SUFFIXES, "--plot")
 
     inputs = load_inputs(cluster, machine_profile, mix, regions, seed, model, profiles, profile_mix)
-    options = PlacementOptions(partial_inference=partial_inference, time_limit_s=time_limit, seed=seed,
-                               warm_start=warm_start, prune_keep=prune_keep, workers=workers, selection=selection,
-                               workload=workload)
+    cap = wall_cap or time_limit  # the options' limit is the cap; effort scales the budget back to --time-limit
+    options = PlacementOptions(partial_inference=partial_inference, time_limit_s=cap, effort=time_limit / cap,
+                               seed=seed, warm_start=warm_start, prune_keep=prune_keep, workers=workers,
+                               selection=selection, workload=workload)
     problem = PlacementProblem(inputs.cluster, inputs.model, inputs.profiles)
     from helix.simulator.placement.heuristics import check_fits
 
@@ -190,8 +197,8 @@ def plan_command(
 
 #: `helix plan` options the HelixCluster spec decides in a dry run (-f).
 SPEC_DECIDES = ("cluster", "machine_profile", "mix", "regions", "model", "profiles", "profile_mix", "method",
-                "time_limit", "partial_inference", "prune_keep", "warm_start", "seed", "workers", "selection",
-                "lengths")
+                "time_limit", "wall_cap", "partial_inference", "prune_keep", "warm_start", "seed", "workers",
+                "selection", "lengths")
 
 
 def plan_dry_run(filename: Path, nodes: Path | None, add: list[str] | None, remove: list[str] | None,
@@ -328,10 +335,11 @@ def solve(problem: PlacementProblem, method: str, options: PlacementOptions, qui
         return plan_placement(problem, method, options)
     err = _console(stderr=True)
     if method == "milp":
-        view = MilpView(options.time_limit_s, interactive=err.is_terminal)
+        limit = options.time_limit_s * options.effort  # --time-limit, whatever the wall cap
+        view = MilpView(limit, interactive=err.is_terminal)
         options = dataclasses.replace(options, progress=view.update, stage=view.stage)
         if not err.is_terminal:
-            print(f"milp: solving (time limit {options.time_limit_s:g} s; Ctrl-C keeps the best plan so far)",
+            print(f"milp: solving (time limit {limit:g} s; Ctrl-C keeps the best plan so far)",
                   file=sys.stderr, flush=True)
             return plan_placement(problem, method, options)
         from rich.live import Live
@@ -464,7 +472,8 @@ def summary_items(plan: Plan, total_nodes: int, used_nodes: int) -> list[tuple[s
         parts = [f"partial inference {'on' if opts.get('partial_inference', True) else 'off'}",
                  f"seed {opts.get('seed')}"]
         if plan.method == "milp":
-            parts += [f"time limit {opts.get('time_limit_s'):g} s",
+            cap, effort = float(opts.get("time_limit_s", 0.0)), float(opts.get("effort", 1.0))
+            parts += [f"time limit {cap * effort:g} s" + ("" if effort == 1.0 else f" (wall cap {cap:g} s)"),
                       f"warm start {'on' if opts.get('warm_start') else 'off'}",
                       f"workers {opts.get('workers')}", f"prune keep {'default' if prune is None else prune}"]
         items.append(("options", ", ".join(parts)))
