@@ -46,7 +46,7 @@ pytestmark = pytest.mark.e2e
 T = TypeVar("T")
 NAMESPACE = "default"
 NAME = "llama"
-TIMEOUT_S = 30.0
+TIMEOUT_S = 120.0  # a safety net for a hang, generous for a busy machine: waits end as soon as their condition holds
 
 
 # -- the API server ---------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from helix.worker.metrics import METRIC_NAMES  # noqa: E402
 from helix.worker.route_log import summarize  # noqa: E402
 from helix.worker.tiny_model import create_tiny_model  # noqa: E402
 
-STARTUP_S = 150.0
+STARTUP_S = 300.0  # a safety net: start-up under load (every process imports torch) may take minutes
 
 
 @dataclass
