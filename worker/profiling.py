@@ -144,15 +144,21 @@ class ModelSource:
 
     spec: ModelSpec
     weights_dir: Path | None  # a checkpoint to load as it is
-    hf_config: Any  # transformers config (random weights are drawn for it) when weights_dir is None
+    folder_config: Any  # a config-only folder's transformers config (read at once: a bad one is an input error)
     description: str
+
+    @property
+    def hf_config(self) -> Any:
+        """The transformers config random weights are drawn for (when weights_dir is None). A catalog
+        model's is built only now: importing transformers takes seconds, checking options must not."""
+        return self.folder_config if self.folder_config is not None else _llama_config(self.spec)
 
 
 def resolve_source(name_or_dir: str) -> ModelSource:
     """A catalog model (random weights), a folder with config.json only (random weights), or a checkpoint."""
     spec = catalog_model(name_or_dir)
     if spec is not None:
-        return ModelSource(spec, None, _llama_config(spec), f"{spec.name} (random weights)")
+        return ModelSource(spec, None, None, f"{spec.name} (random weights)")
     folder = Path(name_or_dir)
     config_path = folder / "config.json" if folder.is_dir() else folder
     if not config_path.is_file():
@@ -396,10 +402,8 @@ def _ms(seconds: float) -> str:
 
 
 def resolve_settings(settings: ProfileSettings) -> tuple[ProfileSettings, ModelSource, Grid]:
-    """Check every option before anything heavy is loaded; the settings with defaults filled in."""
-    from helix.worker.engines import EngineError, EngineUnavailableError, get_engine
-    from helix.worker.engines.torch_engine import resolve_device
-
+    """Check every option before anything heavy is loaded; the settings with defaults filled in. What needs
+    no torch is checked first: importing it takes seconds, a typo should not."""
     if settings.layers < 1:
         raise HelixInputError(f"must be at least 1, got {settings.layers}", "--layers")
     if settings.threads is not None and settings.threads < 1:
@@ -408,12 +412,6 @@ def resolve_settings(settings: ProfileSettings) -> tuple[ProfileSettings, ModelS
         raise HelixInputError(f"must be positive, got {settings.memory_bytes}", "--memory-bytes")
     if not 0 < settings.memory_utilization <= 1:
         raise HelixInputError(f"must be in (0, 1], got {settings.memory_utilization}", "--memory-utilization")
-    for option, check in (("--engine", lambda: get_engine(settings.engine)),
-                          ("--device", lambda: resolve_device(settings.device))):
-        try:
-            check()
-        except (EngineError, EngineUnavailableError) as exc:
-            raise HelixInputError(str(exc), option) from None
     device_type = "cuda" if settings.device.startswith("cuda") else "cpu"
     grid = settings.grid or DEFAULT_GRIDS[device_type]
     grid.check()
@@ -427,18 +425,27 @@ def resolve_settings(settings: ProfileSettings) -> tuple[ProfileSettings, ModelS
         raise HelixInputError(f"the engines run {', '.join(ENGINE_DTYPES)}, not {dtype!r}", "--dtype")
     if settings.gpu is not None:
         resolve_gpu(settings.gpu, "--gpu")
+    from helix.worker.engines import EngineError, EngineUnavailableError, get_engine
+    from helix.worker.engines.torch_engine import resolve_device
+
+    for option, check in (("--engine", lambda: get_engine(settings.engine)),
+                          ("--device", lambda: resolve_device(settings.device))):
+        try:
+            check()
+        except (EngineError, EngineUnavailableError) as exc:
+            raise HelixInputError(str(exc), option) from None
     return replace(settings, dtype=dtype, grid=grid), source, grid
 
 
 def profile_model(settings: ProfileSettings, progress: Progress | None = None) -> ProfileResult:
     """Measure one machine entry for `settings.model` here; `progress` hears one line per step taken."""
+    settings, source, grid = resolve_settings(settings)
     import torch
 
     from helix.worker.engines import load_engine
     from helix.worker.engines.torch_engine import DTYPES, resolve_device
 
     say = progress or (lambda _text: None)
-    settings, source, grid = resolve_settings(settings)
     assert settings.dtype is not None
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
