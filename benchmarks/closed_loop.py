@@ -49,9 +49,9 @@ import itertools
 import json
 import math
 import os
+import platform
 import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -207,12 +207,14 @@ def batch_ms(nodes: list[Any], window: tuple[float, float]) -> dict[str, dict[st
 # -- the steps ------------------------------------------------------------------------------------------
 
 
-def helix(*args: str, threads: int | None = None) -> None:
-    """A helix command as a user runs it, in a subprocess (its own torch threads and memory)."""
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    done = subprocess.run([sys.executable, "-m", "helix.cli.app", *args], env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"helix {args[0]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+def helix(*args: str) -> None:
+    """A helix command as a user types it, run in this process: it has torch imported already, and on two
+    cores each interpreter started costs seconds."""
+    from helix.cli.app import app
+
+    code = app(list(args), standalone_mode=False)
+    if isinstance(code, int) and code != 0:
+        raise SystemExit(f"helix {args[0]} failed (exit {code}); its error is above")
 
 
 def profile_grid(pairs: list[tuple[int, int]], prompts: int, repeats: int) -> list[str]:
@@ -248,7 +250,7 @@ def simulate_replay(cluster_file: Path, model: Path, profile: Path, plan_file: P
     plan = load_plan(plan_file)
     t0 = rows[0]["start"]
     offsets = [r["start"] - t0 for r in rows]
-    duration = 2 * offsets[-1] + 60.0
+    duration = float(math.ceil(2 * offsets[-1] + 60))  # whole seconds: the result rounds simulated_s
     while True:
         workload = Workload(lengths=ReplayLengths([(r["input"], r["output"] - 1) for r in rows]),
                             arrivals=ReplayArrivals(offsets))
@@ -265,6 +267,13 @@ def simulate_replay(cluster_file: Path, model: Path, profile: Path, plan_file: P
 def run_config(config: str, args: argparse.Namespace, tmp: Path, out: Path) -> dict[str, Any]:
     started = time.monotonic()
     loads: dict[str, float] = {"start": os.getloadavg()[0]}
+    steps: dict[str, float] = {}
+
+    def step_done(name: str) -> None:
+        """The load average and the wall time when each step ends: a busy machine explains a slow step."""
+        loads[name] = os.getloadavg()[0]
+        steps[name] = round(time.monotonic() - started - sum(steps.values()), 1)
+
     model = serving_load.make_model(tmp, config)
     model_config = json.loads((model / "config.json").read_text())
     layers = int(model_config["num_hidden_layers"])
@@ -280,14 +289,14 @@ def run_config(config: str, args: argparse.Namespace, tmp: Path, out: Path) -> d
     profile_layers = max(1, min(layers - 2, layers // args.workers))
     grid = profile_grid(pairs, args.prompts, args.profile_repeats)
     helix("profile", "--model", str(model), "--output", str(profile), "--threads", str(threads),
-          "--layers", str(profile_layers), *grid, "--quiet", threads=threads)
-    loads["profiled"] = os.getloadavg()[0]
+          "--layers", str(profile_layers), *grid, "--quiet")
+    step_done("profiled")
 
     cluster = loopback_cluster(args.workers, args.link_latency_ms, out / "cluster.yaml")
     plan = out / "plan.json"
     helix("plan", "--cluster", str(cluster), "--model", str(model), "--profiles", str(profile),
           "--method", args.method, "--time-limit", str(args.plan_time_limit), "--output", str(plan), "--quiet")
-    loads["planned"] = os.getloadavg()[0]
+    step_done("planned")
 
     route_log = out / "route-log.jsonl"
     logs = out / "logs"
@@ -295,10 +304,10 @@ def run_config(config: str, args: argparse.Namespace, tmp: Path, out: Path) -> d
     key = secrets.token_urlsafe(16)
     layout = ["--plan", str(plan), "--threads", str(threads), "--scheduler", args.scheduler,
               "--route-log", str(route_log)]
-    with serving_load.serving(model, layout, key, logs, args.server_python) as server:
+    with serving_load.serving(model, layout, key, logs, sys.executable) as server:
         run = serving_load.bench(server, model, dataset, args.prompts, args.prompts, key, out, "client", args.seed,
                                  request_rate=rate)
-    loads["served"] = os.getloadavg()[0]
+    step_done("served")
     measured = measured_figures(run["result"])
     routed = route_log_figures(route_log)
 
@@ -308,7 +317,7 @@ def run_config(config: str, args: argparse.Namespace, tmp: Path, out: Path) -> d
     (out / "simulated.json").write_text(sim.to_json())
     summary = routed.pop("summary")
     (out / "route-log-summary.json").write_text(summary.to_json())
-    loads["end"] = os.getloadavg()[0]
+    step_done("simulated")
 
     profile_data = json.loads(profile.read_text())
     wall = run["wall_s"]
@@ -333,7 +342,7 @@ def run_config(config: str, args: argparse.Namespace, tmp: Path, out: Path) -> d
         "cpu": {"seconds": run["cpu_s"], "wall_s": wall,
                 "cores_busy": sum(run["cpu_s"].values()) / wall, "cores": os.cpu_count()},
         "load_avg_1min": {**loads, "client_before": run["load_before"], "client_after": run["load_after"]},
-        "wall_s": time.monotonic() - started,
+        "steps_s": steps,
     }
 
 
@@ -393,7 +402,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         help="the cluster's link latency: loopback, nominal (the per-hop cost is measured, not "
                         "assumed: see the route log breakdown)")
     parser.add_argument("--profile-repeats", type=int, default=3)
-    parser.add_argument("--server-python", default=sys.executable)
     parser.add_argument("--output", type=Path, help="write every figure and the configuration as JSON")
     parser.add_argument("--keep", type=Path,
                         help="keep every file (profile, plan, route log, logs) here (a new folder)")
@@ -402,8 +410,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     unknown = [c for c in configs if c not in serving_load.CONFIGS]
     if unknown:
         parser.error(f"--configs: unknown {unknown}; choose from {', '.join(serving_load.CONFIGS)}")
-    machine = serving_load.machine(args.server_python)
-    print(machine, flush=True)
+    machine = {"python": platform.python_version(), "client": f"vLLM {serving_load.vllm_version()}",
+               "cores": os.cpu_count()}  # the device, torch and transformers: each run's profile_measured_on
     runs = []
     with tempfile.TemporaryDirectory(prefix="helix-closed-loop-") as tmp_name:
         tmp = Path(tmp_name)

