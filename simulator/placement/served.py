@@ -43,6 +43,17 @@ scheduler's share of its flow), admission stalls while the rest of the cluster h
 every route through it hold (I + O) × the layers they run there (Little's law per route, at its
 flow share); the first load at which such a stall appears bounds λ.
 
+Refusals also change what is served. The offline feeder discards a refused request and draws
+another, and a request is refused where its KV does not fit the room a full node has left, so a
+long one is refused more often: the requests admitted into a full node are the length distribution
+weighted by the chance that a request of that length finds room (`request_mixes` plays the
+feeder's refusals out on one full node: mean input 418 tokens of the drawn 719). Which requests
+meet full nodes comes from a fluid of the scheduler (`admission`): requests split over usable
+edges by flow, full nodes skipped, kept filling past the first refusal (the feeder draws again at
+the next fill) until the pooled KV target or until every way is full. The share of the flow that
+then ends at full nodes is served the refused mix, the rest the drawn mix; prompt and decode
+lengths and the KV per request that set requests in flight and round trips follow that mix.
+
 λ is the first load at which any of this stops holding (a stall can lift at a higher load, when a
 first hop fills instead, but admission never gets there), found on a grid refined a few times,
 every grid point evaluated at once. The model ranks placements; it is not exact, which is why the
@@ -55,8 +66,10 @@ evaluates it thousands of times.
 from __future__ import annotations
 
 import functools
+import heapq
 import inspect
 import math
+import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +78,7 @@ from helix.simulator.cluster import GpuNode
 from helix.simulator.flow import FlowResult, Route, decompose_routes, max_flow
 from helix.simulator.placement.base import PlacementProblem, Ranges
 from helix.simulator.profiles.base import Profiles
+from helix.simulator.requests import LengthSampler, Workload
 from helix.simulator.schedulers import MaxFlowScheduler
 from helix.simulator.simulate import OFFLINE_KV_TARGET
 
@@ -85,6 +99,60 @@ _SCHEDULER = inspect.signature(MaxFlowScheduler.__init__).parameters
 KV_HWM: float = _SCHEDULER["kv_hwm"].default
 MIN_FLOW_SHARE: float = _SCHEDULER["min_flow_share"].default
 _EPS = 1e-9
+
+
+#: The refusal process (`request_mixes`) is played out on a node holding this many requests of
+#: mean size (the admitted mean moves by 4% between 20 and 400): ten times as many admissions fill
+#: it, and the mix is read over this many more (its mean input to about 2%).
+_REFUSAL_NODE_REQUESTS = 100
+_REFUSAL_ADMISSIONS = 5_000
+
+
+@dataclass(frozen=True)
+class Mix:
+    """The requests a placement serves, on average: what they cost to run and to hold."""
+
+    input_tokens: float  # per admitted request
+    output_tokens: float  # per admitted request
+    kv_tokens: float  # per request in flight, per layer, as admission counts it (input + expected output)
+
+
+@functools.lru_cache(maxsize=64)
+def request_mixes(lengths: LengthSampler) -> tuple[Mix, Mix]:
+    """The mix drawn, and the mix admitted where a node's KV room refuses requests (module docstring).
+
+    Played out, not derived: a node kept full, every finished request and every returned prompt pass
+    admitting fresh requests until the first that does not fit, which is discarded (the offline
+    feeder, simulate.py). A request lives its output tokens (round trips); its prompt pass returns
+    after one. Seeded, so the same lengths give the same mixes everywhere.
+    """
+    rng = random.Random("helix-served-mix")
+    expected = max(1, round(lengths.mean_output_tokens))  # what admission reserves (simulate.py's driver)
+    room = _REFUSAL_NODE_REQUESTS * (lengths.mean_input_tokens + expected)
+    events: list[tuple[float, int, float]] = []  # (time, order, KV freed then: 0 for a returned prompt)
+    drawn: list[tuple[int, int]] = []
+    admitted: list[tuple[int, int]] = []
+    now = 0.0
+    filled = 10 * _REFUSAL_NODE_REQUESTS
+    while len(admitted) < filled + _REFUSAL_ADMISSIONS:
+        while True:
+            tokens_in, tokens_out = lengths.sample(rng)
+            drawn.append((tokens_in, tokens_out))
+            if tokens_in + expected > room:
+                break
+            room -= tokens_in + expected
+            admitted.append((tokens_in, tokens_out))
+            heapq.heappush(events, (now + 1.0, len(drawn), 0.0))
+            heapq.heappush(events, (now + 1.0 + tokens_out, len(drawn), tokens_in + expected))
+        now, _, freed = heapq.heappop(events)
+        room += freed
+
+    def mix(requests: list[tuple[int, int]]) -> Mix:
+        ins, outs = np.array(requests, dtype=float).T
+        # In flight, a request counts for as long as it lives: KV per request weighted by its output.
+        return Mix(float(ins.mean()), float(outs.mean()), float((ins + expected) @ outs / outs.sum()))
+
+    return mix(drawn), mix(admitted[filled:])
 
 
 @dataclass(frozen=True)
@@ -117,6 +185,19 @@ def _node_times(profiles: Profiles, node: GpuNode, layers: int, lengths: tuple[f
     alpha = max(0.0, one + overhead - beta)
     prompt = layers * profiles.prompt_layer_time(node, round(prompt_tokens)) + prompt_tokens * overhead
     return alpha, beta, prompt, float(profiles.batch_limits(node, layers).decode_max_tokens)
+
+
+def _link_times(problem: PlacementProblem, src: str, dst: str) -> tuple[float, float]:
+    """(seconds per token, latency) of a link, as the engine serializes it: the slowest of the link
+    and the two NICs; token ids to and from the coordinator, activations between nodes."""
+    cluster, model = problem.cluster, problem.model
+    coord = cluster.coordinator
+    link = cluster.link(src, dst)
+    nic_out = coord.nic_out_bps if src == coord.name else cluster.node_map[src].nic_out_bps
+    nic_in = coord.nic_in_bps if dst == coord.name else cluster.node_map[dst].nic_in_bps
+    per_token = model.token_id_bytes if coord.name in (src, dst) else model.activation_bytes + model.token_id_bytes
+    return (8 * per_token / min(link.bandwidth_bps if link else math.inf, nic_out, nic_in),
+            link.latency_s if link else 0.0)
 
 
 class _Model:
@@ -247,6 +328,101 @@ def kv_cover(problem: PlacementProblem, ranges: Ranges, carrying: set[str]) -> n
     return cover
 
 
+def admission(problem: PlacementProblem, ranges: Ranges, flow_edges: dict[tuple[str, str], float],
+              mix: Mix) -> tuple[float, float]:
+    """Requests in flight where the offline feeder stops admitting, and the share of requests
+    that get through there without meeting a full node (module docstring).
+
+    Played out as a fluid. The scheduler sends requests on from every vertex over its usable edges
+    in proportion to the edge flows (its round robin evens tokens per unit of flow), skipping nodes
+    out of KV room; what reaches a vertex whose every way on is full is turned away (no
+    backtracking) and holds nothing. A request holds KV on its nodes for its life, which is longer
+    on longer routes (a round trip per output token: the hops' batch and link times). As requests
+    in flight grow, nodes fill one after another, until the feeder's pooled share of some layer
+    reaches its target or every way is full. A refusal does not end this: the feeder's next fill
+    draws again, and the ways that still have room keep filling.
+    """
+    coord = problem.cluster.coordinator.name
+    onward: dict[str, list[tuple[str, float]]] = {}
+    for (src, dst), f in flow_edges.items():
+        if f > _EPS:
+            onward.setdefault(src, []).append((dst, f))
+    for src, out in onward.items():
+        top = max(f for _, f in out)
+        onward[src] = [(dst, f) for dst, f in out if f >= MIN_FLOW_SHARE * top]
+    names = sorted({d for out in onward.values() for d, _ in out if d != coord}, key=lambda n: (ranges[n][1], n))
+    index = {name: j for j, name in enumerate(names)}
+    sizes = np.array([ranges[n][1] - ranges[n][0] for n in names], dtype=float)
+    room = KV_HWM * sizes * np.array([problem.profiles.kv_capacity_tokens(problem.cluster.node_map[n], int(k))
+                                      for n, k in zip(names, sizes, strict=True)])
+    # The feeder's pooled share (cluster_state.py): a node's KV counts evenly over its whole range,
+    # whatever layers its requests run there, against the cover of every placed node.
+    cover = kv_cover(problem, ranges, set(ranges))
+    spread = np.zeros((len(names), problem.num_layers))
+    for j, name in enumerate(names):
+        spread[j, ranges[name][0]:ranges[name][1]] = 1.0 / sizes[j]
+    spread = spread[:, cover > 0] / cover[cover > 0]
+    # Per edge: the layers a request runs on the node it leads to, and the seconds a decode token
+    # spends on it and there (the node's batch time for one sequence).
+    lengths = (mix.input_tokens, mix.output_tokens)
+    runs: dict[tuple[str, str], int] = {}
+    hop: dict[tuple[str, str], float] = {}
+    for src, out in onward.items():
+        for dst, _ in out:
+            tau, latency = _link_times(problem, src, dst)
+            hop[(src, dst)] = tau + latency
+            if dst != coord:
+                runs[(src, dst)] = ranges[dst][1] - (0 if src == coord else ranges[src][1])
+                alpha, beta, _, _ = _node_times(problem.profiles, problem.cluster.node_map[dst], int(sizes[index[dst]]),
+                                                lengths)
+                hop[(src, dst)] += alpha + beta
+    order = [coord, *names]  # every edge leads to a later vertex: ranges end further on
+    used, pooled = np.zeros(len(names)), np.zeros(spread.shape[1])
+    full = np.zeros(len(names), dtype=bool)
+    in_flight = 0.0
+    while True:
+        ways = {}
+        for v in order:
+            out = [(d, f) for d, f in onward.get(v, []) if d == coord or not full[index[d]]]
+            total = sum(f for _, f in out)
+            ways[v] = [(d, f / total) for d, f in out]
+        # Backwards: per vertex, the share of what reaches it that gets through, and the seconds
+        # from it to the coordinator for what does (the coordinator last: the start of all routes).
+        through: dict[str, float] = {}
+        after: dict[str, float] = {}
+        for v in reversed(order):
+            ends = [(p * (1.0 if d == coord else through[d]), hop[(v, d)] + (0.0 if d == coord else after[d]))
+                    for d, p in ways[v]]
+            through[v] = sum(w for w, _ in ends)
+            after[v] = sum(w * t for w, t in ends) / through[v] if through[v] > 0 else 0.0
+        if through[coord] <= 1e-9:
+            return in_flight, 0.0
+        # Forwards: per node, the share of requests reaching it and their seconds from the
+        # coordinator; a request holds KV there for its whole round trip.
+        reach, before = {coord: 1.0}, {coord: 0.0}
+        rate = np.zeros(len(names))  # KV held per unit of admission rate, per node
+        for v in order:
+            share = reach.get(v, 0.0)
+            for d, p in ways[v] if share > 0 else ():
+                if d != coord:
+                    part, t = share * p, before[v] + hop[(v, d)]
+                    before[d] = (before.get(d, 0.0) * reach.get(d, 0.0) + t * part) / (reach.get(d, 0.0) + part)
+                    reach[d] = reach.get(d, 0.0) + part
+                    rate[index[d]] += part * (t + after[d]) * mix.kv_tokens * runs[(v, d)]
+        layer_rate = rate @ spread
+        to_target = np.where(layer_rate > 0, (OFFLINE_KV_TARGET - pooled) / np.maximum(layer_rate, _EPS), math.inf)
+        to_full = np.where((rate > 0) & ~full, (room - used) / np.maximum(rate, _EPS), math.inf)
+        step = min(float(to_target.min(initial=math.inf)), float(to_full.min(initial=math.inf)))
+        if not math.isfinite(step):
+            return math.inf, through[coord]
+        in_flight += step * after[coord]  # Little's law: admission rate times a request's life
+        if to_target.min(initial=math.inf) <= step:
+            return in_flight, through[coord]
+        used += rate * step
+        pooled += layer_rate * step
+        full |= to_full <= step
+
+
 def served_estimate(problem: PlacementProblem, ranges: Ranges, partial_inference: bool = True,
                     flow: FlowResult | None = None, lengths: tuple[float, float] | None = None) -> ServedEstimate:
     """The served-throughput model of a placement (module docstring).
@@ -264,11 +440,19 @@ def served_estimate(problem: PlacementProblem, ranges: Ranges, partial_inference
         return ServedEstimate(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     workload = problem.profiles.workload
     lengths = lengths or (float(workload.avg_input_tokens), float(workload.avg_output_tokens))
-    model = _Model(problem, ranges, decompose_routes(flow, problem.cluster.coordinator.name), lengths,
+    # The admitted mix: the share of requests the scheduler sends into full nodes, where the feeder
+    # stops, is what fits there (the refused mix); the rest is what is drawn. Each is taken relative
+    # to the workload's drawn mix, so `lengths` stay the base.
+    drawn, refused = request_mixes(Workload().lengths)
+    _, through = admission(problem, ranges, flow.edge_flows, drawn)
+    mix = _blend(drawn, refused, 1.0 - through)
+    served_lengths = (lengths[0] * mix.input_tokens / drawn.input_tokens,
+                      lengths[1] * mix.output_tokens / drawn.output_tokens)
+    model = _Model(problem, ranges, decompose_routes(flow, problem.cluster.coordinator.name), served_lengths,
                    flow.edge_flows)
     carrying = {name for name, f in flow.node_flows.items() if f > _EPS}
     kv_min = float(kv_cover(problem, ranges, carrying).min())
-    per_request = lengths[0] + lengths[1]
+    per_request = (lengths[0] + lengths[1]) * mix.kv_tokens / drawn.kv_tokens  # KV admission counts per request
     capacity = OFFLINE_KV_TARGET * kv_min / per_request  # requests the scarcest layer holds
     lo, hi = 0.0, model.saturation()
     for _ in range(_REFINEMENTS):  # the first load of a grid over [lo, hi] the model does not hold, then its cell
@@ -279,4 +463,13 @@ def served_estimate(problem: PlacementProblem, ranges: Ranges, partial_inference
         lo, hi = (loads[first - 1] if first > 0 else lo), (loads[first] if first < len(loads) else hi)
     final = model.at(np.array([lo]))
     round_trip, busiest = float(model.share @ final.round_trips[0]), float(final.busiest[0])
-    return ServedEstimate(lo * per_request, flow.value, kv_min, round_trip, model.hops, busiest)
+    # In the max flow's unit, at the drawn mix's prompt-to-decode ratio: decode tokens/s scaled.
+    tokens_per_s = lo * served_lengths[1] * (lengths[0] + lengths[1]) / lengths[1]
+    return ServedEstimate(tokens_per_s, flow.value, kv_min, round_trip, model.hops, busiest)
+
+
+def _blend(first: Mix, second: Mix, share: float) -> Mix:
+    """`share` of requests of the `second` mix, the rest of the `first`."""
+    return Mix(*((1 - share) * a + share * b for a, b in zip(
+        (first.input_tokens, first.output_tokens, first.kv_tokens),
+        (second.input_tokens, second.output_tokens, second.kv_tokens), strict=True)))
