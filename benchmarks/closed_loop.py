@@ -148,7 +148,11 @@ def figures_from_requests(rows: list[dict[str, Any]], itls: list[float]) -> dict
 
 def measured_figures(result: dict[str, Any]) -> dict[str, Any]:
     rows = client_requests(result)
+    # The client times chunks, not tokens: the router holds back text that ends in half a UTF-8
+    # character, so a random byte-level model's tokens often arrive several to a chunk.
+    chunks = sum(len(r["itl"]) + 1 for r in rows)
     return {**figures_from_requests(rows, [g for r in rows for g in r["itl"]]),
+            "tokens_per_chunk": sum(r["output"] for r in rows) / chunks,
             "failed": result["num_prompts"] - result["completed"],
             "vllm_output_throughput": result["output_throughput"]}
 
@@ -364,7 +368,8 @@ def table(run: dict[str, Any]) -> str:
              + ", ".join(f"{n['name']} [{n['start_layer']}, {n['end_layer']})" for n in c["plan"])
              + f"; {m['requests']} requests, Poisson {c['rate_per_s']:g}/s; load average {loads['client_before']:.1f}"
              f"–{loads['client_after']:.1f} while serving; {run['cpu']['cores_busy']:.2f} of "
-             f"{run['cpu']['cores']} cores busy with the server and client",
+             f"{run['cpu']['cores']} cores busy with the server and client; the client saw "
+             f"{m['tokens_per_chunk']:.1f} tokens per streamed chunk",
              "", "| metric | simulated | measured (client) | simulated / measured | router's view (route log) |",
              "|---|---|---|---|---|"]
     for label, key in ROWS:
