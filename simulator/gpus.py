@@ -46,6 +46,12 @@ GPU_SPECS: dict[str, GpuSpec] = {
 #: figures are a nominal server socket, there so a cluster naming CPU nodes loads anywhere; plan such
 #: nodes with a measured profile, and give them `vram_bytes` (the RAM their worker may use).
 CPU_SPEC = GpuSpec("CPU", 64 * GB, 2e12, 200e9)
+#: A second CPU-class type, so one cluster, plan and measured-profile file can hold CPU workers of two
+#: speeds on the same kind of machine: the slower ones given fewer cores (`helix serve --local
+#: --worker-cpus CPU-SMALL=1` pins them to CPU 1; profile them pinned the same way, `helix profile
+#: --gpu CPU-SMALL`). Nominally half a `CPU`; plan it with a measured profile, as `CPU`.
+CPU_SMALL_SPEC = GpuSpec("CPU-SMALL", 32 * GB, 1e12, 100e9)
+CPU_SPECS = (CPU_SPEC, CPU_SMALL_SPEC)
 
 
 def _key(name: str) -> str:
@@ -53,7 +59,7 @@ def _key(name: str) -> str:
 
 
 _LOOKUP: dict[str, GpuSpec] = {}
-for _spec in (*GPU_SPECS.values(), CPU_SPEC):
+for _spec in (*GPU_SPECS.values(), *CPU_SPECS):
     for _alias in (_spec.name, *_spec.aliases):
         _LOOKUP[_key(_alias)] = _spec
 
@@ -62,6 +68,6 @@ def resolve_gpu(name: str, where: str | None = None) -> GpuSpec:
     """Find a GPU by canonical name, alias or GFD product label (case and punctuation ignored)."""
     spec = _LOOKUP.get(_key(name))
     if spec is None:
-        known = ", ".join([*GPU_SPECS, CPU_SPEC.name])
+        known = ", ".join([*GPU_SPECS, *(c.name for c in CPU_SPECS)])
         raise HelixInputError(f"unknown GPU type {name!r}; known types: {known}", where)
     return spec

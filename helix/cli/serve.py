@@ -9,7 +9,9 @@
    local plan is built directly, not placed by the MILP: CPU workers have no GPU profile, and with
    identical workers the placement question is only which redundancy to keep;
 3. one `helix worker` process per plan node (ZeroMQ on 127.0.0.1, ports chosen by the workers and
-   read from their `listening` line), then one `helix router` process. The data plane is
+   read from their `listening` line; `--worker-cpus TYPE=CPUS` pins the workers of a machine type to
+   CPUs, one torch thread per CPU, so one machine can hold workers of unequal speed), then one
+   `helix router` process. The data plane is
    authenticated with no configuration: fresh CURVE keys are made for each run (key folders in the
    temporary folder, mode 600: the workers get the worker secret, the router the router's), so only
    these processes can talk to each other. `--api-key` / `HELIX_API_KEY` guards the HTTP API too
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import re
@@ -44,6 +47,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -89,13 +93,24 @@ def _die_with_parent() -> None:
         pass
 
 
+def _child_setup(cpus: frozenset[int] | None) -> None:
+    """Runs in the child before exec: die with serve, and keep to `cpus` where given (the exec'd worker and
+    every thread it starts inherit the mask, so its torch threads never leave those CPUs)."""
+    _die_with_parent()
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+
 @dataclass
 class Child:
-    """One supervised process: its command, its stdout lines and where its stderr goes."""
+    """One supervised process: its command, its stdout lines and where its stderr goes; a worker given its own
+    CPUs (`--worker-cpus`) also carries them and its own environment (OMP_NUM_THREADS), kept across restarts."""
 
     name: str
     argv: list[str]
     log_path: Path
+    cpus: frozenset[int] | None = None
+    env: dict[str, str] = field(default_factory=dict)
     process: asyncio.subprocess.Process | None = None
     lines: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
     reader: asyncio.Task[None] | None = None
@@ -106,9 +121,10 @@ class Child:
         self.lines = asyncio.Queue()
         with self.log_path.open("ab") as err:
             self.process = await asyncio.create_subprocess_exec(
-                *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=err, env=env,
+                *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=err,
+                env={**env, **self.env},
                 start_new_session=True,  # Ctrl-C reaches serve only; serve stops the children in order
-                preexec_fn=_die_with_parent)
+                preexec_fn=functools.partial(_child_setup, self.cpus))
         self.pids.append(self.process.pid)
         self.reader = asyncio.create_task(self._read())
 
@@ -223,6 +239,10 @@ def serve_command(
     threads: Annotated[int | None, typer.Option(
         "--threads", metavar="N", show_default=False,
         help="torch threads per worker (default: the cores shared out among the workers).")] = None,
+    worker_cpus: Annotated[list[str] | None, typer.Option(
+        "--worker-cpus", metavar="TYPE=CPUS", show_default=False,
+        help="Pin the workers of one machine type of the plan to these CPUs (taskset's list: 1 or 0-3,6), one "
+             "torch thread per CPU: workers of unequal speed on one machine. Repeatable.")] = None,
     kv_capacity_tokens: Annotated[int | None, typer.Option(
         "--kv-capacity-tokens", metavar="N", show_default=False, help="KV cache tokens per worker layer.")] = None,
     restart: Annotated[bool, typer.Option("--restart/--no-restart",
@@ -266,18 +286,90 @@ def serve_command(
         raise HelixInputError(f"unknown engine {engine!r}; choose one of {', '.join(engine_names())}", "--engine")
     check_device(device)
     served_plan = _resolve_plan(plan, num_layers, workers, model_name)
+    pinned = parse_worker_cpus(worker_cpus or [], served_plan)
     check_api_key(api_key, host)
     _check_port_free(host, port)
 
     tmp = Path(tempfile.mkdtemp(prefix="helix-serve-"))
     try:
-        launch = WorkerLaunch(engine, device, dtype, threads, kv_capacity_tokens)
+        launch = WorkerLaunch(engine, device, dtype, threads, kv_capacity_tokens, pinned)
         code = asyncio.run(_serve(tmp, model, served_plan, host, port, scheduler, route_log, launch, restart,
                                   max_queue, request_timeout, log_dir, quiet, api_key or None))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if code:
         raise typer.Exit(code)
+
+
+WORKER_CPUS = "--worker-cpus"
+
+
+def parse_cpu_list(text: str) -> frozenset[int]:
+    """taskset's CPU list (`1`, `0-3,6`) → the CPU numbers; ValueError when malformed."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError(part)
+        lo, hi = int(first), int(last or first)
+        if hi < lo:
+            raise ValueError(part)
+        cpus.update(range(lo, hi + 1))
+    return frozenset(cpus)
+
+
+def parse_worker_cpus(values: list[str], plan: Plan) -> dict[str, frozenset[int]]:
+    """`--worker-cpus TYPE=CPUS` values → machine type → CPUs, checked against the plan's machine types and the
+    CPUs this process may use, before anything starts."""
+    from helix.simulator.errors import HelixInputError
+    from helix.simulator.gpus import resolve_gpu
+
+    usable = os.sched_getaffinity(0)
+    plan_types = sorted({machine_type(n.gpu) for n in plan.nodes})
+    pinned: dict[str, frozenset[int]] = {}
+    for value in values:
+        name, sep, listed = value.partition("=")
+        if not sep or not name:
+            raise HelixInputError(f"expected TYPE=CPUS (e.g. CPU-SMALL=1 or CPU=0-3,6), got {value!r}", WORKER_CPUS)
+        machine = resolve_gpu(name, WORKER_CPUS).name
+        if machine not in plan_types:
+            raise HelixInputError(f"no node of the plan is of type {machine} (its types: {', '.join(plan_types)})",
+                                  WORKER_CPUS)
+        if machine in pinned:
+            raise HelixInputError(f"{machine} is given twice", WORKER_CPUS)
+        try:
+            cpus = parse_cpu_list(listed)
+        except ValueError:
+            raise HelixInputError(f"{name}: expected CPU numbers and ranges such as 1 or 0-3,6, got {listed!r}",
+                                  WORKER_CPUS) from None
+        if missing := sorted(cpus - usable):
+            raise HelixInputError(f"{name}: CPUs {format_cpus(missing)} are not available here (this process may "
+                                  f"use {format_cpus(usable)})", WORKER_CPUS)
+        pinned[machine] = cpus
+    return pinned
+
+
+def machine_type(gpu: str) -> str:
+    """A plan node's machine type by its canonical name (the local plan says `cpu`); a name the GPU table
+    lacks, as written."""
+    from helix.simulator.errors import HelixInputError
+    from helix.simulator.gpus import resolve_gpu
+
+    try:
+        return resolve_gpu(gpu).name
+    except HelixInputError:
+        return gpu
+
+
+def format_cpus(cpus: Iterable[int]) -> str:
+    """CPU numbers in taskset's list form (`0-3,6`)."""
+    runs: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def check_device(device: str) -> None:
@@ -341,6 +433,7 @@ async def _serve(tmp: Path, model: Path | None, plan: Plan, host: str, port: int
 
     children: dict[str, Child] = {}
     addresses: dict[str, str] = {}
+    compute: dict[str, dict[str, Any]] = {}
 
     async def start_all() -> str:
         addresses.update(await _start_workers(plan, model, children, logs, env, launch, say))
@@ -355,6 +448,9 @@ async def _serve(tmp: Path, model: Path | None, plan: Plan, host: str, port: int
         await router.start(router_env)
         ready = await router.expect("ready", STARTUP_TIMEOUT_S)
         await _wait_healthy(str(ready["url"]), children, STARTUP_TIMEOUT_S, say)
+        for name in addresses:  # the threads and CPUs each worker runs with, as it reports them
+            facts = await children[name].expect("ready", STARTUP_TIMEOUT_S)
+            compute[name] = {key: facts.get(key) for key in ("threads", "cpus")}
         return str(ready["url"])
 
     starting = asyncio.create_task(start_all())
@@ -382,7 +478,7 @@ async def _serve(tmp: Path, model: Path | None, plan: Plan, host: str, port: int
     finally:
         interrupted.cancel()
 
-    _announce(url, plan, children, addresses, model_name, logs, say, api_key)
+    _announce(url, plan, children, addresses, compute, model_name, logs, say, api_key)
     router_died = False
     try:
         router_died = await _supervise(children, addresses, env, restart, stop, say)
@@ -423,25 +519,43 @@ def _ephemeral_keys(tmp: Path) -> dict[str, Path]:
 
 @dataclass(frozen=True)
 class WorkerLaunch:
-    """How every worker of a local run starts (the same for all: they share this machine)."""
+    """How the workers of a local run start: the same engine, device and dtype for all (they share this
+    machine); the threads too, except for the machine types `--worker-cpus` pins to fewer CPUs to make
+    those workers slower with real compute (one thread per CPU they may use)."""
 
     engine: str
     device: str
     dtype: str | None
     threads: int | None  # None until _serve shares the cores out
     kv_capacity_tokens: int | None
+    cpus: Mapping[str, frozenset[int]] = field(default_factory=dict)  # machine type → its workers' CPUs
     keys: Path | None = None  # the run's worker keys, made by _serve
+
+    def pinned(self, node: Any) -> frozenset[int] | None:
+        return self.cpus.get(machine_type(node.gpu))
+
+    def threads_for(self, node: Any) -> int:
+        cpus = self.pinned(node)
+        return len(cpus) if cpus else int(self.threads or 1)
 
     def argv(self, node: Any, model: Path, listen: str) -> list[str]:
         return [*_python(), "worker", "--model", str(model), "--layers", f"{node.start_layer}:{node.end_layer}",
                 "--listen", listen, "--name", node.name, "--engine", self.engine, "--device", self.device,
-                "--threads", str(self.threads), "--keys", str(self.keys),
+                "--threads", str(self.threads_for(node)), "--keys", str(self.keys),
                 *(["--dtype", self.dtype] if self.dtype else []),
                 *(["--kv-capacity-tokens", str(self.kv_capacity_tokens)] if self.kv_capacity_tokens else [])]
 
+    def child(self, node: Any, model: Path, log_path: Path) -> Child:
+        """The worker process of `node` on any free port, with its threads in OMP_NUM_THREADS too (OpenMP
+        reads it at start)."""
+        return Child(node.name, self.argv(node, model, "tcp://127.0.0.1:*"), log_path, cpus=self.pinned(node),
+                     env={"OMP_NUM_THREADS": str(self.threads_for(node))})
+
     def describe(self) -> str:
         where = "" if self.device == "cpu" else f" on {self.device}"
-        return f"{self.engine}{where}, {self.threads} threads each"
+        pins = "".join(f"; {machine} on CPUs {format_cpus(cpus)}, {len(cpus)} thread(s)"
+                       for machine, cpus in self.cpus.items())
+        return f"{self.engine}{where}, {self.threads} threads each{pins}"
 
 
 async def _start_workers(plan: Plan, model: Path, children: dict[str, Child], logs: Path, env: dict[str, str],
@@ -449,7 +563,7 @@ async def _start_workers(plan: Plan, model: Path, children: dict[str, Child], lo
     """Start every worker on an ephemeral port; their `listening` lines give the addresses."""
     say(f"starting {len(plan.nodes)} workers ({launch.describe()}) …")
     for node in plan.nodes:
-        child = Child(node.name, launch.argv(node, model, "tcp://127.0.0.1:*"), logs / f"{node.name}.log")
+        child = launch.child(node, model, logs / f"{node.name}.log")
         children[node.name] = child
         await child.start(env)
     addresses: dict[str, str] = {}
@@ -500,8 +614,8 @@ async def _wait_healthy(url: str, children: dict[str, Child], timeout_s: float, 
     raise StartupError(f"the router at {url} did not become healthy within {timeout_s:g} s", children.get("router"))
 
 
-def _announce(url: str, plan: Plan, children: dict[str, Child], addresses: dict[str, str], model_name: str,
-              logs: Path, say: Any, api_key: str | None) -> None:
+def _announce(url: str, plan: Plan, children: dict[str, Child], addresses: dict[str, str],
+              compute: dict[str, dict[str, Any]], model_name: str, logs: Path, say: Any, api_key: str | None) -> None:
     router = children["router"]
     assert router.process is not None
     nodes = {n.name: n for n in plan.nodes}
@@ -511,7 +625,9 @@ def _announce(url: str, plan: Plan, children: dict[str, Child], addresses: dict[
     for name, address in addresses.items():
         proc = children[name].process
         n = nodes[name]
-        say(f"  {name:<6}  pid {proc.pid if proc else '?'}  layers [{n.start_layer}, {n.end_layer})  {address}")
+        c = compute.get(name, {})
+        say(f"  {name:<6}  pid {proc.pid if proc else '?'}  layers [{n.start_layer}, {n.end_layer})  {address}  "
+            f"{machine_type(n.gpu)}, {c.get('threads')} thread(s) on CPUs {c.get('cpus')}")
     body = json.dumps({"model": model_name, "prompt": "The capital of France is", "max_tokens": 16})
     auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
     if api_key:
@@ -520,7 +636,7 @@ def _announce(url: str, plan: Plan, children: dict[str, Child], addresses: dict[
         f"\nCtrl-C stops everything.")
     pids = {name: c.process.pid for name, c in children.items() if c.process is not None}
     print("serving " + json.dumps({"url": url, "model": model_name, "pids": pids, "workers": addresses,
-                                   "logs": str(logs)}), flush=True)
+                                   "compute": compute, "logs": str(logs)}), flush=True)
 
 
 async def _supervise(children: dict[str, Child], addresses: dict[str, str], env: dict[str, str], restart: bool,

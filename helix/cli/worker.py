@@ -98,13 +98,25 @@ def engine_check(option: str, check: Callable[[], T]) -> T:
         fail(str(exc), option)
 
 
-def _announce(kind: str) -> Callable[[WorkerServer], None]:
+def _announce(kind: str, extra: Callable[[], dict[str, object]] = dict) -> Callable[[WorkerServer], None]:
     """A callback printing `<kind> {json}` on stdout for whoever started this process."""
 
     def emit(server: WorkerServer) -> None:
-        print(f"{kind} {json.dumps(server.describe(), sort_keys=True)}", flush=True)
+        print(f"{kind} {json.dumps(server.describe() | extra(), sort_keys=True)}", flush=True)
 
     return emit
+
+
+def compute_facts() -> dict[str, object]:
+    """The torch threads and the CPUs this worker runs with, as the loaded engine sees them: a launcher
+    that made workers unequal on purpose (`helix serve --local --worker-cpus`) can see it took effect."""
+    import os
+
+    torch = sys.modules.get("torch")
+    from helix.cli.serve import format_cpus
+
+    return {"threads": torch.get_num_threads() if torch is not None else None,
+            "cpus": format_cpus(os.sched_getaffinity(0))}
 
 
 @handle_errors
@@ -217,7 +229,7 @@ def worker_command(
         transport=TransportOptions(send_timeout_s=send_timeout),
         keys=curve,
         on_listening=_announce("listening"),
-        on_ready=_announce("ready"),
+        on_ready=_announce("ready", compute_facts),
     )
     try:
         asyncio.run(server.run(handle_signals=True))

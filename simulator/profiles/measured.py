@@ -193,6 +193,31 @@ def write_measured_profile(
     return data
 
 
+def merge_profile_files(paths: Sequence[Path]) -> MeasuredProfileFile:
+    """One file holding the machine types of several (`helix profile` writes one type per run), so one
+    `--profiles` covers a cluster of several types, e.g. CPU workers given unequal shares of one machine.
+    The files must be for the same model and shape; a type in two files is refused as within one. Each
+    file's `measured_on` is kept under `merged_from`, keyed by the file's name."""
+    if not paths:
+        raise HelixInputError("no profile files to merge")
+    files = [MeasuredProfileFile.load(path) for path in paths]
+    first = files[0]
+    for path, data in zip(paths[1:], files[1:], strict=True):
+        if (data.model, data.model_shape) != (first.model, first.model_shape):
+            raise HelixInputError(f"measured on model {data.model!r} {data.model_shape}, not {first.model!r} "
+                                  f"{first.model_shape} as {paths[0]}", str(path))
+    entries = [(label, entry) for data in files for label, entry in data.gpus.items()]
+    labels = [label for label, _ in entries]
+    if duplicates := sorted({label for label in labels if labels.count(label) > 1}):
+        raise HelixInputError(f"machine type {', '.join(duplicates)} is in more than one file", str(paths[-1]))
+    return MeasuredProfileFile.from_data(
+        {"schema_version": SCHEMA_VERSION, "model": first.model, "model_shape": first.model_shape,
+         "measured_on": {"merged_from": {Path(path).name: data.measured_on
+                                         for path, data in zip(paths, files, strict=True)}},
+         "gpus": {label: entry.model_dump(exclude_none=True) for label, entry in entries}},
+        ", ".join(map(str, paths)))
+
+
 def sample_machine_profile(
     source: Profiles, node: GpuNode, *, prompt_tokens: Sequence[int] = (0, 128, 256, 512, 1024, 2048, 4096, 8192),
     decode_batches: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256), context_tokens_per_sequence: int = 1000,

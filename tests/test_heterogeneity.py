@@ -1,0 +1,202 @@
+"""Workers of unequal speed on one machine: `helix serve --local --worker-cpus`, the `CPU-SMALL` machine type
+and measured profiles merged across types (benchmarks/heterogeneity.py puts them together).
+
+Structure only: which scheduler wins, and by how much, depends on the machine's load, so nothing here
+times anything. The end-to-end test checks that each worker runs on the CPUs and threads its type was
+given, and that one short run per scheduler finishes every request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from helix.cli.app import app
+from helix.cli.serve import format_cpus, parse_cpu_list
+from helix.simulator.cluster import GpuNode
+from helix.simulator.errors import HelixInputError
+from helix.simulator.gpus import resolve_gpu
+from helix.simulator.model import ModelSpec
+from helix.simulator.plan import NodeAssignment, Plan
+from helix.simulator.profiles.measured import (
+    DecodeTable,
+    MachineProfile,
+    MeasuredProfiles,
+    PromptTable,
+    merge_profile_files,
+    write_measured_profile,
+)
+
+STARTUP_S = 300.0  # a safety net for a busy machine; each wait ends as soon as its line arrives
+MODEL = ModelSpec(name="tiny", num_layers=8, hidden_size=64, num_attention_heads=1, num_key_value_heads=1,
+                  intermediate_size=64, vocab_size=256)
+
+
+def two_speed_plan(path: Path, layers: int = 8) -> Path:
+    """One fast (`CPU`) and one slow (`CPU-SMALL`) worker, each holding the whole model."""
+    Plan(model="tiny", num_layers=layers, method="test", objective_tokens_per_s=0.0,
+         nodes=[NodeAssignment(name="fast", gpu="CPU", start_layer=0, end_layer=layers),
+                NodeAssignment(name="slow", gpu="CPU-SMALL", start_layer=0, end_layer=layers)]).save(path)
+    return path
+
+
+def machine(gpu: str, scale: float) -> MachineProfile:
+    return MachineProfile(gpu=gpu, max_layers=8, memory_budget_bytes=1e9,
+                          prompt=PromptTable(tokens=[1, 100], seconds_per_layer=[0.001 * scale, 0.01 * scale]),
+                          decode=DecodeTable(batch=[1, 8], seconds_per_layer=[0.001 * scale, 0.002 * scale]))
+
+
+# -- the machine type and the CPU lists ------------------------------------------------------------------
+
+
+def test_cpu_small_is_a_machine_type_beside_cpu() -> None:
+    assert resolve_gpu("CPU-SMALL").name == "CPU-SMALL" and resolve_gpu("cpu small").name == "CPU-SMALL"
+    assert resolve_gpu("cpu").name == "CPU"
+    with pytest.raises(HelixInputError, match=r"known types: .*CPU, CPU-SMALL"):
+        resolve_gpu("CPU-TINY")
+
+
+@pytest.mark.parametrize(("text", "cpus", "canonical"), [
+    ("1", {1}, "1"), ("0-3", {0, 1, 2, 3}, "0-3"), ("0-2,6,8-9", {0, 1, 2, 6, 8, 9}, "0-2,6,8-9"),
+    ("3,1", {1, 3}, "1,3"),
+])
+def test_cpu_lists_read_and_write_as_taskset_does(text: str, cpus: set[int], canonical: str) -> None:
+    assert parse_cpu_list(text) == cpus and format_cpus(cpus) == canonical
+
+
+@pytest.mark.parametrize("text", ["", "a", "1-", "-1", "3-1", "1,,2", "1 "])
+def test_malformed_cpu_lists_are_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_cpu_list(text)
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--worker-cpus", "CPU"], "error: --worker-cpus: expected TYPE=CPUS (e.g. CPU-SMALL=1 or CPU=0-3,6), got 'CPU'"),
+    (["--worker-cpus", "=1"], "error: --worker-cpus: expected TYPE=CPUS"),
+    (["--worker-cpus", "CPU=x"], "error: --worker-cpus: CPU: expected CPU numbers and ranges such as 1 or 0-3,6, "
+                                 "got 'x'"),
+    (["--worker-cpus", "CPU=2-1"], "error: --worker-cpus: CPU: expected CPU numbers and ranges"),
+    (["--worker-cpus", "B9000=0"], "error: --worker-cpus: unknown GPU type 'B9000'; known types:"),
+    (["--worker-cpus", "H100=0"], "error: --worker-cpus: no node of the plan is of type H100 (its types: CPU, "
+                                  "CPU-SMALL)"),
+    (["--worker-cpus", "CPU=0", "--worker-cpus", "cpu=0"], "error: --worker-cpus: CPU is given twice"),
+    (["--worker-cpus", "CPU-SMALL=100000"], "error: --worker-cpus: CPU-SMALL: CPUs 100000 are not available here "
+                                            "(this process may use "),
+])
+def test_bad_worker_cpus_are_one_line_and_exit_2(tmp_path: Path, args: list[str], expected: str) -> None:
+    """In-process and fast: refused before a model is created or a process started."""
+    plan = two_speed_plan(tmp_path / "plan.json")
+    result = CliRunner().invoke(app, ["serve", "--local", "--plan", str(plan), "--log-dir", str(tmp_path / "logs"),
+                                      *args])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+def test_the_default_plan_takes_worker_cpus_too() -> None:
+    """The local plan names its nodes `cpu`: the option matches machine types by their canonical name."""
+    result = CliRunner().invoke(app, ["serve", "--local", "--worker-cpus", "CPU-SMALL=0"])
+    assert result.exit_code == 2 and "no node of the plan is of type CPU-SMALL (its types: CPU)" in result.stderr
+
+
+# -- profiles of several types in one file -----------------------------------------------------------------
+
+
+def test_merged_profiles_plan_both_types(tmp_path: Path) -> None:
+    fast, slow = tmp_path / "fast.json", tmp_path / "slow.json"
+    write_measured_profile(fast, MODEL, [machine("CPU", 1.0)], {"threads": 1})
+    write_measured_profile(slow, MODEL, [machine("CPU-SMALL", 2.0)], {"threads": 1, "shared": True})
+    merged = merge_profile_files([fast, slow])
+    assert sorted(merged.gpus) == ["CPU", "CPU-SMALL"]
+    assert merged.measured_on == {"merged_from": {"fast.json": {"threads": 1},
+                                                  "slow.json": {"threads": 1, "shared": True}}}
+    out = tmp_path / "both.json"
+    merged.save(out)
+    profiles = MeasuredProfiles.from_file(out, MODEL)
+    times = {gpu: profiles.decode_layer_time(GpuNode(name="n", gpu=gpu), 1, 0) for gpu in ("CPU", "CPU-SMALL")}
+    assert times["CPU-SMALL"] == pytest.approx(2 * times["CPU"])
+
+
+def test_merging_refuses_a_type_twice_and_another_model(tmp_path: Path) -> None:
+    a, b, other = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "other.json"
+    write_measured_profile(a, MODEL, [machine("CPU", 1.0)])
+    write_measured_profile(b, MODEL, [machine("CPU", 2.0)])
+    write_measured_profile(other, MODEL.model_copy(update={"hidden_size": 128}), [machine("CPU-SMALL", 1.0)])
+    with pytest.raises(HelixInputError, match="machine type CPU is in more than one file"):
+        merge_profile_files([a, b])
+    with pytest.raises(HelixInputError, match="measured on model"):
+        merge_profile_files([a, other])
+    with pytest.raises(HelixInputError, match="no profile files"):
+        merge_profile_files([])
+
+
+# -- end to end ------------------------------------------------------------------------------------------
+
+
+def _serve(tmp: Path, model: Path, plan: Path, scheduler: str,
+           pins: dict[str, str]) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    argv = [sys.executable, "-m", "helix.cli.app", "serve", "--local", "--model", str(model), "--plan", str(plan),
+            "--port", "0", "--quiet", "--scheduler", scheduler, "--route-log", str(tmp / f"{scheduler}.jsonl"),
+            "--log-dir", str(tmp / f"logs-{scheduler}"),
+            *[arg for machine_type, cpus in pins.items() for arg in ("--worker-cpus", f"{machine_type}={cpus}")]]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=(tmp / f"{scheduler}.stderr").open("w"), text=True,
+                            start_new_session=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:  # serve prints nothing else on stdout before this line (--quiet)
+        if line.startswith("serving "):
+            return proc, json.loads(line[len("serving "):])
+    proc.wait(30)
+    stderr = (tmp / f"{scheduler}.stderr").read_text()
+    raise AssertionError(f"helix serve exited ({proc.returncode}):\n{stderr[-3000:]}")
+
+
+def _complete(url: str, prompt: str) -> dict[str, Any]:
+    body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0}).encode()
+    request = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=STARTUP_S) as resp:
+        return dict(json.loads(resp.read()))
+
+
+def _allowed_cpus(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(f"no Cpus_allowed_list for {pid}")
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's")
+def test_unequal_workers_serve_with_every_scheduler(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from helix.worker.route_log import summarize
+    from helix.worker.tiny_model import create_tiny_model
+
+    model = create_tiny_model(tmp_path / "tiny")
+    plan = two_speed_plan(tmp_path / "plan.json")
+    usable = sorted(os.sched_getaffinity(0))
+    pins = {"CPU": format_cpus(usable), "CPU-SMALL": str(usable[-1])}
+    for scheduler in ("maxflow", "swarm", "random"):
+        proc, info = _serve(tmp_path, model, plan, scheduler, pins)
+        try:
+            assert info["compute"] == {"fast": {"threads": len(usable), "cpus": pins["CPU"]},
+                                       "slow": {"threads": 1, "cpus": pins["CPU-SMALL"]}}
+            assert _allowed_cpus(info["pids"]["slow"]) == pins["CPU-SMALL"]
+            assert _allowed_cpus(info["pids"]["fast"]) == pins["CPU"]
+            answers = [_complete(info["url"], f"request {i} of {scheduler}") for i in range(4)]
+            assert all(a["choices"][0]["finish_reason"] == "length" for a in answers)
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            assert proc.wait(60) == 0
+        result = summarize(tmp_path / f"{scheduler}.jsonl")
+        assert result.requests_finished == 4 and result.config["requests_by_status"] == {"ok": 4}
