@@ -99,6 +99,10 @@ class ClusterView(Protocol):
 
     def successors(self, vertex: str) -> Sequence[str]: ...
 
+    def linked_successors(self, vertex: str) -> Sequence[str]:
+        """Every vertex `vertex` has a usable link to (the layers chain), whether or not max flow uses it."""
+        ...
+
 
 @dataclass(slots=True)
 class NodeState:
@@ -189,18 +193,32 @@ class ClusterState:
     flows: dict[tuple[str, str], float] = field(default_factory=dict)
     now: float = 0.0
     _successors: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    _linked: dict[str, list[str]] = field(default_factory=dict, repr=False)
     _shares: _LayerShares = field(default_factory=_LayerShares, repr=False, compare=False)
 
     def successors(self, vertex: str) -> Sequence[str]:
         return self._successors.get(vertex, ())
 
+    def linked_successors(self, vertex: str) -> Sequence[str]:
+        """Every usable edge out of `vertex`, with or without flow: what a flow-blind scheduler (Swarm,
+        random, shortest queue) chooses among; falls back to the flow-carrying ones."""
+        return self._linked.get(vertex) or self._successors.get(vertex, ())
+
     def set_flows(self, edge_flows: Mapping[tuple[str, str], float]) -> None:
-        """Adopt new max-flow edge flows (after a node leaves or returns); down nodes get none."""
+        """Adopt new max-flow edge flows (after a node leaves or returns); down nodes get none.
+
+        `edge_flows` may list the usable edges that carry no flow too (`max_flow` does): those are
+        kept as `linked_successors`, the network a scheduler that ignores flows routes over.
+        """
         coord = self.coordinator
         self.flows = {}
         self._successors = {}
+        self._linked = {}
         for (a, b), f in edge_flows.items():
-            if f <= _EPS or (a != coord and not self.nodes[a].up) or (b != coord and not self.nodes[b].up):
+            if (a != coord and not self.nodes[a].up) or (b != coord and not self.nodes[b].up):
+                continue
+            self._linked.setdefault(a, []).append(b)
+            if f <= _EPS:
                 continue
             self.flows[(a, b)] = f
             self._successors.setdefault(a, []).append(b)
@@ -240,15 +258,16 @@ class ClusterState:
         return self._shares.worst(self)
 
     def check_route(self, route: Route) -> None:
-        """Raise if a route does not chain from layer 0 to the last layer along usable edges."""
+        """Raise if a route does not chain from layer 0 to the last layer along usable edges (with
+        or without flow: see `linked_successors`)."""
         layer, prev = 0, self.coordinator
         for hop in route:
             node = self.nodes.get(hop.node)
-            if (node is None or (prev, hop.node) not in self.flows or hop.start_layer != layer
+            if (node is None or hop.node not in self.linked_successors(prev) or hop.start_layer != layer
                     or not node.start_layer <= hop.start_layer < hop.end_layer <= node.end_layer):
                 raise ValueError(f"route breaks at {hop}: expected layer {layer} after {prev}")
             layer, prev = hop.end_layer, hop.node
-        if layer != self.num_layers or (prev, self.coordinator) not in self.flows:
+        if layer != self.num_layers or self.coordinator not in self.linked_successors(prev):
             raise ValueError(f"route ends at layer {layer} on {prev}, not at {self.num_layers} → coordinator")
 
 

@@ -31,17 +31,23 @@ Chooser = Callable[[str], str | None]
 Picker = Callable[[str, Sequence[str]], str]
 
 
-def live_successors(view: ClusterView, vertex: str) -> list[str]:
-    """The vertices a request may go to from `vertex`: the coordinator, or nodes that are up."""
+def live_successors(view: ClusterView, vertex: str, linked: bool = False) -> list[str]:
+    """The vertices a request may go to from `vertex`: the coordinator, or nodes that are up; over
+    the edges that carry flow, or with `linked` over every usable edge."""
     coord, nodes = view.coordinator, view.nodes
-    return [d for d in view.successors(vertex) if d == coord or nodes[d].up]
+    out = view.linked_successors(vertex) if linked else view.successors(vertex)
+    return [d for d in out if d == coord or nodes[d].up]
 
 
-def picking(view: ClusterView, pick: Picker) -> Chooser:
-    """A chooser that asks `pick` among the live successors, and finds no route where there are none."""
+def picking(view: ClusterView, pick: Picker, linked: bool = True) -> Chooser:
+    """A chooser that asks `pick` among the live successors, and finds no route where there are none.
+
+    Flow-blind policies (Swarm, random, shortest queue) see every usable edge (`linked`): a Swarm
+    server connects to every server of the next stage, whether or not the max flow uses that link.
+    """
 
     def choose(vertex: str) -> str | None:
-        candidates = live_successors(view, vertex)
+        candidates = live_successors(view, vertex, linked)
         return pick(vertex, candidates) if candidates else None
 
     return choose

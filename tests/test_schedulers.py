@@ -60,7 +60,7 @@ def test_routes_chain_every_layer_along_usable_edges(name: str) -> None:
     for i in range(200):
         route = scheduler.schedule(request(i))
         assert route is not None
-        state.check_route(route)  # raises if layers do not chain 0..L on edges that carry flow
+        state.check_route(route)  # raises if layers do not chain 0..L on usable edges
         seen.add(route)
         scheduler.on_hop_done(state.coordinator, route[0].node, 0.01 * (i % 7 + 1))
     assert any(hop.start_layer > state.nodes[hop.node].start_layer for r in seen for hop in r), \
