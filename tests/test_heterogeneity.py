@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 from helix.cli.app import app
-from helix.cli.serve import format_cpus, parse_cpu_list
+from helix.cli.serve import WorkerLaunch, format_cpus, parse_cpu_list
 from helix.simulator.cluster import GpuNode
 from helix.simulator.errors import HelixInputError
 from helix.simulator.gpus import resolve_gpu
@@ -101,6 +102,19 @@ def test_bad_worker_cpus_are_one_line_and_exit_2(tmp_path: Path, args: list[str]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
     assert not (tmp_path / "logs").exists()
+
+
+def test_pinned_workers_get_one_thread_per_cpu_unless_threads_is_given() -> None:
+    fast = NodeAssignment(name="fast", gpu="CPU", start_layer=0, end_layer=8)
+    slow = NodeAssignment(name="slow", gpu="CPU-SMALL", start_layer=0, end_layer=8)
+    launch = WorkerLaunch("torch", "cpu", None, None, None, {"CPU-SMALL": frozenset({1, 2})}, shared_threads=3)
+    assert (launch.threads_for(fast), launch.threads_for(slow)) == (3, 2)
+    assert launch.pinned(fast) is None and launch.pinned(slow) == {1, 2}
+    child = launch.child(slow, Path("model"), Path("slow.log"))
+    assert child.cpus == {1, 2} and child.env == {"OMP_NUM_THREADS": "2"}
+    assert child.argv[child.argv.index("--threads") + 1] == "2"
+    given = replace(launch, threads=1)
+    assert (given.threads_for(fast), given.threads_for(slow)) == (1, 1)
 
 
 def test_the_default_plan_takes_worker_cpus_too() -> None:

@@ -10,7 +10,7 @@
    identical workers the placement question is only which redundancy to keep;
 3. one `helix worker` process per plan node (ZeroMQ on 127.0.0.1, ports chosen by the workers and
    read from their `listening` line; `--worker-cpus TYPE=CPUS` pins the workers of a machine type to
-   CPUs, one torch thread per CPU, so one machine can hold workers of unequal speed), then one
+   CPUs, so one machine can hold workers of unequal speed), then one
    `helix router` process. The data plane is
    authenticated with no configuration: fresh CURVE keys are made for each run (key folders in the
    temporary folder, mode 600: the workers get the worker secret, the router the router's), so only
@@ -242,7 +242,8 @@ def serve_command(
     worker_cpus: Annotated[list[str] | None, typer.Option(
         "--worker-cpus", metavar="TYPE=CPUS", show_default=False,
         help="Pin the workers of one machine type of the plan to these CPUs (taskset's list: 1 or 0-3,6), one "
-             "torch thread per CPU: workers of unequal speed on one machine. Repeatable.")] = None,
+             "torch thread per CPU unless --threads is given: workers of unequal speed on one machine. "
+             "Repeatable.")] = None,
     kv_capacity_tokens: Annotated[int | None, typer.Option(
         "--kv-capacity-tokens", metavar="N", show_default=False, help="KV cache tokens per worker layer.")] = None,
     restart: Annotated[bool, typer.Option("--restart/--no-restart",
@@ -425,10 +426,11 @@ async def _serve(tmp: Path, model: Path | None, plan: Plan, host: str, port: int
     logs = log_dir or tmp / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     key_dirs = _ephemeral_keys(tmp)
-    launch = replace(launch, threads=launch.threads or max(1, (os.cpu_count() or 2) // max(1, len(plan.nodes))),
+    launch = replace(launch, shared_threads=max(1, (os.cpu_count() or 2) // max(1, len(plan.nodes))),
                      keys=key_dirs["worker"])
     env = {**{k: v for k, v in os.environ.items() if k not in ("HELIX_API_KEY", "HELIX_KEYS")},
-           "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(launch.threads), "TOKENIZERS_PARALLELISM": "false"}
+           "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(launch.threads or launch.shared_threads),
+           "TOKENIZERS_PARALLELISM": "false"}
     router_env = {**env, **({"HELIX_API_KEY": api_key} if api_key else {})}
 
     children: dict[str, Child] = {}
@@ -520,23 +522,26 @@ def _ephemeral_keys(tmp: Path) -> dict[str, Path]:
 @dataclass(frozen=True)
 class WorkerLaunch:
     """How the workers of a local run start: the same engine, device and dtype for all (they share this
-    machine); the threads too, except for the machine types `--worker-cpus` pins to fewer CPUs to make
-    those workers slower with real compute (one thread per CPU they may use)."""
+    machine); the threads too: `--threads`, or else one per CPU for the machine types `--worker-cpus` pins
+    (to make those workers slower with real compute) and the cores shared out among the others."""
 
     engine: str
     device: str
     dtype: str | None
-    threads: int | None  # None until _serve shares the cores out
+    threads: int | None  # --threads; None: per worker, as threads_for says
     kv_capacity_tokens: int | None
     cpus: Mapping[str, frozenset[int]] = field(default_factory=dict)  # machine type → its workers' CPUs
+    shared_threads: int = 1  # the cores shared out among the workers, set by _serve
     keys: Path | None = None  # the run's worker keys, made by _serve
 
     def pinned(self, node: Any) -> frozenset[int] | None:
         return self.cpus.get(machine_type(node.gpu))
 
     def threads_for(self, node: Any) -> int:
+        if self.threads:
+            return self.threads
         cpus = self.pinned(node)
-        return len(cpus) if cpus else int(self.threads or 1)
+        return len(cpus) if cpus else self.shared_threads
 
     def argv(self, node: Any, model: Path, listen: str) -> list[str]:
         return [*_python(), "worker", "--model", str(model), "--layers", f"{node.start_layer}:{node.end_layer}",
@@ -553,9 +558,11 @@ class WorkerLaunch:
 
     def describe(self) -> str:
         where = "" if self.device == "cpu" else f" on {self.device}"
-        pins = "".join(f"; {machine} on CPUs {format_cpus(cpus)}, {len(cpus)} thread(s)"
-                       for machine, cpus in self.cpus.items())
-        return f"{self.engine}{where}, {self.threads} threads each{pins}"
+        pins = "".join(f"; {machine} on CPUs {format_cpus(cpus)}" for machine, cpus in self.cpus.items())
+        threads = str(self.threads or self.shared_threads)
+        if self.cpus and not self.threads:
+            threads += " (one per CPU where pinned)"
+        return f"{self.engine}{where}, {threads} threads each{pins}"
 
 
 async def _start_workers(plan: Plan, model: Path, children: dict[str, Child], logs: Path, env: dict[str, str],
