@@ -202,7 +202,8 @@ class ClusterState:
     def linked_successors(self, vertex: str) -> Sequence[str]:
         """Every usable edge out of `vertex`, with or without flow: what a flow-blind scheduler (Swarm,
         random, shortest queue) chooses among; falls back to the flow-carrying ones."""
-        return self._linked.get(vertex) or self._successors.get(vertex, ())
+        linked = self._linked.get(vertex)
+        return linked if linked else self._successors.get(vertex, ())
 
     def set_flows(self, edge_flows: Mapping[tuple[str, str], float]) -> None:
         """Adopt new max-flow edge flows (after a node leaves or returns); down nodes get none.
