@@ -5,11 +5,13 @@ beats Swarm's and random routing) on real processes of one machine, beside the s
 prediction for the same setup. Unequal speed is real compute, no sleeps: `helix serve --local
 --worker-cpus` pins each machine type's workers to CPUs, one torch thread per CPU.
 
-* **The layout.** One fast worker of type `CPU` pinned to `--fast-cpus` (CPU 0) and `--slow-workers`
-  workers of type `CPU-SMALL` (simulator/gpus.py) all pinned to `--slow-cpus` (CPU 1): the slow ones
-  share one core, so under load each runs at about 1/N of its speed alone. On a 2-core machine that
-  is the only honest way to make speeds unequal: a second torch thread is slower than one here when
-  other processes compete for the cores (OpenMP waits for its slowest thread; see data-plane.md).
+* **The layout.** One fast worker of type `CPU` free to run on every CPU (`--fast-cpus`, default all)
+  and `--slow-workers` workers of type `CPU-SMALL` (simulator/gpus.py) all pinned to `--slow-cpus`
+  (CPU 1), each with `--threads` (1) torch threads: the slow ones share one core, so under load each
+  runs at about 1/N of its speed alone. On a 2-core machine a CPU share is the only honest way to
+  make speeds unequal: a second torch thread is slower than one here when other processes compete
+  for the cores (OpenMP waits for its slowest thread; see data-plane.md), and pinning the fast
+  worker to the other core leaves it the core the kernel moves every other job to.
 * **The profiles** are measured as the workers will run: at the same time, one `helix profile` per
   worker pinned as serve pins it (the fast one alone on its CPU; the slow ones together on theirs),
   on the bigger random model by default, with closed_loop's grid fitted to the workload. The fast
@@ -25,7 +27,7 @@ prediction for the same setup. Unequal speed is real compute, no sleeps: `helix 
   scheduler, plan and profile (closed_loop.simulate_replay).
 
 It prints, per scheduler: measured and simulated output tokens/s, TTFT and ITL p50 (the definitions
-of benchmarks/closed_loop.py), the share of node-tokens the fast type carried in each, the load
+of benchmarks/closed_loop.py), the share of the layer work the fast type did in each, the load
 average before and after the run, and the cores the server and client kept busy; `--output` writes
 every figure and the configuration as JSON.
 
@@ -75,7 +77,7 @@ def helix_profile(model: Path, output: Path, machine: str, threads: int, layers:
             "--threads", str(threads), "--gpu", machine, "--layers", str(layers), *grid, "--quiet"]
 
 
-def measure_profiles(model: Path, grid: list[str], companion_grid: list[str], layers: int,
+def measure_profiles(model: Path, grid: list[str], companion_grid: list[str], layers: int, threads: int,
                      cpus: dict[str, frozenset[int]], slow_workers: int, out: Path) -> dict[str, Path]:
     """Both types' profiles, taken at the same time, each pinned as serve pins its workers: the fast one alone
     on its CPUs, the slow one beside `slow_workers - 1` companions on the same CPUs (the same profile with
@@ -88,12 +90,12 @@ def measure_profiles(model: Path, grid: list[str], companion_grid: list[str], la
     with (out / "profile.log").open("w") as log:
         for name, machine in (("fast", FAST), ("slow", SLOW)):
             path = out / f"profile-{name}.json"
-            argv = helix_profile(model, path, machine, len(cpus[machine]), layers, grid)
+            argv = helix_profile(model, path, machine, threads, layers, grid)
             procs[name] = path, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                                  preexec_fn=pin(cpus[machine]))
             print(f"profiling {machine} on CPUs {format_cpus(cpus[machine])} …", file=sys.stderr, flush=True)
         for i in range(slow_workers - 1):
-            argv = helix_profile(model, out / f"companion-{i}.json", SLOW, len(cpus[SLOW]), layers, companion_grid)
+            argv = helix_profile(model, out / f"companion-{i}.json", SLOW, threads, layers, companion_grid)
             companions.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                                preexec_fn=pin(cpus[SLOW])))
         try:
@@ -117,9 +119,11 @@ def cluster_file(slow_workers: int, latency_ms: float, path: Path) -> Path:
 
 
 def fast_share(nodes: list[Any]) -> float:
-    """The share of all node-tokens (prompt and decode, every layer range) the fast type processed."""
-    total = sum(n.tokens for n in nodes)
-    return sum(n.tokens for n in nodes if n.gpu == FAST) / total if total else float("nan")
+    """The share of the layer work (tokens × layers held, prompt and decode) the fast type did: where the
+    scheduler put the load, comparable between plans whose nodes hold different layer counts."""
+    work = {n.name: n.tokens * (n.end_layer - n.start_layer) for n in nodes}
+    total = sum(work.values())
+    return sum(work[n.name] for n in nodes if n.gpu == FAST) / total if total else float("nan")
 
 
 def profile_ms(path: Path) -> dict[str, Any]:
@@ -140,6 +144,7 @@ def serve_one(scheduler: str, args: argparse.Namespace, model: Path, plan: Path,
     route_log = out / "route-log.jsonl"
     key = secrets.token_urlsafe(16)
     layout = ["--plan", str(plan), "--scheduler", scheduler, "--route-log", str(route_log),
+              "--threads", str(args.threads),
               "--worker-cpus", f"{FAST}={args.fast_cpus}", "--worker-cpus", f"{SLOW}={args.slow_cpus}"]
     print(f"serving with {scheduler} …", file=sys.stderr, flush=True)
     with serving_load.serving(model, layout, key, logs, sys.executable) as server:
@@ -185,7 +190,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--config", default="bigger", choices=sorted(serving_load.CONFIGS))
     parser.add_argument("--schedulers", default=",".join(SCHEDULERS), help="comma-separated router schedulers")
     parser.add_argument("--slow-workers", type=int, default=2, help=f"{SLOW} workers (all on --slow-cpus)")
-    parser.add_argument("--fast-cpus", default="0", help=f"CPUs of the {FAST} worker (taskset's list)")
+    parser.add_argument("--fast-cpus", default=None, help=f"CPUs of the {FAST} worker (taskset's list; default: all)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of every worker and profile")
     parser.add_argument("--slow-cpus", default="1", help=f"CPUs the {SLOW} workers share")
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--rate", type=float, default=None, help=f"Poisson requests/s (default: {DEFAULT_RATE})")
@@ -199,7 +205,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--keep", type=Path, help="keep every file (profiles, plan, route logs, logs) here (new)")
     args = parser.parse_args(argv)
     schedulers = [s.strip() for s in args.schedulers.split(",") if s.strip()]
-    from helix.cli.serve import parse_cpu_list
+    from helix.cli.serve import format_cpus, parse_cpu_list
+
+    args.fast_cpus = args.fast_cpus or format_cpus(os.sched_getaffinity(0))
 
     try:
         cpus = {FAST: parse_cpu_list(args.fast_cpus), SLOW: parse_cpu_list(args.slow_cpus)}
@@ -226,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         grid = closed_loop.profile_grid(pairs, args.prompts, args.profile_repeats)
         load_profiling = os.getloadavg()[0]
         profiles = measure_profiles(model, grid, closed_loop.profile_grid(pairs, args.prompts, ENDLESS),
-                                    max(1, layers // 2), cpus, args.slow_workers, out)
+                                    max(1, layers // 2), args.threads, cpus, args.slow_workers, out)
         merged = out / "profile.json"
         from helix.simulator.profiles.measured import merge_profile_files
 
@@ -245,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine()},
             "config": {"model": args.config, "shape": serving_load.CONFIGS[args.config],
                        "fast_cpus": args.fast_cpus, "slow_cpus": args.slow_cpus, "slow_workers": args.slow_workers,
-                       "threads_per_cpu": 1, "prompts": args.prompts, "rate_per_s": rate,
+                       "threads_per_worker": args.threads, "prompts": args.prompts, "rate_per_s": rate,
                        "arrivals": "Poisson (vllm bench serve --request-rate), replayed in the simulator",
                        "seed": args.seed, "lengths": source, "ignore_eos": True,
                        "mean_input_tokens": statistics.fmean(p[0] for p in pairs),
