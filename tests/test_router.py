@@ -211,8 +211,10 @@ async def rig(served: ServedModel, tmp_path: Path, workers: list[FakeWorker] | N
     fakes = workers or [FakeWorker(a.name, a.start_layer, a.end_layer) for a in plan.nodes]
     for w in fakes:
         await w.start()
+    # Fast pings, so fault tests see a silent worker go down within a second or two; 20 misses (1 s) so a test
+    # process starved by a busy machine (fakes and router share its loop) does not take all three down.
     options.setdefault("heartbeat_interval_s", 0.05)
-    options.setdefault("heartbeat_misses", 6)
+    options.setdefault("heartbeat_misses", 20)
     options.setdefault("max_model_len", served.max_model_len)
     options.setdefault("transport", FAST)
     route_log = tmp_path / "routes.jsonl"
@@ -1011,7 +1013,9 @@ def test_maxflow_spreads_requests_over_routes_in_proportion_to_the_flows(served:
     requests = 24
 
     async def test() -> None:
-        async with rig(served, tmp_path) as r:
+        # No fault is tested here: a worker marked down while the machine is busy would re-admit a request
+        # and count its first hop twice, so heartbeats are as tolerant as they can be.
+        async with rig(served, tmp_path, heartbeat_misses=1000) as r:
             state = r.router.state
             out = {b: f for (a, b), f in state.flows.items() if a == state.coordinator}
             assert set(out) == {"a", "c"}
