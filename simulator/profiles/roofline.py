@@ -16,7 +16,12 @@ measurements of LLaMA-2 70B (../shared/reference/profiles/helix-profiles.json):
 * tp_scaling_exponent 0.85: T4x2 / L4x2 / T4x4 decode 1.8× / 1.85× / 3.1× faster than one GPU.
 * layer_overhead_s 30 µs: roughly ten kernel launches per layer.
 
-See docs/profile-format.md for the FLOP and byte counts.
+Models whose layers differ (MoE with dense first layers, sliding-window layers) get the mean of
+their layers' times, and memory from the heaviest layer (`ModelSpec`'s interim contract). Compute
+counts a token's ACTIVE parameters; memory traffic counts the weights a batch reads: attention and
+shared parts always, routed experts only as many as the batch's tokens are expected to touch
+(`expected_experts_touched`). See docs/profile-format.md and docs/models.md for the FLOP and byte
+counts.
 """
 
 from __future__ import annotations
@@ -26,8 +31,38 @@ from typing import Any
 
 from helix.simulator.cluster import GpuNode
 from helix.simulator.gpus import resolve_gpu
-from helix.simulator.model import ModelSpec
+from helix.simulator.model import LayerShape, ModelSpec
 from helix.simulator.profiles.base import Profiles, WorkloadAssumptions
+
+
+def expected_experts_touched(num_experts: int, experts_per_token: int, tokens: int) -> float:
+    """Distinct routed experts a batch of `tokens` tokens is expected to use.
+
+    Each token picks `experts_per_token` (k) of `num_experts` (E); under uniform routing one expert
+    is missed by one token with probability 1 − k/E, so by all B tokens with (1 − k/E)^B, and the
+    expected number touched is E·(1 − (1 − k/E)^B). One token reads k experts; a prompt batch of a
+    few hundred tokens reads nearly all of them, which is why MoE decode at small batches is so much
+    cheaper in memory traffic than the model's size suggests. Real routers are skewed, which touches
+    fewer experts than this: the estimate errs on the side of more traffic.
+    """
+    if tokens <= 0:
+        return 0.0
+    return num_experts * (1.0 - (1.0 - experts_per_token / num_experts) ** tokens)
+
+
+def mean_causal_context(prompt_len: float, window: int | None) -> float:
+    """Keys a prompt token attends to on average: half its prompt under causal attention, and with a
+    sliding window of W < prompt_len the mean of min(position, W), W − W²/(2·prompt_len)."""
+    if window is None or prompt_len <= window:
+        return prompt_len / 2
+    return window - window * window / (2 * prompt_len)
+
+
+def typical_kv_bytes_per_token(model: ModelSpec, workload: WorkloadAssumptions) -> float:
+    """KV bytes per token per layer at the workload's typical context (prompt + half the output), the
+    size a KV capacity in tokens per layer is counted in. It differs from the model's
+    `kv_bytes_per_token_per_layer` only where sliding-window layers keep less than the context."""
+    return model.kv_bytes_per_token_mean(workload.avg_input_tokens + workload.avg_output_tokens / 2)
 
 
 class RooflineProfiles(Profiles):
@@ -63,17 +98,12 @@ class RooflineProfiles(Profiles):
         # The simulator asks for layer times millions of times: keep the per-machine rates and the
         # model's per-layer constants (the model is frozen) instead of re-deriving them per call.
         self._rates: dict[tuple[str, int], tuple[float, float]] = {}
-        m = model
-        kv_dim = m.num_key_value_heads * m.resolved_head_dim
-        self._q_dim = m.num_attention_heads * m.resolved_head_dim
-        self._layer_params = m.layer_params
-        self._layer_weight_bytes = m.layer_weight_bytes
-        self._kv_bytes_per_token = m.kv_bytes_per_token_per_layer
-        #: Bytes each token's activations move through HBM in one layer: every GEMM reads its input
-        #: and writes its output (QKV, O, gate+up, down).
-        self._activation_io_per_token = float(
-            ((m.hidden_size + self._q_dim + 2 * kv_dim) + (self._q_dim + m.hidden_size)
-             + (m.hidden_size + 2 * m.intermediate_size) + (m.intermediate_size + m.hidden_size)) * m.dtype_bytes)
+        #: Each layer kind with its share of the stack (1.0 for a dense model: its time is exactly
+        #: that layer's).
+        self._kinds: tuple[tuple[float, LayerShape], ...] = tuple(
+            (count / model.num_layers, shape) for shape, count in model.layer_groups)
+        self._layer_weight_bytes = model.layer_weight_bytes
+        self._kv_bytes_per_token = typical_kv_bytes_per_token(model, self.workload)
 
     # --- hardware -------------------------------------------------------------------------------
     def _scale(self, node: GpuNode) -> float:
@@ -99,38 +129,54 @@ class RooflineProfiles(Profiles):
     # --- Profiles interface ---------------------------------------------------------------------
     def max_layers(self, node: GpuNode) -> int:
         budget = self.workload.max_weight_fraction * node.total_vram_bytes
-        return max(0, min(self.model.num_layers, math.floor(budget / self.model.layer_weight_bytes)))
+        return max(0, min(self.model.num_layers, math.floor(budget / self._layer_weight_bytes)))
 
     def kv_capacity_tokens(self, node: GpuNode, layers: int) -> int:
         if layers < 1:
             return 0
-        free = node.total_vram_bytes * self.gpu_memory_utilization - layers * self.model.layer_weight_bytes
-        return max(0, math.floor(free / (layers * self.model.kv_bytes_per_token_per_layer)))
+        free = node.total_vram_bytes * self.gpu_memory_utilization - layers * self._layer_weight_bytes
+        return max(0, math.floor(free / (layers * self._kv_bytes_per_token)))
+
+    @staticmethod
+    def _weights_read(shape: LayerShape, tokens: int) -> float:
+        """Weight bytes a batch of `tokens` tokens reads in one layer of `shape`."""
+        if shape.num_experts == 0:
+            return shape.shared_weight_bytes
+        touched = expected_experts_touched(shape.num_experts, shape.experts_per_token, tokens)
+        return shape.shared_weight_bytes + touched * shape.expert_weight_bytes
 
     def prompt_layer_time(self, node: GpuNode, tokens: int) -> float:
         """A prefill batch of `tokens` tokens, read as prompts of the typical length.
 
-        Each prompt token attends causally to half of its prompt on average; a batch shorter than a
-        typical prompt is one prompt of `tokens` tokens.
+        Each prompt token attends causally to half of its prompt on average (less in a sliding
+        layer); a batch shorter than a typical prompt is one prompt of `tokens` tokens.
         """
         if tokens <= 0:
             return 0.0
         prompt_len = min(tokens, self.workload.avg_input_tokens)
-        avg_context = prompt_len / 2
-        flops = 2.0 * self._layer_params * tokens + 4.0 * tokens * avg_context * self._q_dim
-        nbytes = (self._layer_weight_bytes + tokens * self._activation_io_per_token
-                  + tokens * self._kv_bytes_per_token)  # the new KV entries are written
-        return self._layer_time(node, flops, nbytes)
+        seconds = 0.0
+        for share, shape in self._kinds:
+            avg_context = mean_causal_context(prompt_len, shape.window)
+            flops = 2.0 * shape.active_params * tokens + 4.0 * tokens * avg_context * shape.prompt_attention_width
+            nbytes = (self._weights_read(shape, tokens) + tokens * shape.activation_io_bytes_per_token
+                      + tokens * shape.kv_bytes_per_token)  # the new KV entries are written
+            seconds += share * self._layer_time(node, flops, nbytes)
+        return seconds
 
     def decode_layer_time(self, node: GpuNode, batch: int, context_tokens: int) -> float:
-        """One new token for each of `batch` sequences whose contexts total `context_tokens`."""
+        """One new token for each of `batch` sequences whose contexts total `context_tokens`
+        (a sliding layer reads at most its window of each)."""
         if batch <= 0:
             return 0.0
         context_tokens = max(0, context_tokens)
-        flops = 2.0 * self._layer_params * batch + 4.0 * context_tokens * self._q_dim
-        nbytes = (self._layer_weight_bytes + context_tokens * self._kv_bytes_per_token
-                  + batch * self._activation_io_per_token)
-        return self._layer_time(node, flops, nbytes)
+        seconds = 0.0
+        for share, shape in self._kinds:
+            context = context_tokens if shape.window is None else min(context_tokens, batch * shape.window)
+            flops = 2.0 * shape.active_params * batch + 4.0 * context * shape.decode_attention_width
+            nbytes = (self._weights_read(shape, batch) + context * shape.kv_bytes_per_token
+                      + batch * shape.activation_io_bytes_per_token)
+            seconds += share * self._layer_time(node, flops, nbytes)
+        return seconds
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {
