@@ -105,6 +105,12 @@ class RooflineProfiles(Profiles):
         self._layer_weight_bytes = model.layer_weight_bytes
         self._kv_bytes_per_token = typical_kv_bytes_per_token(model, self.workload)
 
+    @property
+    def _activation_io_per_token(self) -> float:
+        """Bytes each token's activations move through HBM in one layer (stack mean): every GEMM reads
+        its input and writes its output (QKV, O, gate+up, down; the router and k experts in MoE)."""
+        return sum(share * shape.activation_io_bytes_per_token for share, shape in self._kinds)
+
     # --- hardware -------------------------------------------------------------------------------
     def _scale(self, node: GpuNode) -> float:
         """Speed-up of a tensor-parallel node over one of its GPUs (sub-linear: all-reduces)."""
