@@ -147,7 +147,8 @@ class LayerKind(NamedTuple):
 
 
 class _Attention(NamedTuple):
-    params: int
+    params: int  # projections
+    norm_params: int  # MLA's latent norms (kept in the activation dtype, like the layer norms)
     io_elements: int  # activation elements its GEMMs read and write per token
     prompt_width: float  # attention FLOPs per (query, context token) pair are 4 × width
     decode_width: float
@@ -270,21 +271,22 @@ class ModelSpec(BaseModel):
         if self.mla is None:
             hd = self.resolved_head_dim
             q, kv = heads * hd, self.num_key_value_heads * hd
-            return _Attention(params=h * hd * (2 * heads + 2 * self.num_key_value_heads),
+            return _Attention(params=h * hd * (2 * heads + 2 * self.num_key_value_heads), norm_params=0,
                               io_elements=(h + q + 2 * kv) + (q + h), prompt_width=q, decode_width=q,
                               kv_elements=2 * kv)
         m = self.mla
         qk = m.qk_nope_head_dim + m.qk_rope_head_dim
         if m.q_lora_rank is None:
             q_params, q_io = h * heads * qk, h + heads * qk
-        else:  # down-projection, its norm, up-projection
-            q_params = h * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * heads * qk
+        else:  # down-projection, (norm,) up-projection
+            q_params = h * m.q_lora_rank + m.q_lora_rank * heads * qk
             q_io = (h + m.q_lora_rank) + (m.q_lora_rank + heads * qk)
         latent = m.kv_lora_rank + m.qk_rope_head_dim
-        kv_params = h * latent + m.kv_lora_rank + m.kv_lora_rank * heads * (m.qk_nope_head_dim + m.v_head_dim)
+        kv_params = h * latent + m.kv_lora_rank * heads * (m.qk_nope_head_dim + m.v_head_dim)
         kv_io = (h + latent) + (m.kv_lora_rank + heads * (m.qk_nope_head_dim + m.v_head_dim))
         o_params, o_io = heads * m.v_head_dim * h, heads * m.v_head_dim + h
-        return _Attention(params=q_params + kv_params + o_params, io_elements=q_io + kv_io + o_io,
+        return _Attention(params=q_params + kv_params + o_params, norm_params=(m.q_lora_rank or 0) + m.kv_lora_rank,
+                          io_elements=q_io + kv_io + o_io,
                           prompt_width=heads * (qk + m.v_head_dim) / 2,
                           decode_width=heads * (latent + m.kv_lora_rank) / 2, kv_elements=latent)
 
@@ -292,7 +294,7 @@ class ModelSpec(BaseModel):
         """Parameter, byte and FLOP-width counts of a layer of `kind`."""
         h, dtype_bytes = self.hidden_size, float(self.dtype_bytes)
         attn = self._attention()
-        norms = 2 * h
+        norms = 2 * h + attn.norm_params
         shared_bytes = attn.params * self._bytes_per_param("attention") + norms * dtype_bytes
         if kind.moe:
             assert self.moe is not None  # layer_kind gives MoE layers only to a model with moe

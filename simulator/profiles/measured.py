@@ -17,13 +17,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from helix.simulator.cluster import GpuNode
 from helix.simulator.errors import HelixInputError, pydantic_message
 from helix.simulator.gpus import resolve_gpu
-from helix.simulator.model import MODEL_ALIASES, ModelSpec
+from helix.simulator.model import ARCHITECTURE_FIELDS, MODEL_ALIASES, ModelSpec
 from helix.simulator.profiles.base import Profiles, WorkloadAssumptions
+from helix.simulator.profiles.roofline import typical_kv_bytes_per_token
 from helix.simulator.textfiles import read_text
 
 SCHEMA_VERSION = 1
@@ -133,8 +134,15 @@ class MeasuredProfileFile(BaseModel):
     @field_validator("model_shape")
     @classmethod
     def _shape_fields(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and (unknown := sorted(set(value) - _SHAPE_FIELDS)):
+        if value is None:
+            return value
+        if unknown := sorted(set(value) - _SHAPE_FIELDS):
             raise ValueError(f"unknown model fields {unknown}; allowed: {sorted(_SHAPE_FIELDS)}")
+        for name in set(value) & set(ARCHITECTURE_FIELDS):  # nested: a typo inside must not pass as a mismatch
+            try:
+                TypeAdapter(ModelSpec.model_fields[name].annotation).validate_python(value[name])
+            except ValidationError as exc:
+                raise ValueError(f"model_shape.{name}: {pydantic_message(exc)}") from None
         return value
 
     @model_validator(mode="after")
@@ -177,8 +185,22 @@ def read_json(path: Path) -> Any:
 
 
 def model_shape(model: ModelSpec) -> dict[str, Any]:
-    """The ModelSpec fields a file records so that a later load can check it fits the model."""
+    """The ModelSpec fields a file records so that a later load can check it fits the model: a
+    dense model's are those of schema version 1 as first written; MoE, MLA, sliding-window and
+    quantized models add theirs (`moe`, `mla`, `sliding_window`, `weight_precision`,
+    `kv_cache_dtype`) as nested objects."""
     return model.model_dump(mode="json", exclude={"name"}, exclude_none=True)
+
+
+def _dotted(shape: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested shape fields flattened to `moe.num_experts`-style names, so a mismatch names the field."""
+    flat: dict[str, Any] = {}
+    for key, value in shape.items():
+        if isinstance(value, Mapping):
+            flat |= _dotted(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def write_measured_profile(
@@ -268,6 +290,8 @@ class MeasuredProfiles(Profiles):
         self.data = data
         self.where = where
         self._check_model()
+        self._layer_weight_bytes = model.layer_weight_bytes
+        self._kv_bytes_per_token = typical_kv_bytes_per_token(model, self.workload)
         self._by_type = {entry.machine_type: entry for entry in data.gpus.values()}
 
     @classmethod
@@ -277,12 +301,16 @@ class MeasuredProfiles(Profiles):
     def _check_model(self) -> None:
         """A file measured on another model must not silently plan this one."""
         if self.data.model_shape is not None:
-            mine = self.model.model_dump()
-            diff = [f"{k}={v!r} (model has {mine.get(k)!r})" for k, v in self.data.model_shape.items()
-                    if mine.get(k) != v]
+            recorded, mine = _dotted(self.data.model_shape), _dotted(model_shape(self.model))
+            # A file may record only some dense fields (those it names must match), but one that
+            # leaves out the model's experts, latent attention, window or quantization was not
+            # measured with them.
+            names = [*recorded, *(k for k in mine if k not in recorded and k.split(".")[0] in ARCHITECTURE_FIELDS)]
+            diff = [f"{k}={recorded.get(k)!r} (model has {mine.get(k)!r})" for k in names
+                    if recorded.get(k) != mine.get(k)]
             if diff:
-                raise HelixInputError(f"profile was measured on a different model shape: {', '.join(diff)}",
-                                      self.where)
+                raise HelixInputError(f"profile was measured on a different model shape: {', '.join(diff[:6])}"
+                                      f"{' …' if len(diff) > 6 else ''}", self.where)
         elif _model_key(self.data.model) != _model_key(self.model.name):
             raise HelixInputError(f"profile is for model {self.data.model!r}, not {self.model.name!r} "
                                   "(add model_shape to the file to match by shape)", self.where)
@@ -307,8 +335,8 @@ class MeasuredProfiles(Profiles):
             return table[layers]
         if entry.memory_budget_bytes is None:
             return 0
-        free = entry.memory_budget_bytes - layers * self.model.layer_weight_bytes
-        return max(0, math.floor(free / (layers * self.model.kv_bytes_per_token_per_layer)))
+        free = entry.memory_budget_bytes - layers * self._layer_weight_bytes
+        return max(0, math.floor(free / (layers * self._kv_bytes_per_token)))
 
     def prompt_layer_time(self, node: GpuNode, tokens: int) -> float:
         if tokens <= 0:
