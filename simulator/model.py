@@ -632,11 +632,12 @@ def model_from_hf_dict(cfg: object, where: str, default_name: str = "model") -> 
     if not isinstance(cfg, dict):
         raise HelixInputError("expected a JSON object (a Hugging Face config.json)", where)
     model_type = cfg.get("model_type")
-    body = cfg
+    body: dict[str, Any] = cfg
     if model_type == "llama4":
-        body = cfg.get("text_config")
-        if not isinstance(body, dict):
+        text = cfg.get("text_config")
+        if not isinstance(text, dict):
             raise HelixInputError("llama4 config.json has no text_config object (the decoder's shapes)", where)
+        body = text
     missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
                            "vocab_size") if k not in body]
     if missing:
