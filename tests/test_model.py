@@ -140,3 +140,31 @@ def test_spec_is_frozen_and_strict() -> None:
     with pytest.raises(ValueError):
         ModelSpec(name="x", num_layers=1, hidden_size=1, num_attention_heads=1, num_key_value_heads=1,
                   intermediate_size=1, vocab_size=1, bogus=1)
+
+
+def test_a_dense_model_is_one_kind_of_layer() -> None:
+    """The per-layer view of a dense model repeats the uniform one (llama2-70b: 80 equal layers)."""
+    m = MODEL_CATALOG["llama2-70b"]
+    (shape, count), = m.layer_groups
+    assert count == 80 and not shape.kind.moe and not shape.kind.sliding
+    assert m.layer_weight_bytes_at(0) == m.layer_weight_bytes_at(79) == 2 * 855_654_400
+    assert m.layer_active_params_at(40) == m.layer_params == shape.params == 855_654_400
+    assert m.kv_bytes_per_token_at(3) == m.kv_bytes_per_token_mean(870) == 4096
+    assert m.total_params == m.active_params == 80 * 855_654_400 + 2 * 32000 * 8192
+    with pytest.raises(IndexError, match=r"layer 80 is outside 0\.\.79"):
+        m.layer_kind(80)
+    with pytest.raises(ValueError, match="context_tokens must be > 0"):
+        m.kv_bytes_per_token_mean(0)
+
+
+def test_kv_cache_dtype_and_weight_precision_default_to_dtype() -> None:
+    m = MODEL_CATALOG["llama3.1-8b"]
+    fp8_kv = m.model_copy(update={"kv_cache_dtype": "float8"})
+    assert fp8_kv.kv_bytes_per_token_per_layer == 2 * 8 * 128 * 1
+    assert fp8_kv.layer_weight_bytes == m.layer_weight_bytes  # weights untouched
+    int4 = ModelSpec.model_validate({**m.model_dump(), "weight_precision": {
+        "attention": {"dtype": "int4", "group_size": 128}, "mlp": {"dtype": "int4", "group_size": 128}}})
+    h = 4096
+    attention, mlp = 4096 * 128 * (2 * 32 + 2 * 8), 3 * h * 14336
+    assert int4.layer_weight_bytes == pytest.approx((attention + mlp) * (0.5 + 2 / 128) + 2 * h * 2)
+    assert int4.embedding_bytes == 128256 * h * 2  # embeddings keep the model's dtype
