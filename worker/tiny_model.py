@@ -1,8 +1,14 @@
-"""A tiny random-weight LLaMA-family model written locally, for tests and `helix serve --local`.
+"""A tiny random-weight LLaMA-family or mixture-of-experts model written locally, for tests and `helix serve --local`.
 
 No downloads: the config and weights come from transformers' own model classes with weights drawn
 from a seeded generator, and the tokenizer is a byte-level one built with `tokenizers` (every byte
 is a token, so any text round-trips), saved so `AutoTokenizer.from_pretrained(dir)` loads it offline.
+
+Mixture of experts: `mixtral` (every layer MoE, experts as wide as `intermediate`) and `qwen3_moe`
+(experts of `expert_intermediate`; a layer is dense when listed in `dense_layers` or when (i + 1) is
+not a multiple of `decoder_sparse_step`, transformers' own rule). `save_pretrained` writes them as
+the published checkpoints are laid out — one tensor per expert and projection — which is what the
+engines' loaders read.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
+DENSE_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
+MOE_ARCHITECTURES = ("mixtral", "qwen3_moe")
+ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -77,9 +85,15 @@ def tiny_config(
     max_positions: int = 2048,
     tie_word_embeddings: bool = False,
     sliding_window: int | None = None,
+    num_experts: int = 4,
+    experts_per_token: int = 2,
+    expert_intermediate: int = 64,
+    decoder_sparse_step: int = 1,
+    dense_layers: tuple[int, ...] = (),
 ) -> Any:
-    """The transformers config of a tiny model: LLaMA, Qwen2 (q/k/v biases), Qwen3 (q/k norms) or Mistral."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    """The transformers config of a tiny model: LLaMA, Qwen2 (q/k/v biases), Qwen3 (q/k norms), Mistral,
+    Mixtral or Qwen3-MoE. The expert arguments apply to the MoE ones only (see the module docstring)."""
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     common: dict[str, Any] = dict(
         vocab_size=vocab,
@@ -105,6 +119,12 @@ def tiny_config(
         return cls(**common, **extra)
     if architecture == "mistral":
         return MistralConfig(**common, sliding_window=sliding_window)
+    if architecture == "mixtral":
+        return MixtralConfig(**common, num_local_experts=num_experts, num_experts_per_tok=experts_per_token)
+    if architecture == "qwen3_moe":
+        return Qwen3MoeConfig(**common, num_experts=num_experts,
+                              num_experts_per_tok=experts_per_token, moe_intermediate_size=expert_intermediate,
+                              decoder_sparse_step=decoder_sparse_step, mlp_only_layers=list(dense_layers))
     raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
 
 
@@ -121,12 +141,18 @@ def create_tiny_model(
     tie_word_embeddings: bool = False,
     sliding_window: int | None = None,
     max_shard_size: str | None = None,
+    num_experts: int = 4,
+    experts_per_token: int = 2,
+    expert_intermediate: int = 64,
+    decoder_sparse_step: int = 1,
+    dense_layers: tuple[int, ...] = (),
 ) -> Path:
     """Write a random-weight model (config.json, safetensors, byte-level tokenizer) to `model_dir`.
 
-    Weights are N(0, 1/sqrt(fan_in)) from `seed` — larger than transformers' 0.02 init, so greedy
-    outputs vary with the prompt instead of collapsing to one token. `max_shard_size` (e.g.
-    "50KB") splits the weights into several files with an index, as large checkpoints are.
+    Weights are N(0, 1/sqrt(fan_in)) from `seed` (one expert's fan-in for stacked expert tensors) —
+    larger than transformers' 0.02 init, so greedy outputs vary with the prompt instead of collapsing
+    to one token. `max_shard_size` (e.g. "50KB") splits the weights into several files with an
+    index, as large checkpoints are.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -144,6 +170,11 @@ def create_tiny_model(
         vocab,
         tie_word_embeddings=tie_word_embeddings,
         sliding_window=sliding_window,
+        num_experts=num_experts,
+        experts_per_token=experts_per_token,
+        expert_intermediate=expert_intermediate,
+        decoder_sparse_step=decoder_sparse_step,
+        dense_layers=dense_layers,
     )
     model = AutoModelForCausalLM.from_config(config)
     generator = torch.Generator().manual_seed(seed)

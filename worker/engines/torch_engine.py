@@ -11,6 +11,16 @@ longest new-token run and longest context and masks the padding (one forward per
 whole batch); a single request runs unpadded with no copies. Requests in one batch may start at
 different layers (partial inference): rows are ordered by start layer, so the rows active at a
 layer are a prefix of the batch.
+
+Mixture of experts (Mixtral, Qwen3-MoE): a shard holds every expert of its layers (no expert
+parallelism). Checkpoints store one tensor per expert and projection; transformers' modules stack
+them, so the loader stacks what it reads (`ExpertLayout`). Batching stays exact because
+transformers routes each token on its own: the router takes the top k of a softmax over the
+token's own logits, and both experts implementations used here (`grouped_mm`, and `eager` in
+float64, which torch's grouped GEMM lacks) run every token through its k experts — no capacity
+factor, no token dropping, no jitter outside training — so a padded batch gives each row what it
+gets alone. The decoder layers return the hidden states alone in the transformers range served
+(router logits are recorded by hooks only when a caller asks for them), so nothing else needs unpacking.
 """
 
 from __future__ import annotations
@@ -42,7 +52,82 @@ from helix.worker.engines.base import (
 )
 
 # model_type → class-name prefix of the transformers modules whose decoder layers we reuse.
-ARCHITECTURES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}  # all tested
+ARCHITECTURES = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "mixtral": "Mixtral",
+    "qwen3_moe": "Qwen3Moe",
+}  # all tested
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where a published checkpoint keeps a MoE layer's router and experts, against transformers' module.
+
+    Checkpoints hold one tensor per expert and projection, `<block>.experts.<j>.<gate|up|down>.weight`,
+    and the router at `<block>.gate.weight`. transformers 5's modules stack the experts:
+    `mlp.experts.gate_up_proj` [experts, 2 × width, hidden] (each expert's gate rows, then its up
+    rows) and `mlp.experts.down_proj` [experts, hidden, width], the router at `mlp.gate.weight`.
+    transformers converts while loading a whole model; a shard reads its own tensors, so it converts here.
+    """
+
+    block: str  # the MoE block's name in the checkpoint
+    gate: str
+    up: str
+    down: str
+
+    def stack(self, state: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+        """One layer's checkpoint tensors (names relative to the layer) under the module's names."""
+        out: dict[str, torch.Tensor] = {}
+        experts: dict[str, dict[int, torch.Tensor]] = {self.gate: {}, self.up: {}, self.down: {}}
+        prefix = f"{self.block}.experts."
+        for name, tensor in state.items():
+            if name.startswith(prefix):
+                index, _, rest = name.removeprefix(prefix).partition(".")
+                projection = rest.removesuffix(".weight")
+                if not index.isdigit() or projection not in experts or not rest.endswith(".weight"):
+                    raise EngineError(f"{what}: unexpected expert tensor {name!r}")
+                experts[projection][int(index)] = tensor
+            elif name == f"{self.block}.gate.weight":
+                out["mlp.gate.weight"] = tensor
+            else:
+                out[name] = tensor
+        counts = {projection: sorted(found) for projection, found in experts.items()}
+        if not any(counts.values()):
+            return out  # a dense layer of a MoE model
+        indices = counts[self.gate]
+        if indices != list(range(len(indices))) or any(found != indices for found in counts.values()):
+            raise EngineError(f"{what}: the checkpoint's experts are incomplete: "
+                              + ", ".join(f"{p} {found[:8]}" for p, found in counts.items()))
+        gate_up = [torch.cat([experts[self.gate][j], experts[self.up][j]]) for j in indices]
+        out["mlp.experts.gate_up_proj"] = torch.stack(gate_up)
+        out["mlp.experts.down_proj"] = torch.stack([experts[self.down][j] for j in indices])
+        return out
+
+    def unstack(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The checkpoint's tensors for one module tensor (names relative to the layer): `stack`'s inverse."""
+        if name == "mlp.gate.weight":
+            return {f"{self.block}.gate.weight": tensor}
+        prefix = f"{self.block}.experts"
+        if name == "mlp.experts.gate_up_proj":
+            out: dict[str, torch.Tensor] = {}
+            for j, both in enumerate(tensor):
+                gate, up = both.chunk(2)
+                out[f"{prefix}.{j}.{self.gate}.weight"] = gate
+                out[f"{prefix}.{j}.{self.up}.weight"] = up
+            return out
+        if name == "mlp.experts.down_proj":
+            return {f"{prefix}.{j}.{self.down}.weight": down for j, down in enumerate(tensor)}
+        return {name: tensor}
+
+
+#: The MoE architectures served and their checkpoint layouts (as published, and as save_pretrained writes).
+EXPERT_LAYOUTS = {
+    "mixtral": ExpertLayout("block_sparse_moe", "w1", "w3", "w2"),
+    "qwen3_moe": ExpertLayout("mlp", "gate_proj", "up_proj", "down_proj"),
+}
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -361,6 +446,10 @@ class TorchEngine(Engine):
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, config, torch_device)
         layer_cls, rotary_cls, norm_cls = _model_classes(config)
+        layout = EXPERT_LAYOUTS.get(config.model_type)
+        if layout is not None:
+            # transformers' default for a whole model; torch's grouped GEMM has no float64 kernel.
+            config._experts_implementation = "eager" if torch_dtype == torch.float64 else "grouped_mm"
         reader = CheckpointReader(model_dir)
         loaded: list[str] = []
 
@@ -377,6 +466,8 @@ class TorchEngine(Engine):
             with torch.device("meta"):
                 layer = layer_cls(config, layer_idx=i)
             state = {n.removeprefix(prefix): t for n, t in read(names).items()}
+            if layout is not None:
+                state = layout.stack(state, f"layer {i}")
             layers[i] = _assign(layer, state, f"layer {i}")
 
         rotary = rotary_cls(config=config).to(torch_device)  # inv_freq stays float32, as in transformers
