@@ -9,6 +9,7 @@ through `helix serve --local` in float32 and compares with the whole model in fl
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from helix.worker.engines import Engine, EngineError, StepInput, StepOutput  # noqa: E402
+from helix.worker.engines import Engine, EngineError, StepInput, StepOutput, load_engine  # noqa: E402
 from helix.worker.engines.torch_engine import EXPERT_LAYOUTS, TorchEngine  # noqa: E402
 from helix.worker.tiny_model import BOS_ID, create_tiny_model  # noqa: E402
 from tests.test_torch_engine import PROMPTS, serve  # noqa: E402
@@ -147,3 +148,39 @@ def test_a_checkpoint_missing_an_expert_is_refused(moe: tuple[Path, Greedy], tmp
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(EngineError, match=r"layer 1: the checkpoint's experts are incomplete"):
         load(tmp_path, 0, 2)
+
+
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vllm is not installed (on CPU: see docs/data-plane.md, the vllm engine)")
+
+
+@needs_vllm
+@pytest.mark.parametrize("architecture", ["mixtral", "qwen3_moe"])
+def test_vllm_shards_mixed_with_torch_equal_the_whole_model(architecture: str, tmp_path: Path) -> None:
+    """vLLM's CPU fused-MoE path serves the same models: two vllm shards [0, 2) → [2, 4), and a torch head
+    [0, 3) handing over to the vllm tail at layer 3 (partial inference), in the same batches. vLLM's CPU
+    kernels run float32 with a head size of at least 32, hence the wider model; the reference is float64."""
+    model_dir = create_tiny_model(tmp_path / architecture, seed=2, num_layers=L, hidden=128, heads=4,
+                                  intermediate=256, expert_intermediate=128, architecture=architecture,
+                                  dense_layers=(QWEN_DENSE_LAYER,) if architecture == "qwen3_moe" else ())
+    greedy = whole_model(model_dir, torch.float64)
+    head, tail = (load_engine("vllm", model_dir, a, b, kv_capacity_tokens=512, max_model_len=256)
+                  for a, b in ((0, 2), (2, L)))
+    torch_head = TorchEngine.load(model_dir, 0, 3, kv_capacity_tokens=512)
+    starts: list[set[int]] = []
+    step = tail.step
+
+    def spy(batch: Sequence[StepInput]) -> list[StepOutput]:
+        starts.append({item.run_from_layer for item in batch})
+        return step(batch)
+
+    tail.step = spy  # type: ignore[method-assign,unused-ignore]
+    try:
+        routes: dict[str, list[Engine]] = {"r0": [head, tail], "r1": [torch_head, tail], "r2": [head, tail]}
+        out = serve(routes, PROMPTS, NEW_TOKENS, start_tick={"r2": 1})
+    finally:
+        head.close()
+        tail.close()
+    assert {2, 3} in starts
+    for rid, prompt in PROMPTS.items():
+        assert out[rid] == greedy(prompt, NEW_TOKENS), (architecture, rid)

