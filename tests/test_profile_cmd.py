@@ -192,3 +192,70 @@ def test_the_gpu_suite_cpu_path(tmp_path: Path) -> None:
         assert [r["workers"] for r in report["serving"]] == [1, 2]
         assert all(r["failed"] == 0 and r["completed"] == 4 for r in report["serving"])
     assert "## Serving" in (tmp_path / "suite.md").read_text()
+
+
+def test_moe_catalog_models_are_built_with_their_own_layers() -> None:
+    """Mixtral's shapes as Mixtral (every layer MoE, experts as wide as intermediate_size), Qwen3's as Qwen3-MoE
+    (experts of their own width): never the dense LLaMA layer of intermediate_size, which is not what they run."""
+    mixtral = resolve_source("mixtral-8x7b").hf_config
+    assert (mixtral.model_type, mixtral.num_local_experts, mixtral.num_experts_per_tok, mixtral.intermediate_size) == \
+        ("mixtral", 8, 2, 14336)
+    qwen = resolve_source("qwen3-30b-a3b").hf_config
+    assert (qwen.model_type, qwen.num_local_experts, qwen.num_experts_per_tok, qwen.moe_intermediate_size,
+            qwen.head_dim, qwen.mlp_only_layers) == ("qwen3_moe", 128, 8, 768, 128, [])
+
+
+def test_a_random_moe_shard_holds_every_expert_and_its_dense_layers_stay_dense(tmp_path: Path) -> None:
+    """Qwen3-30B-A3B's layout at a small size, layer 2 made dense: the shard written for layers [1, 3) holds
+    layer 1's experts one tensor per expert and projection (as published checkpoints do) and layer 2's dense
+    MLP, and the torch engine loads and runs it."""
+    from helix.worker.engines import StepInput
+    from helix.worker.engines.torch_engine import TorchEngine
+
+    config = resolve_source("qwen3-30b-a3b").hf_config
+    small = config.__class__.from_dict({**config.to_dict(), "hidden_size": 64, "intermediate_size": 96,
+                                        "moe_intermediate_size": 32, "num_local_experts": 6, "num_experts_per_tok": 2,
+                                        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
+                                        "num_hidden_layers": 4, "mlp_only_layers": [2]})
+    folder = write_random_shard(small, tmp_path / "shard", 1, 3, torch.float32, seed=0)
+    names = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"])
+    assert {n for n in names if ".experts." in n} == {f"model.layers.1.mlp.experts.{j}.{p}.weight"
+                                                      for j in range(6) for p in ("gate_proj", "up_proj", "down_proj")}
+    assert "model.layers.1.mlp.gate.weight" in names and "model.layers.2.mlp.gate_proj.weight" in names
+    engine = TorchEngine.load(folder, 1, 3, kv_capacity_tokens=64)
+    assert type(engine.layers[1].mlp).__name__ == "Qwen3MoeSparseMoeBlock"
+    assert type(engine.layers[2].mlp).__name__ == "Qwen3MoeMLP"
+    (out,) = engine.step([StepInput("r", "prompt", range(5), hidden_states=torch.randn(5, 64))])
+    assert out.hidden_states is not None and torch.isfinite(out.hidden_states).all()
+
+
+def test_a_mixtral_config_is_profiled_with_its_experts(tmp_path: Path) -> None:
+    folder = tmp_path / "mixtral-config"
+    tiny_config("mixtral", num_layers=4, num_experts=4, experts_per_token=2).save_pretrained(str(folder))
+    out = tmp_path / "moe.json"
+    result = CliRunner().invoke(app, ["profile", "--model", str(folder), "-o", str(out), "--layers", "2", "-q",
+                                      *QUICK])
+    assert result.exit_code == 0, result.stderr
+    data = MeasuredProfileFile.load(out)
+    assert data.model_shape is not None and data.model_shape["moe"]["num_experts"] == 4
+    assert all(t > 0 for t in data.gpus["CPU"].decode.seconds_per_layer)
+
+
+@pytest.mark.parametrize(("model", "what"), [
+    ("deepseek-v3", "multi-head latent attention (deepseek_v3)"),
+    ("llama4-scout", "shared experts beside the routed ones"),
+    ("gpt-oss-120b", "sliding-window attention in mixture-of-experts layers (gpt_oss)"),
+])
+def test_moe_architectures_the_engines_cannot_build_are_refused(model: str, what: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["profile", "--model", model, "--output", str(tmp_path / "p.json")])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: --model: {model}: the engines cannot build its layers ({what}")
+
+
+def test_the_refusal_comes_before_torch_is_imported() -> None:
+    code = ("import sys\nfrom helix.simulator.errors import HelixInputError\nfrom helix.worker.profiling import "
+            "resolve_source\ntry:\n    resolve_source('deepseek-v3')\nexcept HelixInputError:\n"
+            "    assert 'torch' not in sys.modules\nelse:\n    raise SystemExit('not refused')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]

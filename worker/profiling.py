@@ -17,6 +17,11 @@ What is timed and why:
 * No downloads: a catalog name or a folder holding only config.json gets random weights of the real
   shapes, N(0, 1/fan_in), written as a checkpoint of just the shard's layers and loaded through the
   engine's ordinary loader. A folder with safetensors weights is loaded as it is.
+* Mixture of experts: the layers are the model's own (Mixtral's or Qwen3-MoE's, every expert), so a
+  decode batch reads the experts its tokens are routed to — random hidden states through a random
+  router spread over the experts about uniformly, as the roofline assumes — and a prompt all of
+  them. Architectures the engines cannot build (DeepSeek-V3's latent attention, Llama 4's shared
+  expert, gpt-oss's sliding-window MoE layers) are refused before anything is imported.
 * Each point: `warmup` untimed steps, then `repeats` timed ones, the median kept; on CUDA the device
   is synchronized before and after each timed step.
 * A prompt batch of T tokens is prompts of `prompt_length` tokens (the last one shorter), as the
@@ -151,21 +156,38 @@ class ModelSource:
     def hf_config(self) -> Any:
         """The transformers config random weights are drawn for (when weights_dir is None). A catalog
         model's is built only now: importing transformers takes seconds, checking options must not."""
-        return self.folder_config if self.folder_config is not None else _llama_config(self.spec)
+        return self.folder_config if self.folder_config is not None else _catalog_config(self.spec)
+
+
+def unbuildable(spec: ModelSpec) -> str | None:
+    """What in the model's layers the engines cannot build (None: nothing), read from its shapes alone, so a
+    model is refused before torch is imported. The engines build dense LLaMA-family layers and the routed-expert
+    layers of Mixtral and Qwen3-MoE."""
+    if spec.mla is not None:
+        return "multi-head latent attention (deepseek_v3)"
+    if spec.moe is not None and spec.moe.num_shared_experts:
+        return "shared experts beside the routed ones (deepseek_v3, llama4)"
+    if spec.moe is not None and spec.sliding_window is not None:
+        return "sliding-window attention in mixture-of-experts layers (gpt_oss)"
+    return None
 
 
 def resolve_source(name_or_dir: str) -> ModelSource:
     """A catalog model (random weights), a folder with config.json only (random weights), or a checkpoint."""
-    spec = catalog_model(name_or_dir)
-    if spec is not None:
-        return ModelSource(spec, None, None, f"{spec.name} (random weights)")
+    catalog = catalog_model(name_or_dir)
     folder = Path(name_or_dir)
     config_path = folder / "config.json" if folder.is_dir() else folder
-    if not config_path.is_file():
+    if catalog is None and not config_path.is_file():
         raise HelixInputError(f"unknown model {name_or_dir!r}: not in the catalog ({', '.join(MODEL_CATALOG)}) and "
                               "not a folder with a config.json", "--model")
+    spec = catalog or model_from_hf_config(config_path)
+    if (missing := unbuildable(spec)) is not None:
+        raise HelixInputError(f"{name_or_dir}: the engines cannot build its layers ({missing}); helix profile times "
+                              "dense llama, mistral, qwen2 and qwen3 layers and mixture-of-experts mixtral and "
+                              "qwen3_moe layers", "--model")
+    if catalog is not None:
+        return ModelSource(spec, None, None, f"{spec.name} (random weights)")
     folder = config_path.parent
-    spec = model_from_hf_config(config_path)
     if any(folder.glob("*.safetensors")):
         return ModelSource(spec, folder, None, f"{folder} (its weights)")
     from helix.worker.engines.base import EngineError
@@ -178,38 +200,53 @@ def resolve_source(name_or_dir: str) -> ModelSource:
     return ModelSource(spec, None, config, f"{folder} (random weights)")
 
 
-def _llama_config(spec: ModelSpec) -> Any:
-    """A LLaMA config of the catalog model's shapes (a catalog entry is only its shapes: no biases,
-    no q/k norms, which change a layer's time by well under its noise)."""
-    from transformers import LlamaConfig
+def _catalog_config(spec: ModelSpec) -> Any:
+    """A transformers config of the catalog model's shapes. A catalog entry is only its shapes (no biases,
+    no q/k norms, which change a layer's time by well under its noise), so a dense one is built as LLaMA;
+    a mixture of experts as Mixtral where its layers are Mixtral's (every layer MoE, experts as wide as
+    `intermediate_size`), else as Qwen3-MoE (experts of their own width, dense layers as `mlp_only_layers`)."""
+    from transformers import LlamaConfig, MixtralConfig, Qwen3MoeConfig
 
-    return LlamaConfig(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
-                       intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
-                       num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
-                       head_dim=spec.resolved_head_dim, max_position_embeddings=131072, rms_norm_eps=1e-5,
-                       tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+    shapes: dict[str, Any] = dict(
+        vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads, head_dim=spec.resolved_head_dim,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    moe = spec.moe
+    if moe is None:
+        return LlamaConfig(**shapes, architectures=["LlamaForCausalLM"])
+    if not moe.dense_layers and moe.expert_intermediate_size == spec.intermediate_size:
+        return MixtralConfig(**shapes, num_local_experts=moe.num_experts, num_experts_per_tok=moe.experts_per_token,
+                             architectures=["MixtralForCausalLM"])
+    return Qwen3MoeConfig(**shapes, num_experts=moe.num_experts, num_experts_per_tok=moe.experts_per_token,
+                          moe_intermediate_size=moe.expert_intermediate_size, decoder_sparse_step=1,
+                          mlp_only_layers=list(moe.dense_layers), norm_topk_prob=True,
+                          architectures=["Qwen3MoeForCausalLM"])
 
 
 def write_random_shard(config: Any, folder: Path, start: int, end: int, dtype: torch.dtype, seed: int) -> Path:
     """A checkpoint holding only decoder layers [start, end) of `config`'s model, random, one file per layer.
 
-    The parameter names and shapes come from transformers' own model class, built on the meta
-    device (no memory); the engine's loader reads the layers by name, so the embeddings and LM head
-    it never asks for need not exist.
+    The parameter names and shapes come from transformers' own decoder layer class, each layer built
+    on the meta device (no memory) with its own index, so a MoE model's dense layers are dense; experts
+    are written one tensor per expert and projection, as published checkpoints are (what both
+    engines' loaders read). The engine's loader reads the layers by name, so the embeddings and LM
+    head it never asks for need not exist.
     """
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from helix.worker.engines.torch_engine import EXPERT_LAYOUTS, model_classes
 
     folder.mkdir(parents=True, exist_ok=True)
-    one_layer = config.__class__.from_dict({**config.to_dict(), "num_hidden_layers": 1})
-    with torch.device("meta"):
-        template = AutoModelForCausalLM.from_config(one_layer)
-    shapes = {name.removeprefix("model.layers.0."): tuple(t.shape)
-              for name, t in template.state_dict().items() if name.startswith("model.layers.0.")}
+    layer_cls = model_classes(config)[0]
+    layout = EXPERT_LAYOUTS.get(config.model_type)
     generator = torch.Generator().manual_seed(seed)
     weight_map: dict[str, str] = {}
     for layer in range(start, end):
+        with torch.device("meta"):
+            shapes = {name: tuple(t.shape) for name, t in layer_cls(config, layer_idx=layer).state_dict().items()}
         tensors: dict[str, torch.Tensor] = {}
         for name, shape in sorted(shapes.items()):
             if name.endswith("norm.weight"):
@@ -218,7 +255,8 @@ def write_random_shard(config: Any, folder: Path, start: int, end: int, dtype: t
                 tensor = torch.zeros(shape, dtype=dtype)
             else:
                 tensor = torch.randn(shape, generator=generator, dtype=dtype).mul_(shape[-1] ** -0.5)
-            tensors[f"model.layers.{layer}.{name}"] = tensor
+            stored = {name: tensor} if layout is None else layout.unstack(name, tensor)
+            tensors.update({f"model.layers.{layer}.{n}": t.contiguous() for n, t in stored.items()})
         file = f"layer-{layer}.safetensors"
         save_file(tensors, str(folder / file))
         weight_map.update(dict.fromkeys(tensors, file))
@@ -226,7 +264,7 @@ def write_random_shard(config: Any, folder: Path, start: int, end: int, dtype: t
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config.dtype = str(dtype).removeprefix("torch.")
     if not getattr(config, "architectures", None):
-        config.architectures = [type(template).__name__]
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
     config.save_pretrained(str(folder))
     return folder
 

@@ -250,7 +250,9 @@ class CheckpointReader:
         return out
 
 
-def _model_classes(config: PretrainedConfig) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
+def model_classes(config: PretrainedConfig) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
+    """transformers' decoder layer, rotary embedding and RMS norm classes for the config's model type: what
+    a shard builds, and what `helix profile` draws random layers for (so both agree on every name and shape)."""
     prefix = ARCHITECTURES.get(config.model_type)
     if prefix is None:
         raise EngineError(
@@ -445,7 +447,7 @@ class TorchEngine(Engine):
         config._attn_implementation = attn_implementation
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, config, torch_device)
-        layer_cls, rotary_cls, norm_cls = _model_classes(config)
+        layer_cls, rotary_cls, norm_cls = model_classes(config)
         layout = EXPERT_LAYOUTS.get(config.model_type)
         if layout is not None:
             # transformers' default for a whole model; torch's grouped GEMM has no float64 kernel.
