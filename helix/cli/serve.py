@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import os
 import re
@@ -54,6 +53,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from helix.cli import prefork
 from helix.cli.errors import EXIT_BUG, handle_errors
 
 if TYPE_CHECKING:
@@ -81,29 +81,9 @@ def register(app: typer.Typer) -> None:
 # Child processes
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it when the parent dies (Linux), so no child outlives serve."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: rely on the orderly shutdown
-        pass
-
-
-def _child_setup(cpus: frozenset[int] | None) -> None:
-    """Runs in the child before exec: die with serve, and keep to `cpus` where given (the exec'd worker and
-    every thread it starts inherit the mask, so its torch threads never leave those CPUs)."""
-    _die_with_parent()
-    if cpus:
-        os.sched_setaffinity(0, cpus)
-
-
 @dataclass
 class Child:
-    """One supervised process: its command, its stdout lines and where its stderr goes; a worker given its own
+    """One supervised process: its `helix` arguments, its stdout lines and where its stderr goes; a worker given its own
     CPUs (`--worker-cpus`) also carries them and its own environment (OMP_NUM_THREADS), kept across restarts."""
 
     name: str
@@ -111,20 +91,17 @@ class Child:
     log_path: Path
     cpus: frozenset[int] | None = None
     env: dict[str, str] = field(default_factory=dict)
-    process: asyncio.subprocess.Process | None = None
+    process: prefork.ForkedProcess | None = None
     lines: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
     reader: asyncio.Task[None] | None = None
     pids: list[int] = field(default_factory=list)
     restarts: int = 0
 
     async def start(self, env: dict[str, str]) -> None:
+        """Forked from the pre-loaded forkserver (helix.cli.prefork): the same command line as its own program,
+        in its own session (Ctrl-C reaches serve only; serve stops the children in order)."""
         self.lines = asyncio.Queue()
-        with self.log_path.open("ab") as err:
-            self.process = await asyncio.create_subprocess_exec(
-                *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=err,
-                env={**env, **self.env},
-                start_new_session=True,  # Ctrl-C reaches serve only; serve stops the children in order
-                preexec_fn=functools.partial(_child_setup, self.cpus))
+        self.process = await prefork.start(self.argv, {**env, **self.env}, self.log_path, self.cpus)
         self.pids.append(self.process.pid)
         self.reader = asyncio.create_task(self._read())
 
@@ -192,11 +169,6 @@ class StartupError(Exception):
 
 # ---------------------------------------------------------------------------------------------
 # serve
-
-
-def _python() -> list[str]:
-    """How to run `helix` in a child: this interpreter, so the children use the same install."""
-    return [sys.executable, "-m", "helix.cli.app"]
 
 
 def _model_layers(model_dir: Path) -> tuple[int, str]:
@@ -439,7 +411,7 @@ async def _serve(tmp: Path, model: Path | None, plan: Plan, host: str, port: int
 
     async def start_all() -> str:
         addresses.update(await _start_workers(plan, model, children, logs, env, launch, say))
-        router = Child("router", [*_python(), "router", "--plan", str(plan_file), "--model", str(model), "--workers",
+        router = Child("router", ["router", "--plan", str(plan_file), "--model", str(model), "--workers",
                                   ",".join(f"{n}={a}" for n, a in addresses.items()), "--port", str(port),
                                   "--host", host, "--scheduler", scheduler, "--max-queue", str(max_queue),
                                   "--request-timeout", str(request_timeout), "--keys", str(key_dirs["router"]),
@@ -544,7 +516,7 @@ class WorkerLaunch:
         return len(cpus) if cpus else self.shared_threads
 
     def argv(self, node: Any, model: Path, listen: str) -> list[str]:
-        return [*_python(), "worker", "--model", str(model), "--layers", f"{node.start_layer}:{node.end_layer}",
+        return ["worker", "--model", str(model), "--layers", f"{node.start_layer}:{node.end_layer}",
                 "--listen", listen, "--name", node.name, "--engine", self.engine, "--device", self.device,
                 "--threads", str(self.threads_for(node)), "--keys", str(self.keys),
                 *(["--dtype", self.dtype] if self.dtype else []),
