@@ -11,8 +11,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +29,7 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from helix.simulator.plan import NodeAssignment, Plan  # noqa: E402
 from helix.worker.engines import Engine, EngineError, StepInput, StepOutput, load_engine  # noqa: E402
 from helix.worker.engines.torch_engine import EXPERT_LAYOUTS, TorchEngine  # noqa: E402
 from helix.worker.tiny_model import BOS_ID, create_tiny_model  # noqa: E402
@@ -29,16 +38,17 @@ from tests.test_torch_engine import PROMPTS, serve  # noqa: E402
 L = 4
 NEW_TOKENS = 5
 QWEN_DENSE_LAYER = 2
+STARTUP_S = 300.0
 SPLITS = {"whole": [(0, 4)], "two": [(0, 2), (2, 4)], "three": [(0, 1), (1, 3), (3, 4)]}
 
 Greedy = Callable[[Sequence[int], int], list[int]]
 
 
-def whole_model(model_dir: Path, dtype: torch.dtype) -> Greedy:
+def whole_model(model_dir: Path, dtype: str) -> Greedy:
     """Greedy tokens of transformers' whole model, recomputing the full sequence for every token (no KV
     cache, no batching: it shares nothing with the engines). float64 needs the experts' eager loop:
     torch's grouped GEMM has no float64 kernel."""
-    experts = "eager" if dtype == torch.float64 else "grouped_mm"
+    experts = "eager" if dtype == "float64" else "grouped_mm"
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
                                                               experts_implementation=experts).eval()
     memo: dict[tuple[int, ...], list[int]] = {}
@@ -71,7 +81,7 @@ def moe(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     dense = (QWEN_DENSE_LAYER,) if architecture == "qwen3_moe" else ()
     model_dir = create_tiny_model(tmp_path_factory.mktemp(architecture) / "model", seed=11, num_layers=L,
                                   architecture=architecture, dense_layers=dense, max_shard_size="100KB")
-    return model_dir, whole_model(model_dir, torch.float64)
+    return model_dir, whole_model(model_dir, "float64")
 
 
 def load(model_dir: Path, start: int, end: int) -> TorchEngine:
@@ -163,7 +173,7 @@ def test_vllm_shards_mixed_with_torch_equal_the_whole_model(architecture: str, t
     model_dir = create_tiny_model(tmp_path / architecture, seed=2, num_layers=L, hidden=128, heads=4,
                                   intermediate=256, expert_intermediate=128, architecture=architecture,
                                   dense_layers=(QWEN_DENSE_LAYER,) if architecture == "qwen3_moe" else ())
-    greedy = whole_model(model_dir, torch.float64)
+    greedy = whole_model(model_dir, "float64")
     head, tail = (load_engine("vllm", model_dir, a, b, kv_capacity_tokens=512, max_model_len=256)
                   for a, b in ((0, 2), (2, L)))
     torch_head = TorchEngine.load(model_dir, 0, 3, kv_capacity_tokens=512)
@@ -184,3 +194,52 @@ def test_vllm_shards_mixed_with_torch_equal_the_whole_model(architecture: str, t
     assert {2, 3} in starts
     for rid, prompt in PROMPTS.items():
         assert out[rid] == greedy(prompt, NEW_TOKENS), (architecture, rid)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_helix_serve_local_pipelines_a_mixtral_over_two_workers(tmp_path: Path) -> None:
+    """`helix serve --local` (a real router and two worker processes on loopback) serves a tiny Mixtral split
+    head [0, 2) → tail [2, 4); three concurrent greedy completions of different lengths (batched on both
+    workers) equal transformers' whole model in float32, the workers' dtype."""
+    model_dir = create_tiny_model(tmp_path / "mixtral", seed=5, num_layers=L, architecture="mixtral")
+    Plan(model="mixtral", num_layers=L, method="test", objective_tokens_per_s=0.0,
+         nodes=[NodeAssignment(name="head", gpu="cpu", start_layer=0, end_layer=2),
+                NodeAssignment(name="tail", gpu="cpu", start_layer=2, end_layer=L)]).save(tmp_path / "plan.json")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    greedy = whole_model(model_dir, "float32")
+    prompts = ["Mixture of", "experts route each token", "x" * 30]
+    log = tmp_path / "serve.err"
+    cmd = [sys.executable, "-m", "helix.cli.app", "serve", "--local", "--model", str(model_dir), "--plan",
+           str(tmp_path / "plan.json"), "--port", "0", "--threads", "1"]
+    with log.open("w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+    # A safety net, not a timing: start-up on a loaded machine can take minutes; a hang must still end.
+    watchdog = threading.Timer(STARTUP_S, os.killpg, (proc.pid, signal.SIGKILL))
+    watchdog.start()
+    try:
+        assert proc.stdout is not None
+        serving = next((line for line in proc.stdout if line.startswith("serving ")), None)
+        assert serving is not None, log.read_text()[-3000:]
+        url = json.loads(serving.removeprefix("serving "))["url"]
+
+        def complete(prompt: str, n: int) -> dict[str, Any]:
+            body = json.dumps({"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True}).encode()
+            request = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return dict(json.load(response))
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            answers = list(pool.map(complete, prompts, [4 + 2 * i for i in range(len(prompts))]))
+    finally:
+        watchdog.cancel()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+        want = tokenizer.decode(greedy(tokenizer(prompt)["input_ids"], 4 + 2 * i), skip_special_tokens=True)
+        assert answer["choices"][0]["text"] == want and answer["usage"]["completion_tokens"] == 4 + 2 * i, prompt
+    assert proc.returncode == 0, log.read_text()[-3000:]
