@@ -445,6 +445,30 @@ def test_a_given_plan_is_served_and_ctrl_c_stops_everything(model_dir: Path, tmp
         assert "stopped" in s.stderr.read_text()
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_no_child_outlives_a_killed_serve(model_dir: Path, tmp_path: Path) -> None:
+    """SIGKILL gives serve no chance to stop anything: the children's lifeline pipe must (their parent is the
+    forkserver, which outlives serve while any child lives, so a parent-death signal would not fire)."""
+    with serving(model_dir, tmp_path, "--workers", "1") as s:
+        children = set(s.info["pids"].values())
+        forkservers = {int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == s.proc.pid}
+        s.proc.kill()
+        s.proc.wait(30)
+        gone = children | forkservers
+        deadline = time.monotonic() + 60  # a safety cap: the loop ends as soon as all are gone
+        while any(_alive(p) for p in gone) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in gone if _alive(p)]
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 @pytest.mark.parametrize(("args", "expected"), [
     ([], "error: serve: only --local is implemented here"),
     (["--local", "--workers", "0"], "error: --workers: must be at least 1, got 0"),
