@@ -294,7 +294,7 @@ def build_cluster_state(
         if kv_capacity_override is not None and a.name in kv_capacity_override:
             kv = int(kv_capacity_override[a.name])
         else:
-            kv = profiles.kv_capacity_tokens(node, layers) * layers
+            kv = profiles.range_kv_capacity_tokens(node, a.start_layer, a.end_layer) * layers
         nodes[a.name] = NodeState(a.name, a.start_layer, a.end_layer, 0.0, kv,
                                   profiles.batch_limits(node, layers).prompt_max_tokens)
     state = ClusterState(cluster.coordinator.name, model.num_layers, plan.partial_inference, nodes)

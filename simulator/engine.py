@@ -9,8 +9,11 @@ out, within its `BatchLimits`; a prompt starts only if its KV fits), runs the ba
 layers and sends every request on. The batch time is the sum over the node's layers of
 prompt_layer_time(prompt tokens at that layer) + decode_layer_time(sequences, context), plus the
 host-side activation overhead; a request that joins mid-range (partial inference) counts only on
-the layers it runs. Links are FIFO per direction: serialization (bytes / bytes-per-second of the
-slowest of link and NICs) then latency; coordinator links carry token ids, GPU links activations.
+the layers it runs. Where layers differ (MoE after dense layers, sliding-window layers), each layer
+costs its own class's time (`Profiles.prompt_class_time`/`decode_class_time`), summed as count ×
+class time over the classes of the layers run (prefix sums of the classes, per node). Links are
+FIFO per direction: serialization (bytes / bytes-per-second of the slowest of link and NICs) then
+latency; coordinator links carry token ids, GPU links activations.
 
 Speed: events are per node batch, per idle node's wake-up and per coordinator arrival, never per
 layer; arrivals at a busy node are appended to a list and only looked at when its batch ends.
@@ -167,6 +170,8 @@ class Engine:
         self._steps: dict[tuple[str, str, int, int], Step] = {}
         self.in_flight = 0
         self._overhead_per_token = model.activation_bytes * conventions.activation_overhead_s_per_byte
+        #: Layers of one cost: a range takes layers × one layer's time (the dense fast path).
+        self._uniform = profiles.uniform
 
     # ---- links -------------------------------------------------------------------------------
     def link(self, src: str, dst: str) -> Link:
@@ -416,8 +421,11 @@ class Engine:
         if whole and growth == taken * full:
             tokens = prompt_tokens + taken  # a decode carries one token
             stats.tokens += tokens
-            return batch, tokens * self._overhead_per_token + full * self._layer_time(
-                sim.node, prompt_tokens, taken, context)
+            if self._uniform:
+                return batch, tokens * self._overhead_per_token + full * self._layer_time(
+                    sim.node, prompt_tokens, taken, context)
+            return batch, tokens * self._overhead_per_token + self._range_time(
+                sim.node, state.start_layer, state.end_layer, prompt_tokens, taken, context)
         return batch, self._grouped_batch_time(sim, batch)
 
     def _grouped_batch_time(self, sim: GpuSim, batch: list[Flight]) -> float:
@@ -447,8 +455,25 @@ class Engine:
         for i, start in enumerate(starts):
             p, d, c = by_start[start]
             prompt, decode, context = prompt + p, decode + d, context + c
-            layers = (starts[i + 1] if i + 1 < len(starts) else node_end) - start
-            total += layers * self._layer_time(sim.node, prompt, decode, context)
+            end = starts[i + 1] if i + 1 < len(starts) else node_end
+            if self._uniform:
+                total += (end - start) * self._layer_time(sim.node, prompt, decode, context)
+            else:
+                total += self._range_time(sim.node, start, end, prompt, decode, context)
+        return total
+
+    def _range_time(self, node: GpuNode, start: int, end: int, prompt_tokens: int, decodes: int,
+                    context: int) -> float:
+        """Layers [start, end) of unequal cost: each class's count × that class's one-layer time."""
+        profiles, total = self.profiles, 0.0
+        for cls, layers in enumerate(profiles.composition(start, end)):
+            if not layers:
+                continue
+            t = profiles.prompt_class_time(node, prompt_tokens, cls) if prompt_tokens else 0.0
+            if decodes:
+                d = profiles.decode_class_time(node, decodes, context, cls)
+                t += d * self.conventions.single_decode_factor if decodes == 1 else d
+            total += layers * t
         return total
 
     def _layer_time(self, node: GpuNode, prompt_tokens: int, decodes: int, context: int) -> float:

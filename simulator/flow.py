@@ -28,10 +28,21 @@ _SCALE = 1000.0  # capacities are integers in milli-tokens/s
 _EPS = 1e-6
 
 
+def nic_capacity(node: GpuNode, model: ModelSpec) -> float:
+    """Tokens/s of activations the node's slower NIC direction carries."""
+    return min(node.nic_in_bps, node.nic_out_bps) / 8 / model.activation_bytes
+
+
 def node_capacity(node: GpuNode, layers: int, model: ModelSpec, profiles: Profiles) -> float:
-    """Tokens/s a node holding `layers` layers can serve: its profile, capped by its NIC."""
-    nic_cap = min(node.nic_in_bps, node.nic_out_bps) / 8 / model.activation_bytes
-    return min(profiles.throughput(node, layers), nic_cap)
+    """Tokens/s a node holding `layers` layers can serve, in the count view (heuristics plan with it;
+    for unequal layers it reads every layer as the stack's mean): its profile, capped by its NIC."""
+    return min(profiles.throughput(node, layers), nic_capacity(node, model))
+
+
+def range_capacity(node: GpuNode, start: int, end: int, model: ModelSpec, profiles: Profiles) -> float:
+    """Tokens/s a node holding exactly layers [start, end) can serve: its profile, capped by its NIC.
+    The same as `node_capacity` for a stack whose layers all cost the same."""
+    return min(profiles.range_throughput(node, start, end), nic_capacity(node, model))
 
 
 def link_capacity(cluster: Cluster, src: str, dst: str, model: ModelSpec) -> float:
@@ -112,7 +123,7 @@ def max_flow(
     node_caps: dict[str, float] = {}
     caps: dict[tuple[str, str], float] = {}
     for name, (start, end) in ranges.items():
-        cap = node_capacity(cluster.node_map[name], end - start, model, profiles)
+        cap = range_capacity(cluster.node_map[name], start, end, model, profiles)
         node_caps[name] = cap
         node_arcs[name] = solver.add_arc_with_capacity(ids[f"{name}/in"], ids[f"{name}/out"], int(cap * _SCALE))
     links = cluster.link_map
@@ -132,11 +143,13 @@ def max_flow(
 
 
 def compute_bound(cluster: Cluster, model: ModelSpec, profiles: Profiles) -> float:
-    """Helix's 'max compute throughput': every node at its most efficient layer count, network ignored."""
+    """Helix's 'max compute throughput': every node at its most efficient range, network ignored
+    (each node does at most k × capacity layer-tokens/s, every served token needs L of them)."""
     total = 0.0
     for node in cluster.nodes:
-        best = max((node_capacity(node, k, model, profiles) * k
-                    for k in range(1, profiles.max_layers(node) + 1)), default=0.0)
+        nic = nic_capacity(node, model)
+        best = max((min(choice.tokens_per_s, nic) * choice.layers for choice in profiles.range_choices(node)),
+                   default=0.0)
         total += best
     return total / model.num_layers
 

@@ -9,10 +9,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from helix.simulator.errors import HelixInputError, pydantic_message
 from helix.simulator.textfiles import read_text
@@ -25,12 +34,23 @@ class NodeAssignment(BaseModel):
     gpu: str
     start_layer: int = Field(ge=0)
     end_layer: int = Field(gt=0, description="exclusive")
+    #: The weight precision the node holds its layers in when the planner quantized them
+    #: (`--allow-quantize`: fp8, int8, int4); None: the model's own. Optional, so older plans load.
+    precision: Literal["fp8", "int8", "int4"] | None = None
 
     @model_validator(mode="after")
     def _range(self) -> NodeAssignment:
         if self.end_layer <= self.start_layer:
             raise ValueError(f"node {self.name}: end_layer {self.end_layer} <= start_layer {self.start_layer}")
         return self
+
+    @model_serializer(mode="wrap")
+    def _native_unwritten(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
+        """A node at the model's own precision is written as before (no `precision` key)."""
+        out: dict[str, Any] = handler(self)
+        if out.get("precision") is None:
+            out.pop("precision", None)
+        return out
 
     @property
     def num_layers(self) -> int:

@@ -35,7 +35,7 @@ from helix.simulator.events import EventLoop
 from helix.simulator.flow import compute_bound
 from helix.simulator.model import ModelSpec
 from helix.simulator.plan import Plan
-from helix.simulator.profiles.base import BatchLimits, Profiles
+from helix.simulator.profiles.base import BatchLimits, Profiles, plan_profiles
 from helix.simulator.requests import ArrivalProcess, PoissonArrivals, Request, Workload
 from helix.simulator.results import Recorder, SimulationResult
 from helix.simulator.schedulers import Scheduler, make_scheduler
@@ -235,6 +235,7 @@ def simulate(
     workload = workload or Workload()
     _check_inputs(mode, duration_s, warmup_s, workload, offline_kv_target)
     offline = mode == "offline"
+    profiles = plan_profiles(profiles, plan)  # each node's costs at the precision the plan gives it
     state, flow = build_cluster_state(cluster, model, profiles, plan, kv_capacity_override)
     limits = {name: profiles.batch_limits(cluster.node_map[name], n.end_layer - n.start_layer)
               for name, n in state.nodes.items()}

@@ -1,15 +1,17 @@
 """An independent check that a plan is servable on a cluster: run on every plan in tests.
 
 Independence is the point: nothing here uses `flow.py`'s graph construction or capacities. Every
-number is recomputed from the cluster's links, the nodes' NICs and `profiles.throughput`, so a bug
+number is recomputed from the cluster's links, the nodes' NICs and `profiles.range_throughput`, so a bug
 in the flow graph (a wrong capacity, an edge that should not exist) shows up as a disagreement
 instead of being checked against itself.
 
 What is checked:
 - the plan is for this model (name, layer count);
 - every plan node exists in the cluster with the same machine type, its range lies inside
-  [0, L) and is non-empty, it holds at most `profiles.max_layers(node)` layers, and its weights fit
-  in VRAM with room left for KV cache;
+  [0, L) and is non-empty, it holds at most `profiles.range_max_layers(node, start)` layers (for
+  equal layers `max_layers(node)`; for unequal ones the range's own bytes within the weight budget),
+  and its weights — the sum of its own layers' bytes, from the model — fit in VRAM with room left
+  for KV cache;
 - every flow edge is a real cluster link between vertices whose ranges chain (coordinator → node
   only into layer 0; node → coordinator only out of layer L; node → node: with partial inference
   `start_b <= end_a < end_b`, else `end_a == start_b`);
@@ -29,12 +31,22 @@ from helix.simulator.errors import HelixInputError
 from helix.simulator.generators import split_machine_type
 from helix.simulator.model import ModelSpec
 from helix.simulator.plan import Plan
-from helix.simulator.profiles.base import Profiles
+from helix.simulator.profiles.base import Profiles, plan_profiles
+from helix.simulator.profiles.roofline import quantized_model
 
 ABS_TOL = 1e-3  # tokens/s: plan flows are rounded to 1e-6 and max flow is solved in milli-tokens/s
 REL_TOL = 1e-6  # per capacity / per conservation check
 OBJECTIVE_REL_TOL = 1e-3
 _ZERO = 1e-6  # flows below this are treated as absent in the decomposition
+
+
+def _range_weight_bytes(model: ModelSpec, start: int, end: int) -> float:
+    """Bytes of layers [start, end) read off the model layer by layer (not the profile's sums):
+    `k × layer_weight_bytes` where every layer is alike, as it always was."""
+    if len(model.layer_groups) == 1:
+        return (end - start) * model.layer_weight_bytes
+    by_kind = {shape.kind: shape.weight_bytes for shape, _ in model.layer_groups}
+    return sum(by_kind[model.layer_kind(i)] for i in range(max(0, start), min(end, model.num_layers)))
 
 
 def _over(value: float, limit: float) -> bool:
@@ -126,6 +138,10 @@ def validate_plan(plan: Plan, cluster: Cluster, model: ModelSpec, profiles: Prof
     problems: list[str] = []
     num_layers = model.num_layers
     coord = cluster.coordinator.name
+    try:
+        profiles = plan_profiles(profiles, plan)  # each node's costs at the precision it holds
+    except HelixInputError as exc:
+        return [f"the plan's node precisions cannot be modelled: {exc}"]
 
     # --- the plan is for this model -------------------------------------------------------------
     if plan.model != model.name:
@@ -151,14 +167,21 @@ def validate_plan(plan: Plan, cluster: Cluster, model: ModelSpec, profiles: Prof
             problems.append(f"node {a.name!r}: layer range [{a.start_layer}, {a.end_layer}) is not a non-empty "
                             f"range inside [0, {num_layers})")
             continue
-        max_k = profiles.max_layers(node)
-        if k > max_k:
-            problems.append(f"node {a.name!r} ({node.gpu_type}) holds {k} layers, more than its maximum {max_k}")
-        weights = k * model.layer_weight_bytes
+        held = model if a.precision is None else quantized_model(model, a.precision)
+        weights = _range_weight_bytes(held, a.start_layer, a.end_layer)
+        if profiles.uniform:
+            max_k = profiles.max_layers(node)
+            if k > max_k:
+                problems.append(f"node {a.name!r} ({node.gpu_type}) holds {k} layers, more than its maximum {max_k}")
+        elif not profiles.range_fits(node, a.start_layer, a.end_layer):
+            max_k = profiles.range_max_layers(node, a.start_layer)
+            problems.append(f"node {a.name!r} ({node.gpu_type}) holds layers [{a.start_layer}, {a.end_layer}), "
+                            f"{weights / 1e9:.2f} GB of weights: more than fit its weight budget ({max_k} layers "
+                            f"from layer {a.start_layer})")
         if profiles.uses_model_weights and weights > node.total_vram_bytes:
             problems.append(f"node {a.name!r} ({node.gpu_type}): {k} layers need {weights / 1e9:.2f} GB of weights, "
                             f"VRAM is {node.total_vram_bytes / 1e9:.2f} GB")
-        elif profiles.kv_capacity_tokens(node, k) <= 0:
+        elif profiles.range_kv_capacity_tokens(node, a.start_layer, a.end_layer) <= 0:
             problems.append(f"node {a.name!r} ({node.gpu_type}): {k} layers leave no VRAM for KV cache")
 
     # --- edges: real links, chaining, capacity --------------------------------------------------
@@ -219,7 +242,7 @@ def validate_plan(plan: Plan, cluster: Cluster, model: ModelSpec, profiles: Prof
         if node is None or into <= 0:
             continue
         k = end - start
-        compute = profiles.throughput(node, k) if 0 < k <= num_layers else 0.0
+        compute = profiles.range_throughput(node, start, end) if 0 < k <= num_layers else 0.0
         nic = min(node.nic_in_bps, node.nic_out_bps) / 8 / model.activation_bytes
         capacity = min(compute, nic)
         if _over(into, capacity):

@@ -102,6 +102,11 @@ def plan_command(
         help="MILP: CP-SAT worker threads (1: its single-worker search; more: its interleaved search; both "
              "deterministic, the second reaches less per unit of work on these models).")] = 1,
     selection: Annotated[str, selection_option(SOLVER_PANEL)] = DEFAULT_SELECTION,
+    allow_quantize: Annotated[str | None, typer.Option(
+        "--allow-quantize", metavar="PRECISIONS", show_default=False, rich_help_panel=SOLVER_PANEL,
+        help="Let nodes hold their layers at these lower weight precisions (comma-separated: fp8, int8, int4) "
+             "where that raises max flow; the plan records each node's precision and the output states the "
+             "accuracy cost. Roofline profiles only.")] = None,
     lengths: LengthsOption = None,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", metavar="plan.json|plan.yaml", show_default=False, rich_help_panel=OUTPUT_PANEL,
@@ -157,14 +162,17 @@ def plan_command(
     _check_target(plot, PLOT_SUFFIXES, "--plot")
 
     inputs = load_inputs(cluster, machine_profile, mix, regions, seed, model, profiles, profile_mix)
+    quantize = parse_allow_quantize(allow_quantize, inputs)
     cap = wall_cap or time_limit  # the options' limit is the cap; effort scales the budget back to --time-limit
     options = PlacementOptions(partial_inference=partial_inference, time_limit_s=cap, effort=time_limit / cap,
                                seed=seed, warm_start=warm_start, prune_keep=prune_keep, workers=workers,
-                               selection=selection, workload=workload)
+                               selection=selection, workload=workload, allow_quantize=quantize)
     problem = PlacementProblem(inputs.cluster, inputs.model, inputs.profiles)
     from helix.simulator.placement.heuristics import check_fits
+    from helix.simulator.placement.precision import most_compact
 
-    check_fits(problem)  # every method checks too; here it fails before any progress display
+    # Every method checks too; here it fails before any progress display (at the most compact precision allowed).
+    check_fits(most_compact(problem, quantize))
     try:
         plan = solve(problem, method, options, quiet=quiet)
     except KeyboardInterrupt:  # before the MILP's own handler is installed (warm start) or a heuristic
@@ -181,6 +189,9 @@ def plan_command(
     out = _console()
     if quiet:
         print(summary_line(plan))
+        quantized = precision_line(plan, inputs)
+        if quantized:
+            print(f"precision {quantized}")
     else:
         print_plan(out, plan, inputs)
     if output is not None:
@@ -198,7 +209,7 @@ def plan_command(
 #: `helix plan` options the HelixCluster spec decides in a dry run (-f).
 SPEC_DECIDES = ("cluster", "machine_profile", "mix", "regions", "model", "profiles", "profile_mix", "method",
                 "time_limit", "wall_cap", "partial_inference", "prune_keep", "warm_start", "seed", "workers",
-                "selection", "lengths")
+                "selection", "lengths", "allow_quantize")
 
 
 def plan_dry_run(filename: Path, nodes: Path | None, add: list[str] | None, remove: list[str] | None,
@@ -352,6 +363,25 @@ def solve(problem: PlacementProblem, method: str, options: PlacementOptions, qui
 
 
 # --- reporting -------------------------------------------------------------------------------------
+def parse_allow_quantize(value: str | None, inputs: Inputs) -> tuple[str, ...]:
+    """`--allow-quantize`'s precisions, checked against the model and the profile source (one-line errors)."""
+    if value is None:
+        return ()
+    from helix.simulator.placement.precision import parse_precisions
+
+    allowed = parse_precisions(value, inputs.model)
+    for name in allowed:
+        inputs.profiles.at_precision(name)  # a measured or Helix table cannot be re-timed at another precision
+    return allowed
+
+
+def precision_line(plan: Plan, inputs: Inputs) -> str | None:
+    """Which nodes hold quantized weights and the accuracy cost (None: every node at the model's own)."""
+    from helix.simulator.placement.precision import precision_summary
+
+    return precision_summary(plan, inputs.model)
+
+
 def summary_line(plan: Plan) -> str:
     """One line for scripts and `--quiet`."""
     text = f"objective {plan.objective_tokens_per_s:.3f} tokens/s"
@@ -364,8 +394,10 @@ def summary_line(plan: Plan) -> str:
 
 def plan_rows(plan: Plan, inputs: Inputs) -> list[dict[str, Any]]:
     """One row per cluster node: used nodes by layer range, then the unused ones in cluster order."""
-    from helix.simulator.flow import node_capacity
+    from helix.simulator.flow import range_capacity
+    from helix.simulator.profiles.base import plan_profiles
 
+    profiles = plan_profiles(inputs.profiles, plan)
     into = plan.flow_into()
     assigned = {a.name: a for a in plan.nodes}
     used: list[dict[str, Any]] = []
@@ -376,7 +408,7 @@ def plan_rows(plan: Plan, inputs: Inputs) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"name": node.name, "gpu": node.gpu_type, "region": node.region, "start": None,
                                "end": None, "layers": 0, "flow": flow, "capacity": 0.0, "utilization": None}
         if a is not None:
-            capacity = node_capacity(node, a.num_layers, inputs.model, inputs.profiles)
+            capacity = range_capacity(node, a.start_layer, a.end_layer, inputs.model, profiles)
             row |= {"start": a.start_layer, "end": a.end_layer, "layers": a.num_layers, "capacity": capacity,
                     "utilization": flow / capacity if capacity > 0 else None}
         (used if flow > 1e-6 else unused).append(row)
@@ -416,6 +448,9 @@ def print_plan(console: Console, plan: Plan, inputs: Inputs) -> None:
     grid.add_column()
     for key, value in summary_items(plan, len(inputs.cluster.nodes), sum(1 for r in rows if r["flow"] > 1e-6)):
         grid.add_row(key, value)
+    quantized = precision_line(plan, inputs)
+    if quantized:
+        grid.add_row("precision", f"[yellow]{quantized}[/]")
     console.print(grid)
 
 

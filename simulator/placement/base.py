@@ -58,11 +58,16 @@ class PlacementOptions:
     stage: Callable[[str], None] | None = field(default=None, compare=False)
     #: True once the user stopped the run (Ctrl-C): a search that could run long ends at its next check.
     stopped: Callable[[], bool] = field(default=lambda: False, compare=False)
+    #: Weight precisions a node may hold its layers in instead of the model's own (`--allow-quantize`,
+    #: least lossy first, as `precision.parse_precisions` orders them); empty: never quantize.
+    allow_quantize: tuple[str, ...] = ()
 
     def resolved(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)
-               if f.name not in ("progress", "stage", "workload", "stopped")}
+               if f.name not in ("progress", "stage", "workload", "stopped", "allow_quantize")}
         out["workload"] = None if self.workload is None else self.workload.describe()
+        if self.allow_quantize:  # recorded only when given, so plans that never quantize read as before
+            out["allow_quantize"] = list(self.allow_quantize)
         return out
 
 
@@ -94,7 +99,7 @@ def build_plan(problem: PlacementProblem, result: PlacementResult, method: str, 
     """Turn chosen ranges into a Plan with its max flow, flows and bounds."""
     flow = max_flow(problem.cluster, problem.model, problem.profiles, result.ranges, options.partial_inference)
     nodes = [NodeAssignment(name=n.name, gpu=n.gpu_type, start_layer=result.ranges[n.name][0],
-                            end_layer=result.ranges[n.name][1])
+                            end_layer=result.ranges[n.name][1], precision=problem.profiles.node_precision(n))
              for n in problem.cluster.nodes if n.name in result.ranges]
     bound = result.bound_tokens_per_s
     gap = None
@@ -131,5 +136,16 @@ def plan_placement(problem: PlacementProblem, method: str, options: PlacementOpt
         raise HelixInputError(f"unknown placement method {method!r}; choose one of {', '.join(PLACEMENT_METHODS)}",
                               "--method")
     started = time.monotonic()
+    trials: list[str] = []
+    if options.allow_quantize:
+        from helix.simulator.placement.precision import choose_precisions
+        from helix.simulator.profiles.base import MixedPrecisionProfiles
+
+        precisions, trials = choose_precisions(problem, options, options.allow_quantize)
+        if precisions:
+            problem = PlacementProblem(problem.cluster, problem.model,
+                                       MixedPrecisionProfiles(problem.profiles, precisions))
     result = PLACEMENT_METHODS[method](problem, options)
+    if trials:
+        result.details["precision_trials"] = trials
     return build_plan(problem, result, method, options, time.monotonic() - started)

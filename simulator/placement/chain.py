@@ -25,7 +25,12 @@ SCALE = 10  # tenths of a token/s, rounded up so the optimum stays a bound
 
 
 def forced_counts(problem: PlacementProblem) -> dict[str, int] | None:
-    """Each usable node's most layers, when they add up to exactly the model's layers (else None)."""
+    """Each usable node's most layers, when they add up to exactly the model's layers (else None).
+
+    Only for layers of equal cost: with unequal ones a node may hold more layers at some starts
+    than its count-view maximum, so equal sums force nothing."""
+    if not problem.profiles.uniform:
+        return None
     L = problem.num_layers
     counts = {n.name: min(problem.profiles.max_layers(n), L) for n in problem.cluster.nodes}
     counts = {name: k for name, k in counts.items() if k > 0}

@@ -6,8 +6,11 @@ ignores the network, so its optimum bounds every placement on any network, with 
 partial inference; with partial inference and links that do not bind, a placement reaching it is
 optimal. Nodes with identical capacity tables are interchangeable here, so the model counts how
 many nodes of each class take each (start, layer count) — no per-node symmetry for the solver to
-wade through. On the paper's 24-node cluster CP-SAT proves the optimum this way in about a minute
-on two cores, where the per-link model's bound stays at the compute bound.
+wade through. With unequal layers a node's capacity depends on the range, not only its length
+(`Profiles.range_choices`): the table then holds one capacity per (layer count, start), and only
+the ranges the node can hold get a variable. On the paper's 24-node cluster CP-SAT proves the
+optimum this way in about a minute on two cores, where the per-link model's bound stays at the
+compute bound.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass, field
 
 from ortools.sat.python import cp_model
 
-from helix.simulator.flow import node_capacity
+from helix.simulator.flow import range_capacity
 from helix.simulator.placement.base import PlacementProblem, Ranges
 
 SCALE = 10  # tenths of a token/s, capacities rounded up so the bound stays a bound
@@ -34,24 +37,30 @@ class CoverageModel:
     @classmethod
     def build(cls, problem: PlacementProblem) -> CoverageModel:
         L = problem.num_layers
-        by_table: dict[tuple[int, ...], list[str]] = {}
+        # Per node, (layer count, capacity per start: None where the range does not fit) in count order.
+        by_table: dict[tuple[tuple[int, tuple[int | None, ...]], ...], list[str]] = {}
         for node in problem.cluster.nodes:
-            top = min(problem.profiles.max_layers(node), L)
-            if top < 1:
-                continue
-            table = tuple(-int(-node_capacity(node, k, problem.model, problem.profiles) * SCALE // 1)
-                          for k in range(1, top + 1))
-            by_table.setdefault(table, []).append(node.name)
+            rows: dict[int, list[int | None]] = {}
+            for choice in problem.profiles.range_choices(node):
+                scaled = -int(-range_capacity(node, choice.starts[0], choice.starts[0] + choice.layers, problem.model,
+                                              problem.profiles) * SCALE // 1)
+                row = rows.setdefault(choice.layers, [None] * (L - choice.layers + 1))
+                for start in choice.starts:
+                    row[start] = scaled
+            if rows:
+                by_table.setdefault(tuple((k, tuple(row)) for k, row in rows.items()), []).append(node.name)
         m = cp_model.CpModel()
-        upper = sum(max(t) * len(names) for t, names in by_table.items())
+        upper = sum(max(c for _, row in t for c in row if c is not None) * len(names) for t, names in by_table.items())
         objective = m.new_int_var(0, upper, "min_cover")
         out = cls(m, objective, list(by_table.values()))
         cover: list[list[cp_model.LinearExprT]] = [[] for _ in range(L)]
         work: list[cp_model.LinearExprT] = []
         for table, names in by_table.items():
             counts: dict[tuple[int, int], cp_model.IntVar] = {}
-            for k, cap in enumerate(table, start=1):
-                for start in range(L - k + 1):
+            for k, caps in table:
+                for start, cap in enumerate(caps):
+                    if cap is None:
+                        continue
                     var = m.new_int_var(0, len(names), "")
                     counts[(start, k)] = var
                     for layer in range(start, start + k):

@@ -34,9 +34,11 @@ GB = 1e9
 
 # --- shared helpers ------------------------------------------------------------------------------
 def check_fits(problem: PlacementProblem) -> None:
-    """Raise `HelixInputError` when the cluster cannot hold every layer once (sum of max_layers < L)."""
+    """Raise `HelixInputError` when the cluster cannot hold every layer once: the most layers each node
+    may hold anywhere (`max_layers` for equal layers; for unequal ones its longest range that fits,
+    which the MILP can use though the heuristics' count view cannot) add up to fewer than L."""
     model, profiles, L = problem.model, problem.profiles, problem.num_layers
-    fit = sum(min(profiles.max_layers(n), L) for n in problem.cluster.nodes)
+    fit = sum(max((c.layers for c in profiles.range_choices(n)), default=0) for n in problem.cluster.nodes)
     if fit >= L:
         return
     fraction = profiles.workload.max_weight_fraction

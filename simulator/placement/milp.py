@@ -10,7 +10,9 @@ gives a bound valid on any network and often proves the incumbent optimal. Then 
 large-neighbourhood search and a full solve work on the per-link model below. docs/placement.md
 explains the whole strategy.
 
-Per node: a start layer, a one-hot layer count, and so an end layer; per link: a flow and a
+Per node: a start layer, a one-hot choice of range (`Profiles.range_choices`: for equal layers one
+per layer count, so a one-hot layer count; for unequal layers one per layer count and mix of layer
+kinds, allowed only at the starts that give that mix), and so an end layer; per link: a flow and a
 Boolean "usable" that is only allowed when the two ranges chain. The objective is the flow out of
 the coordinator, i.e. the max flow of the chosen placement. CP-SAT needs integers, so flows are in
 tenths of a token/s with capacities rounded up (the solver's bound then stays a true bound); the
@@ -32,8 +34,9 @@ from dataclasses import dataclass, field
 
 from ortools.graph.python import max_flow as ortools_max_flow
 from ortools.sat.python import cp_model
+from ortools.util.python.sorted_interval_list import Domain
 
-from helix.simulator.flow import can_follow, compute_bound, link_capacity, max_flow, node_capacity
+from helix.simulator.flow import can_follow, compute_bound, link_capacity, max_flow, range_capacity
 from helix.simulator.placement.base import (
     PLACEMENT_METHODS,
     PlacementOptions,
@@ -71,9 +74,13 @@ SELECTION_BASELINES = ("petals", "swarm", "homogeneous", "separate", "sp-plus")
 @dataclass
 class _Vars:
     starts: dict[str, cp_model.IntVar] = field(default_factory=dict)
+    #: Per node, choice index → its Boolean (one-hot); choice i holds `layers[name][i]` layers.
     counts: dict[str, dict[int, cp_model.IntVar]] = field(default_factory=dict)
+    layers: dict[str, list[int]] = field(default_factory=dict)
+    #: Per node, (start, layer count) → the choice that range is (absent: it does not fit).
+    choice_of: dict[str, dict[tuple[int, int], int]] = field(default_factory=dict)
     used: dict[str, cp_model.IntVar] = field(default_factory=dict)
-    caps: dict[str, list[int]] = field(default_factory=dict)  # scaled capacity per layer count
+    caps: dict[str, list[int]] = field(default_factory=dict)  # scaled capacity per choice
     edge_use: dict[tuple[str, str], cp_model.IntVar] = field(default_factory=dict)
     edge_flow: dict[tuple[str, str], cp_model.IntVar] = field(default_factory=dict)
     edge_cap: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -96,16 +103,25 @@ class _Milp:
         p, m, v = self.problem, self.model, self.v
         L = p.num_layers
         for node in p.cluster.nodes:
-            top = min(p.profiles.max_layers(node), L)
-            if top < 1:
+            choices = p.profiles.range_choices(node)
+            if not choices:
                 continue
             name = node.name
-            v.caps[name] = [0] + [_scaled(node_capacity(node, k, p.model, p.profiles)) for k in range(1, top + 1)]
-            v.counts[name] = {k: m.new_bool_var(f"k[{name},{k}]") for k in range(1, top + 1)}
+            v.layers[name] = [c.layers for c in choices]
+            v.choice_of[name] = {(s, c.layers): i for i, c in enumerate(choices) for s in c.starts}
+            v.caps[name] = [_scaled(range_capacity(node, c.starts[0], c.starts[0] + c.layers, p.model, p.profiles))
+                            for c in choices]
+            v.counts[name] = {i: m.new_bool_var(f"k[{name},{c.layers}]") for i, c in enumerate(choices)}
             v.used[name] = m.new_bool_var(f"used[{name}]")
             m.add(sum(v.counts[name].values()) == v.used[name])
             v.starts[name] = m.new_int_var(0, L - 1, f"s[{name}]")
             m.add(self.end(name) <= L)
+            # A choice whose layer mix occurs only at some starts pins the start to them (never for
+            # equal layers, where every start up to L - k gives the same mix).
+            for i, c in enumerate(choices):
+                if len(c.starts) < L - c.layers + 1:
+                    m.add_linear_expression_in_domain(v.starts[name], Domain.from_values(c.starts)).only_enforce_if(
+                        v.counts[name][i])
         usable = set(v.starts)
         for name in usable:
             if p.cluster.link(self.coord, name):
@@ -129,14 +145,19 @@ class _Milp:
         # Every served token passes all L layers, and a node holding k layers does at most
         # k·T(k) layer-tokens/s. Redundant for integer solutions, but it caps the LP relaxation at
         # Helix's "max compute throughput" instead of the sum of link capacities.
-        m.add(L * served <= sum(k * v.caps[n][k] * b for n in usable for k, b in v.counts[n].items()))
+        m.add(L * served <= sum(v.layers[n][i] * v.caps[n][i] * b for n in usable for i, b in v.counts[n].items()))
         m.maximize(served)
 
     def end(self, name: str) -> cp_model.LinearExprT:
-        return self.v.starts[name] + sum(k * b for k, b in self.v.counts[name].items())
+        layers = self.v.layers[name]
+        return self.v.starts[name] + sum(layers[i] * b for i, b in self.v.counts[name].items())
 
     def capacity(self, name: str) -> cp_model.LinearExprT:
-        return sum(self.v.caps[name][k] * b for k, b in self.v.counts[name].items())
+        return sum(self.v.caps[name][i] * b for i, b in self.v.counts[name].items())
+
+    def choice(self, name: str, rng: tuple[int, int] | None) -> int | None:
+        """The choice index of `name` holding `rng` (None: unused, or a range it cannot hold)."""
+        return None if rng is None else self.v.choice_of[name].get((rng[0], rng[1] - rng[0]))
 
     def _edge(self, edge: tuple[str, str]) -> None:
         p, m, v = self.problem, self.model, self.v
@@ -172,11 +193,11 @@ class _Milp:
         v = self.v
         for name in names:
             rng = ranges.get(name)
-            k = rng[1] - rng[0] if rng else 0
-            m.add(v.used[name] == int(k > 0))
-            for count, var in v.counts[name].items():
-                m.add(var == int(count == k))
-            if rng:
+            chosen = self.choice(name, rng)
+            m.add(v.used[name] == int(chosen is not None))
+            for i, var in v.counts[name].items():
+                m.add(var == int(i == chosen))
+            if rng and chosen is not None:
                 m.add(v.starts[name] == rng[0])
 
     def hint(self, m: cp_model.CpModel, ranges: Ranges) -> None:
@@ -185,14 +206,12 @@ class _Milp:
         m.clear_hints()
         for name, start_var in v.starts.items():
             rng = ranges.get(name)
-            k = rng[1] - rng[0] if rng else 0
-            if k > len(v.caps[name]) - 1:
-                k = 0
-            m.add_hint(start_var, rng[0] if rng and k else 0)
-            m.add_hint(v.used[name], k > 0)
-            for count, var in v.counts[name].items():
-                m.add_hint(var, count == k)
-        live = {n: r for n, r in ranges.items() if n in v.starts and 0 < r[1] - r[0] < len(v.caps[n])}
+            chosen = self.choice(name, rng)
+            m.add_hint(start_var, rng[0] if rng and chosen is not None else 0)
+            m.add_hint(v.used[name], chosen is not None)
+            for i, var in v.counts[name].items():
+                m.add_hint(var, i == chosen)
+        live = {n: r for n, r in ranges.items() if n in v.starts and self.choice(n, r) is not None}
         flows = self._integral_flow(live)
         for edge, flow_var in v.edge_flow.items():
             value = flows.get(edge, 0)
@@ -204,8 +223,9 @@ class _Milp:
         ids = {"@src": 0, "@dst": 1}
         for n in ranges:
             ids[n + "/in"], ids[n + "/out"] = len(ids), len(ids) + 1
-            k = ranges[n][1] - ranges[n][0]
-            solver.add_arc_with_capacity(ids[n + "/in"], ids[n + "/out"], self.v.caps[n][k])
+            chosen = self.choice(n, ranges[n])
+            assert chosen is not None  # `hint` passes only ranges the node can hold
+            solver.add_arc_with_capacity(ids[n + "/in"], ids[n + "/out"], self.v.caps[n][chosen])
         arcs = {}
         L = self.problem.num_layers
         for (a, b), cap in self.v.edge_cap.items():
@@ -228,7 +248,8 @@ class _Milp:
     def ranges(self, solver: Solution) -> Ranges:
         out: Ranges = {}
         for name, start_var in self.v.starts.items():
-            k = sum(count for count, var in self.v.counts[name].items() if solver.boolean_value(var))
+            layers = self.v.layers[name]
+            k = sum(layers[i] for i, var in self.v.counts[name].items() if solver.boolean_value(var))
             if k:
                 start = solver.value(start_var)
                 out[name] = (start, start + k)
@@ -485,7 +506,7 @@ class _Search:
         p = self.problem
         cover = [0.0] * p.num_layers
         for name, (start, end) in self.best.ranges.items():
-            cap = node_capacity(p.cluster.node_map[name], end - start, p.model, p.profiles)
+            cap = range_capacity(p.cluster.node_map[name], start, end, p.model, p.profiles)
             for layer in range(start, end):
                 cover[layer] += cap
         weakest = min(cover)

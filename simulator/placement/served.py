@@ -265,7 +265,8 @@ class _Model:
         single way on; per route its nodes in order (padded with a node that never fills)."""
         index = {name: j for j, name in enumerate(names)}
         self.kv_per_request = (self.prompt_tokens + self.output_tokens) * layers_run
-        self.kv_room = np.array([KV_HWM * problem.profiles.kv_capacity_tokens(problem.cluster.node_map[n], end - start)
+        self.kv_room = np.array([KV_HWM * problem.profiles.range_kv_capacity_tokens(problem.cluster.node_map[n], start,
+                                                                                  end)
                                  * (end - start) for n in names for start, end in (ranges[n],)] + [math.inf])
         self.order = np.full((len(routes), max(len(r.nodes) for r in routes)), len(names))
         for i, route in enumerate(routes):
@@ -324,7 +325,7 @@ def kv_cover(problem: PlacementProblem, ranges: Ranges, carrying: set[str]) -> n
     cover = np.zeros(problem.num_layers)
     for name in carrying:
         start, end = ranges[name]
-        cover[start:end] += problem.profiles.kv_capacity_tokens(problem.cluster.node_map[name], end - start)
+        cover[start:end] += problem.profiles.range_kv_capacity_tokens(problem.cluster.node_map[name], start, end)
     return cover
 
 
@@ -353,8 +354,8 @@ def admission(problem: PlacementProblem, ranges: Ranges, flow_edges: dict[tuple[
     names = sorted({d for out in onward.values() for d, _ in out if d != coord}, key=lambda n: (ranges[n][1], n))
     index = {name: j for j, name in enumerate(names)}
     sizes = np.array([ranges[n][1] - ranges[n][0] for n in names], dtype=float)
-    room = KV_HWM * sizes * np.array([problem.profiles.kv_capacity_tokens(problem.cluster.node_map[n], int(k))
-                                      for n, k in zip(names, sizes, strict=True)])
+    room = KV_HWM * sizes * np.array([problem.profiles.range_kv_capacity_tokens(problem.cluster.node_map[n], *ranges[n])
+                                      for n in names])
     # The feeder's pooled share (cluster_state.py): a node's KV counts evenly over its whole range,
     # whatever layers its requests run there, against the cover of every placed node.
     cover = kv_cover(problem, ranges, set(ranges))

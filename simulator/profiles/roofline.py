@@ -16,8 +16,10 @@ measurements of LLaMA-2 70B (../shared/reference/profiles/helix-profiles.json):
 * tp_scaling_exponent 0.85: T4x2 / L4x2 / T4x4 decode 1.8× / 1.85× / 3.1× faster than one GPU.
 * layer_overhead_s 30 µs: roughly ten kernel launches per layer.
 
-Models whose layers differ (MoE with dense first layers, sliding-window layers) get the mean of
-their layers' times, and memory from the heaviest layer (`ModelSpec`'s interim contract). Compute
+Models whose layers differ (MoE with dense first layers, sliding-window layers) get, in the count
+view, the mean of their layers' times and memory from the heaviest layer; in the range view
+(`Profiles`), each layer kind is a cost class with its own bytes, KV and time, so a range costs
+exactly what its layers do. Compute
 counts a token's ACTIVE parameters; memory traffic counts the weights a batch reads: attention and
 shared parts always, routed experts only as many as the batch's tokens are expected to touch
 (`expected_experts_touched`). See docs/profile-format.md and docs/models.md for the FLOP and byte
@@ -27,12 +29,58 @@ counts.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from helix.simulator.cluster import GpuNode
+from helix.simulator.errors import HelixInputError
 from helix.simulator.gpus import resolve_gpu
-from helix.simulator.model import LayerShape, ModelSpec
+from helix.simulator.model import FP8_BLOCK_128, LayerShape, ModelSpec, WeightPrecision, WeightPrecisions
 from helix.simulator.profiles.base import Profiles, WorkloadAssumptions
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """A weight precision a node may hold its layers in (`helix plan --allow-quantize`), and what
+    it costs in accuracy, in words the plan's output repeats (never silently)."""
+
+    name: str
+    precision: WeightPrecision
+    scheme: str  # how the weights are stored
+    accuracy: str  # the expected accuracy cost
+
+
+#: The precisions `--allow-quantize` takes. Attention, dense MLPs and experts are quantized;
+#: embeddings, LM head, norms and router stay in the model's dtype (as AWQ, GPTQ and fp8 checkpoints do).
+QUANTIZATIONS: dict[str, Quantization] = {q.name: q for q in (
+    Quantization("fp8", FP8_BLOCK_128, "8-bit floats, one scale per 128×128 block",
+                 "expect a very small accuracy loss"),
+    Quantization("int8", WeightPrecision(dtype="int8", group_size=128, scale_bytes=2.0),
+                 "8-bit integers, one 16-bit scale per group of 128", "expect a very small accuracy loss"),
+    Quantization("int4", WeightPrecision(dtype="int4", group_size=128, scale_bytes=2.5),
+                 "AWQ-style, 4-bit groups of 128 with a 16-bit scale and 4-bit zero point",
+                 "expect a small accuracy loss"),
+)}
+
+
+def quantized_model(model: ModelSpec, name: str) -> ModelSpec:
+    """`model` with its decoder weights held at precision `name` (a group already smaller stays as it is).
+
+    Refused, naming why, when `name` is unknown or would not shrink the model's layers (DeepSeek-V3
+    ships fp8: `fp8` gains nothing there)."""
+    quant = QUANTIZATIONS.get(name)
+    if quant is None:
+        raise HelixInputError(f"unknown precision {name!r}; choose from {', '.join(QUANTIZATIONS)}",
+                              "--allow-quantize")
+    target = quant.precision.bytes_per_param
+    given = model.weight_precision or WeightPrecisions()
+    groups = ("attention", "mlp", "experts") if model.moe is not None else ("attention", "mlp")
+    update = {g: quant.precision if target < model._bytes_per_param(g) else getattr(given, g) for g in groups}
+    out = model.model_copy(update={"weight_precision": given.model_copy(update=update)})
+    if out.layer_weight_bytes >= model.layer_weight_bytes:
+        raise HelixInputError(f"{model.name}'s weights are already at or below {name} ({quant.scheme}): "
+                              f"holding them at {name} would not shrink its layers", "--allow-quantize")
+    return out
 
 
 def expected_experts_touched(num_experts: int, experts_per_token: int, tokens: int) -> float:
@@ -104,6 +152,15 @@ class RooflineProfiles(Profiles):
             (count / model.num_layers, shape) for shape, count in model.layer_groups)
         self._layer_weight_bytes = model.layer_weight_bytes
         self._kv_bytes_per_token = typical_kv_bytes_per_token(model, self.workload)
+        # The range view: one cost class per layer kind, in `layer_groups` order.
+        kinds = [shape.kind for _, shape in self._kinds]
+        self._classes = tuple(kinds.index(kind) for kind in model.layer_kinds)
+        context = self.workload.avg_input_tokens + self.workload.avg_output_tokens / 2
+        self._class_bytes = tuple(shape.weight_bytes for _, shape in self._kinds)
+        #: KV bytes per token of each class at the typical context (a sliding layer keeps its window).
+        self._class_kv = tuple(shape.kv_bytes_per_token * (min(context, shape.window) / context if shape.window
+                                                           else 1.0) for _, shape in self._kinds)
+        self._range_tops: dict[tuple[float, int], int] = {}
 
     @property
     def _activation_io_per_token(self) -> float:
@@ -143,6 +200,39 @@ class RooflineProfiles(Profiles):
         free = node.total_vram_bytes * self.gpu_memory_utilization - layers * self._layer_weight_bytes
         return max(0, math.floor(free / (layers * self._kv_bytes_per_token)))
 
+    # --- the range view -------------------------------------------------------------------------
+    def layer_classes(self) -> tuple[int, ...]:
+        return self._classes
+
+    def range_weight_bytes(self, start: int, end: int) -> float:
+        """Weight bytes of layers [start, end) at their precisions (each class's bytes × its count)."""
+        return sum(n * b for n, b in zip(self.composition(start, end), self._class_bytes, strict=True))
+
+    def range_max_layers(self, node: GpuNode, start: int) -> int:
+        """The longest range from `start` whose own bytes fit the weight budget (the count view's rule,
+        `max_weight_fraction` of VRAM, applied to the layers actually held)."""
+        if self.uniform:
+            return super().range_max_layers(node, start)
+        key = (node.total_vram_bytes, start)
+        if key not in self._range_tops:
+            budget = self.workload.max_weight_fraction * node.total_vram_bytes
+            k = 0
+            while start + k < self.model.num_layers and self.range_weight_bytes(start, start + k + 1) <= budget:
+                k += 1
+            self._range_tops[key] = k
+        return self._range_tops[key]
+
+    def range_kv_capacity_tokens(self, node: GpuNode, start: int, end: int) -> int:
+        """What the range's own bytes leave of VRAM, over the KV bytes one token costs its layers."""
+        if self.uniform:
+            return super().range_kv_capacity_tokens(node, start, end)
+        if end <= start:
+            return 0
+        comp = self.composition(start, end)
+        free = node.total_vram_bytes * self.gpu_memory_utilization - self.range_weight_bytes(start, end)
+        per_token = sum(n * kv for n, kv in zip(comp, self._class_kv, strict=True))
+        return max(0, math.floor(free / per_token))
+
     @staticmethod
     def _weights_read(shape: LayerShape, tokens: int) -> float:
         """Weight bytes a batch of `tokens` tokens reads in one layer of `shape`."""
@@ -159,15 +249,21 @@ class RooflineProfiles(Profiles):
         """
         if tokens <= 0:
             return 0.0
-        prompt_len = min(tokens, self.workload.avg_input_tokens)
         seconds = 0.0
         for share, shape in self._kinds:
-            avg_context = mean_causal_context(prompt_len, shape.window)
-            flops = 2.0 * shape.active_params * tokens + 4.0 * tokens * avg_context * shape.prompt_attention_width
-            nbytes = (self._weights_read(shape, tokens) + tokens * shape.activation_io_bytes_per_token
-                      + tokens * shape.kv_bytes_per_token)  # the new KV entries are written
-            seconds += share * self._layer_time(node, flops, nbytes)
+            seconds += share * self._prompt_time(node, tokens, shape)
         return seconds
+
+    def _prompt_time(self, node: GpuNode, tokens: int, shape: LayerShape) -> float:
+        prompt_len = min(tokens, self.workload.avg_input_tokens)
+        avg_context = mean_causal_context(prompt_len, shape.window)
+        flops = 2.0 * shape.active_params * tokens + 4.0 * tokens * avg_context * shape.prompt_attention_width
+        nbytes = (self._weights_read(shape, tokens) + tokens * shape.activation_io_bytes_per_token
+                  + tokens * shape.kv_bytes_per_token)  # the new KV entries are written
+        return self._layer_time(node, flops, nbytes)
+
+    def prompt_class_time(self, node: GpuNode, tokens: int, cls: int) -> float:
+        return self._prompt_time(node, tokens, self._kinds[cls][1]) if tokens > 0 else 0.0
 
     def decode_layer_time(self, node: GpuNode, batch: int, context_tokens: int) -> float:
         """One new token for each of `batch` sequences whose contexts total `context_tokens`
@@ -177,12 +273,25 @@ class RooflineProfiles(Profiles):
         context_tokens = max(0, context_tokens)
         seconds = 0.0
         for share, shape in self._kinds:
-            context = context_tokens if shape.window is None else min(context_tokens, batch * shape.window)
-            flops = 2.0 * shape.active_params * batch + 4.0 * context * shape.decode_attention_width
-            nbytes = (self._weights_read(shape, batch) + context * shape.kv_bytes_per_token
-                      + batch * shape.activation_io_bytes_per_token)
-            seconds += share * self._layer_time(node, flops, nbytes)
+            seconds += share * self._decode_time(node, batch, context_tokens, shape)
         return seconds
+
+    def _decode_time(self, node: GpuNode, batch: int, context_tokens: int, shape: LayerShape) -> float:
+        context = context_tokens if shape.window is None else min(context_tokens, batch * shape.window)
+        flops = 2.0 * shape.active_params * batch + 4.0 * context * shape.decode_attention_width
+        nbytes = (self._weights_read(shape, batch) + context * shape.kv_bytes_per_token
+                  + batch * shape.activation_io_bytes_per_token)
+        return self._layer_time(node, flops, nbytes)
+
+    def decode_class_time(self, node: GpuNode, batch: int, context_tokens: int, cls: int) -> float:
+        return self._decode_time(node, batch, max(0, context_tokens), self._kinds[cls][1]) if batch > 0 else 0.0
+
+    def at_precision(self, precision: str) -> RooflineProfiles:
+        """These profiles for the model held at `precision` (fewer bytes: more layers, faster weight reads)."""
+        return RooflineProfiles(quantized_model(self.model, precision), self.workload,
+                                compute_efficiency=self.compute_efficiency, memory_efficiency=self.memory_efficiency,
+                                tp_scaling_exponent=self.tp_scaling_exponent, layer_overhead_s=self.layer_overhead_s,
+                                gpu_memory_utilization=self.gpu_memory_utilization)
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {
