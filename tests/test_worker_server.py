@@ -31,8 +31,9 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -45,6 +46,7 @@ import zmq  # noqa: E402
 import zmq.asyncio  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
+from helix.cli import prefork  # noqa: E402
 from helix.cli.app import app  # noqa: E402
 from helix.worker.messages import (  # noqa: E402
     Error,
@@ -94,13 +96,37 @@ class Node:
 
 
 @dataclass
+class Forked:
+    """A `helix worker` forked from helix.cli.prefork's forkserver, as `helix serve --local` starts its workers
+    (one import of torch for all of them), behind the part of Popen's interface these tests use."""
+
+    process: BaseProcess
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise subprocess.TimeoutExpired(self.process.name, timeout or 0.0)
+        return self.process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        if self.process.exitcode is None:
+            os.kill(self.process.pid or 0, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+@dataclass
 class WorkerProc:
     """A `helix worker` child process and what it printed."""
 
     name: str
     start: int
     end: int
-    proc: subprocess.Popen[str]
+    proc: subprocess.Popen[bytes] | Forked
     stderr_path: Path
     lines: queue.Queue[str] = field(default_factory=queue.Queue)
     info: dict[str, Any] = field(default_factory=dict)
@@ -121,21 +147,30 @@ class WorkerProc:
         return self.stderr_path.read_text(errors="replace")[-4000:]
 
 
-def spawn_worker(model_dir: Path, name: str, start: int, end: int, logs: Path, *extra: str) -> WorkerProc:
-    """Start a worker (returns at once; `wait_for_line` waits for it)."""
+def spawn_worker(model_dir: Path, name: str, start: int, end: int, logs: Path, *extra: str,
+                 fork: bool = True) -> WorkerProc:
+    """Start a worker (returns at once; `wait_for_line` waits for it): forked as serve forks them, or with
+    `fork=False` as its own program, as a worker pod runs it."""
     stderr_path = logs / f"{name}.stderr"
-    cmd = [sys.executable, "-m", "helix.cli.app", "worker", "--model", str(model_dir), "--layers", f"{start}:{end}",
-           "--listen", "tcp://127.0.0.1:*", "--name", name, "--threads", "1", "--send-timeout", "1",
-           "--log-level", "warning", "--insecure", *extra]
-    with stderr_path.open("w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    args = ["worker", "--model", str(model_dir), "--layers", f"{start}:{end}", "--listen", "tcp://127.0.0.1:*",
+            "--name", name, "--threads", "1", "--send-timeout", "1", "--log-level", "warning", "--insecure", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    stdout: IO[bytes]
+    proc: subprocess.Popen[bytes] | Forked
+    if fork:
+        process, stdout = prefork.spawn(args, env, stderr_path)
+        proc = Forked(process)
+    else:
+        with stderr_path.open("w") as err:
+            popen = subprocess.Popen([sys.executable, "-m", "helix.cli.app", *args], stdout=subprocess.PIPE,
+                                     stderr=err, env=env)
+        assert popen.stdout is not None
+        stdout, proc = popen.stdout, popen
     worker = WorkerProc(name, start, end, proc, stderr_path)
 
     def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            worker.lines.put(line.rstrip("\n"))
+        for raw in stdout:
+            worker.lines.put(raw.decode(errors="replace").rstrip("\n"))
 
     threading.Thread(target=pump, daemon=True).start()
     return worker
@@ -762,7 +797,7 @@ def test_more_splits_with_partial_inference(model_dir: Path, reference: Referenc
 
 @pytest.mark.slow
 def test_sigterm_while_loading_exits_0(model_dir: Path, tmp_path: Path) -> None:
-    worker = spawn_worker(model_dir, "early", 0, L, tmp_path)
+    worker = spawn_worker(model_dir, "early", 0, L, tmp_path, fork=False)  # the process a worker pod runs
     try:
         wait_for_line(worker, "listening")
         t0 = time.monotonic()

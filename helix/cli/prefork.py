@@ -28,6 +28,7 @@ import warnings
 from collections.abc import Sequence
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import BinaryIO
 
 #: What every child imports; modules a plain install lacks (torch in the router-only image) are skipped
 #: by the forkserver itself. Model classes beyond LLaMA's are imported by the child that needs them.
@@ -147,22 +148,27 @@ class ForkedProcess:
         self.send_signal(signal.SIGKILL)
 
 
-async def start(args: Sequence[str], env: dict[str, str], log_path: Path,
-                cpus: frozenset[int] | None = None) -> ForkedProcess:
-    """`helix ARGS` forked from the pre-loaded forkserver, kept to `cpus` where given; stdout comes back
-    through a pipe, stderr goes to `log_path` (appended). It gets SIGTERM when this process exits."""
+def spawn(args: Sequence[str], env: dict[str, str], log_path: Path,
+          cpus: frozenset[int] | None = None) -> tuple[BaseProcess, BinaryIO]:
+    """`helix ARGS` forked from the pre-loaded forkserver, kept to `cpus` where given: the process, and the
+    read end of its stdout (stderr goes to `log_path`, appended). It gets SIGTERM when this process exits.
+    The first call boots the forkserver (the imports: seconds)."""
     reader, writer = multiprocessing.Pipe(duplex=False)
     process = _forkserver().Process(target=_child_main, name=f"helix {' '.join(args[:1])}",
                                     args=(list(args), env, str(log_path), writer, _lifeline(), cpus))
     try:
-        # The first start boots the forkserver (the imports, seconds): off the event loop.
-        await asyncio.to_thread(process.start)
+        process.start()
     finally:
         writer.close()
-    loop = asyncio.get_running_loop()
-    stream = asyncio.StreamReader()
-    pipe = os.fdopen(os.dup(reader.fileno()), "rb", buffering=0)
+    stdout = os.fdopen(os.dup(reader.fileno()), "rb", buffering=0)
     reader.close()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stream), pipe)
-    return ForkedProcess(process, stream)
+    return process, stdout
 
+
+async def start(args: Sequence[str], env: dict[str, str], log_path: Path,
+                cpus: frozenset[int] | None = None) -> ForkedProcess:
+    """`spawn` for an event loop: started off the loop, its stdout an asyncio stream."""
+    process, stdout = await asyncio.to_thread(spawn, args, env, log_path, cpus)
+    stream = asyncio.StreamReader()
+    await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stream), stdout)
+    return ForkedProcess(process, stream)
