@@ -35,6 +35,7 @@ Why not the `vllm` command itself: the CPU build installs as the distribution `v
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import csv
 import importlib.metadata
@@ -69,13 +70,30 @@ CONFIGS: dict[str, dict[str, int]] = {
 }
 DEFAULT_SCALE = {"tiny": 0.25, "bigger": 0.125}
 
-VLLM_BENCH = """
-import sys
+#: Marks the end of one run in the client's output; what follows is the run's exit code.
+RUN_DONE = "\x00helix-bench-done "
+#: `vllm bench serve` as a loop over runs: one JSON job per stdin line ({"args": [...], "env": {...}}), its
+#: output, then RUN_DONE and the exit code. vLLM's import costs ~13 CPU-seconds; a benchmark of many runs
+#: pays it once, and no run's client CPU includes it.
+VLLM_BENCH = f"""
+import json, os, sys, traceback
 from vllm.benchmarks.serve import add_cli_args, main
 from vllm.utils.argparse_utils import FlexibleArgumentParser
-parser = FlexibleArgumentParser()
-add_cli_args(parser)
-main(parser.parse_args(sys.argv[1:]))
+print({RUN_DONE!r} + "0", flush=True)
+for line in sys.stdin:
+    job = json.loads(line)
+    os.environ.update(job["env"])
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    code = 0
+    try:
+        main(parser.parse_args(job["args"]))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except Exception:
+        traceback.print_exc(file=sys.stdout)
+        code = 1
+    print({RUN_DONE!r} + json.dumps(code), flush=True)
 """
 
 
@@ -202,6 +220,56 @@ def metric_samples(text: str, name: str) -> dict[str, float]:
 # -- the client --------------------------------------------------------------------------------------
 
 
+class BenchClient:
+    """One `vllm bench serve` process (VLLM_BENCH) that runs every bench of this benchmark in turn."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", VLLM_BENCH], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+        code, output = self._until_done()  # vLLM imported: from here on, CPU is the runs'
+        if code != 0:
+            raise SystemExit(f"vllm bench serve did not start (rc={code}):\n{output[-4000:]}")
+
+    def _until_done(self) -> tuple[int, str]:
+        assert self.proc.stdout is not None
+        lines: list[str] = []
+        for line in self.proc.stdout:
+            if line.startswith(RUN_DONE):
+                return int(json.loads(line[len(RUN_DONE):])), "".join(lines)
+            lines.append(line)
+        return self.proc.wait() or 1, "".join(lines)
+
+    def run(self, args: list[str], env: dict[str, str]) -> tuple[int, str, float]:
+        """One run: its exit code, its output and the CPU seconds the client spent on it."""
+        assert self.proc.stdin is not None
+        cpu_before = cpu_seconds(self.proc.pid)
+        self.proc.stdin.write(json.dumps({"args": args, "env": env}) + "\n")
+        self.proc.stdin.flush()
+        code, output = self._until_done()
+        return code, output, cpu_seconds(self.proc.pid) - cpu_before
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+_clients: list[BenchClient] = []
+
+
+def _client() -> BenchClient:
+    """This process's bench client, started at the first bench and closed at exit."""
+    if not _clients:
+        _clients.append(BenchClient())
+        atexit.register(_clients[0].close)
+    return _clients[0]
+
+
 def bench(server: Server, model: Path, dataset: Path, prompts: int, concurrency: int, api_key: str,
           out_dir: Path, tag: str, seed: int, request_rate: float = float("inf")) -> dict[str, Any]:
     """One `vllm bench serve` run; its result JSON plus the CPU each process spent and the load.
@@ -220,20 +288,14 @@ def bench(server: Server, model: Path, dataset: Path, prompts: int, concurrency:
             "--result-filename", f"{tag}.json"]
     pids = dict(server.pids)
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    client = _client()  # started (vLLM imported) before the clock and the load reading
     load_before = os.getloadavg()[0]
     start = time.monotonic()
-    client = subprocess.Popen([sys.executable, "-c", VLLM_BENCH, *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "OPENAI_API_KEY": api_key, "VLLM_LOGGING_LEVEL": "WARNING"})
-    client_cpu = 0.0
-    while client.poll() is None:  # the client's CPU, read while it lives (it is gone after wait)
-        client_cpu = cpu_seconds(client.pid) or client_cpu
-        time.sleep(0.5)
-    output = client.stdout.read() if client.stdout else ""
+    code, output, client_cpu = client.run(args, {"OPENAI_API_KEY": api_key})
     wall = time.monotonic() - start
     result_file = out_dir / f"{tag}.json"
-    if client.returncode != 0 or not result_file.exists():
-        raise SystemExit(f"vllm bench serve failed (rc={client.returncode}):\n{output[-4000:]}")
+    if code != 0 or not result_file.exists():
+        raise SystemExit(f"vllm bench serve failed (rc={code}):\n{output[-4000:]}")
     result = json.loads(result_file.read_text())
     cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
     cpu["client"] = client_cpu
