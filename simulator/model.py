@@ -503,11 +503,12 @@ def _qwen3_moe(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     """Qwen3-MoE: layer i is MoE unless listed in `mlp_only_layers`, when (i + 1) is a multiple of
     `decoder_sparse_step` (transformers' Qwen3MoeDecoderLayer); no shared experts."""
     t = "qwen3_moe"
-    _require(cfg, ("num_experts", "num_experts_per_tok", "moe_intermediate_size"), t, "mixture-of-experts layers",
-             where)
+    # The published configs say num_experts; transformers (5.19-5.25) saves the same count as num_local_experts.
+    experts = "num_local_experts" if "num_local_experts" in cfg and "num_experts" not in cfg else "num_experts"
+    _require(cfg, (experts, "num_experts_per_tok", "moe_intermediate_size"), t, "mixture-of-experts layers", where)
     step = _int(cfg, "decoder_sparse_step", t, where, default=1)
     mlp_only = set(_layers(cfg, t, where, "mlp_only_layers"))
-    return {"moe": {"num_experts": cfg["num_experts"], "experts_per_token": cfg["num_experts_per_tok"],
+    return {"moe": {"num_experts": cfg[experts], "experts_per_token": cfg["num_experts_per_tok"],
                     "expert_intermediate_size": cfg["moe_intermediate_size"],
                     "dense_layers": tuple(i for i in range(cfg["num_hidden_layers"])
                                           if i in mlp_only or (i + 1) % step != 0)}}

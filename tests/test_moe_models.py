@@ -244,6 +244,14 @@ def test_unreadable_moe_fields_name_what_is_missing(name: str, drop: str, needle
     assert needle in refused({k: v for k, v in config(name).items() if k != drop})
 
 
+def test_a_qwen3_moe_config_saved_by_transformers_counts_its_experts_as_num_local_experts() -> None:
+    published = config("qwen3-30b-a3b")
+    saved = {k: v for k, v in published.items() if k != "num_experts"} | {"num_local_experts": 128}
+    assert model_from_hf_dict(saved, "saved") == model_from_hf_dict(published, "published")
+    assert "qwen3_moe config.json lacks num_experts" in refused({k: v for k, v in published.items()
+                                                                 if k != "num_experts"})
+
+
 def test_llama4_needs_its_text_config_and_experts() -> None:
     assert "no text_config" in refused({k: v for k, v in config("llama4-scout").items() if k != "text_config"})
     cfg = config("llama4-scout")
