@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from helix.simulator.plan import NodeAssignment, Plan  # noqa: E402
 from helix.worker.engines import Engine, EngineError, StepInput, StepOutput, load_engine  # noqa: E402
 from helix.worker.engines.torch_engine import EXPERT_LAYOUTS, TorchEngine  # noqa: E402
 from helix.worker.tiny_model import BOS_ID, create_tiny_model  # noqa: E402
-from tests.test_torch_engine import PROMPTS, serve  # noqa: E402
+from tests.test_torch_engine import PROMPTS, make_reference, serve  # noqa: E402
 
 L = 4
 NEW_TOKENS = 5
@@ -45,33 +45,12 @@ Greedy = Callable[[Sequence[int], int], list[int]]
 
 
 def whole_model(model_dir: Path, dtype: str) -> Greedy:
-    """Greedy tokens of transformers' whole model, recomputing the full sequence for every token (no KV
-    cache, no batching: it shares nothing with the engines). float64 needs the experts' eager loop:
-    torch's grouped GEMM has no float64 kernel."""
-    experts = "eager" if dtype == "float64" else "grouped_mm"
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
-                                                              experts_implementation=experts).eval()
-    memo: dict[tuple[int, ...], list[int]] = {}
-
-    def greedy(prompt: Sequence[int], n: int) -> list[int]:
-        key = (*prompt, -n)
-        if key not in memo:
-            ids = list(prompt)
-            with torch.no_grad():
-                for _ in range(n):
-                    ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-            memo[key] = ids[len(prompt):]
-        return memo[key]
-
-    return greedy
+    """The whole model's greedy tokens; float64 needs the experts' eager loop: torch's grouped GEMM has no
+    float64 kernel."""
+    return make_reference(model_dir, dtype, experts_implementation="eager" if dtype == "float64" else "grouped_mm")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])

@@ -42,8 +42,10 @@ NEW_TOKENS = 6
 Reference = Callable[[Sequence[int], int], list[int]]
 
 
-def make_reference(model_dir: Path) -> Reference:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+def make_reference(model_dir: Path, dtype: str | torch.dtype = torch.float64, **load: Any) -> Reference:
+    """Greedy tokens of transformers' whole model, recomputing the full sequence for every token (no KV
+    cache, no batching: it shares nothing with the engines); `load` goes to from_pretrained."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **load).eval()
     memo: dict[tuple[int, ...], list[int]] = {}
 
     def greedy(prompt: Sequence[int], n: int) -> list[int]:
@@ -59,13 +61,7 @@ def make_reference(model_dir: Path) -> Reference:
     return greedy
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> object:
-    # Tiny matmuls: extra intra-op threads only spin, and on a loaded CI box they cost seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
