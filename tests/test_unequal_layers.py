@@ -8,6 +8,7 @@ view six at layer 0. A dense stack must read the same in both views, so dense pl
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,9 @@ from typer.testing import CliRunner
 
 from helix.cli.app import app
 from helix.simulator.cluster import GpuNode
+from helix.simulator.cluster_state import build_cluster_state
+from helix.simulator.engine import Engine
+from helix.simulator.events import EventLoop
 from helix.simulator.flow import max_flow
 from helix.simulator.generators import single_region
 from helix.simulator.model import MODEL_CATALOG
@@ -23,6 +27,7 @@ from helix.simulator.placement.precision import choose_precisions, parse_precisi
 from helix.simulator.plan import NodeAssignment, Plan, load_plan
 from helix.simulator.profiles.base import MixedPrecisionProfiles, plan_profiles
 from helix.simulator.profiles.roofline import RooflineProfiles
+from helix.simulator.schedulers import make_scheduler
 from helix.simulator.simulate import simulate
 from helix.simulator.validate import validate_plan
 from tests.conftest import work_limit
@@ -157,10 +162,22 @@ def test_old_plans_load_and_dense_plans_write_no_precision(tmp_path: Path) -> No
     assert load_plan(path).nodes == plan.nodes
 
 
-def test_simulating_deepseek_uses_each_layer_kinds_time() -> None:
+def test_a_nodes_batch_time_is_the_sum_of_its_layers_kind_times() -> None:
     problem = PlacementProblem(single_region({"H100": 12, "A100-80G": 12}), DEEPSEEK, RooflineProfiles(DEEPSEEK))
+    profiles = problem.profiles
     plan = plan_placement(problem, "swarm", work_limit(1))
-    result = simulate(problem.cluster, DEEPSEEK, problem.profiles, plan, duration_s=20, warmup_s=5)
+    state, _ = build_cluster_state(problem.cluster, DEEPSEEK, profiles, plan)
+    limits = {n: profiles.batch_limits(problem.cluster.node_map[n], s.end_layer - s.start_layer)
+              for n, s in state.nodes.items()}
+    engine = Engine(EventLoop(), state, make_scheduler("maxflow", state, random.Random(0)), problem.cluster,
+                    DEEPSEEK, profiles, limits, profiles.conventions, (0.0, 1.0))
+    classes = profiles.layer_classes()
+    per_layer = [profiles.prompt_class_time(H100, 300, c) + profiles.decode_class_time(H100, 8, 8000, c)
+                 for c in classes[1:6]]
+    assert engine._range_time(H100, 1, 6, 300, 8, 8000) == pytest.approx(sum(per_layer))
+    assert sum(per_layer) != pytest.approx(5 * (profiles.prompt_layer_time(H100, 300)
+                                                + profiles.decode_layer_time(H100, 8, 8000)))
+    result = simulate(problem.cluster, DEEPSEEK, profiles, plan, duration_s=10, warmup_s=2)
     assert result.decode_throughput_tokens_per_s > 0
 
 
