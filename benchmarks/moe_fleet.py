@@ -30,12 +30,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from helix.simulator.cluster import Cluster
+from helix.simulator.errors import HelixInputError
 from helix.simulator.generators import multi_region
-from helix.simulator.model import MODEL_CATALOG
+from helix.simulator.model import MODEL_CATALOG, ModelSpec
 from helix.simulator.placement.base import PlacementOptions, PlacementProblem, plan_placement
 from helix.simulator.placement.precision import precision_summary
-from helix.simulator.errors import HelixInputError
-from helix.simulator.model import ModelSpec
 from helix.simulator.profiles.roofline import RooflineProfiles, quantized_model
 from helix.simulator.requests import Workload
 from helix.simulator.simulate import simulate
@@ -68,7 +67,8 @@ class Row:
     max_flow_tokens_per_s: float
     decode_tokens_per_s: float
     layers_per_node: str
-    precision: str
+    weights: str  # quantized nodes per machine type, in short
+    precision: str  # the plan's own statement (helix plan's `precision` line)
     plan_cpu_s: float
 
 
@@ -107,8 +107,13 @@ def run(model_name: str, method: Method, time_limit: float, duration: float, see
         by_gpu.setdefault(a.gpu, []).append(a.num_layers)
     layers = ", ".join(f"{gpu} {min(k)}–{max(k)}" if min(k) != max(k) else f"{gpu} {k[0]}"
                        for gpu, k in by_gpu.items())
+    quantized: dict[tuple[str, str], int] = {}
+    for a in plan.nodes:
+        if a.precision is not None:
+            quantized[(a.gpu, a.precision)] = quantized.get((a.gpu, a.precision), 0) + 1
+    weights = ", ".join(f"{precision} on {gpu} ×{n}" for (gpu, precision), n in quantized.items()) or "native"
     return Row(model_name, method.label, round(plan.objective_tokens_per_s, 1),
-               round(result.decode_throughput_tokens_per_s, 1), layers,
+               round(result.decode_throughput_tokens_per_s, 1), layers, weights,
                precision_summary(plan, model) or "native", round(plan_cpu, 1))
 
 
@@ -131,11 +136,11 @@ def main() -> None:
                   f"decode {row.decode_tokens_per_s:8.1f} tok/s  plan {row.plan_cpu_s:5.1f} CPU-s  "
                   f"[{row.layers_per_node}]  {row.precision}", flush=True)
     print()
-    print("| model | method | max flow, tokens/s | decode tokens/s (simulated) | layers per node | weights |")
+    print("| model | method | max flow, tokens/s | decode tokens/s (simulated) | layers per node | quantized |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row.model} | {row.method} | {row.max_flow_tokens_per_s:.1f} | {row.decode_tokens_per_s:.1f} | "
-              f"{row.layers_per_node} | {row.precision} |")
+              f"{row.layers_per_node} | {row.weights} |")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
 
