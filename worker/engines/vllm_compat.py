@@ -113,14 +113,17 @@ class PagedAttention:
 
 def _ensure_distributed(backend: str) -> None:
     """vLLM's layers ask the tensor/pipeline-parallel groups for their sizes: make one-process groups,
-    once per process (a file rendezvous, so no port is opened)."""
+    once per process (a file rendezvous, so no port is opened). They are made under a config without a
+    model: vLLM then makes the expert-parallel group too, which it skips for a dense model's config, so a
+    process that loaded a dense shard first can still load a mixture-of-experts one."""
     if parallel_state.model_parallel_is_initialized():
         return
     handle, path = tempfile.mkstemp(prefix="helix-vllm-dist-")
     os.close(handle)
     os.unlink(path)
-    parallel_state.init_distributed_environment(1, 0, f"file://{path}", 0, backend)
-    parallel_state.ensure_model_parallel_initialized(1, 1)
+    with set_current_vllm_config(VllmConfig()):
+        parallel_state.init_distributed_environment(1, 0, f"file://{path}", 0, backend)
+        parallel_state.ensure_model_parallel_initialized(1, 1)
 
 
 @contextlib.contextmanager
