@@ -304,10 +304,14 @@ def wait_for(what: str, check: Callable[[], T | None], timeout_s: float = TIMEOU
         time.sleep(0.1)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports: each socket stays bound until all are chosen (one closed before the
+    next is asked for may be handed out again: the metrics and health servers once got the same port)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -358,13 +362,13 @@ def configure_operator(api_url: str, folder: Path, monkeypatch: pytest.MonkeyPat
         "users": [{"name": "tester", "user": {"token": "test-token"}}],
         "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "tester", "namespace": NAMESPACE}}],
     }))
-    metrics_port = free_port()
+    metrics_port, health_port = free_ports(2)
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     monkeypatch.setenv("HELIX_OPERATOR_HOST", "127.0.0.1")
     monkeypatch.setenv("HELIX_OPERATOR_METRICS_PORT", str(metrics_port))
     monkeypatch.setenv("HELIX_OPERATOR_RETRY_DELAY_SECONDS", "1")
     monkeypatch.setenv("HELIX_OPERATOR_ROUTER_IMAGE", "registry.test/helix-operator:1")
-    return Operator(metrics_port, free_port())
+    return Operator(metrics_port, health_port)
 
 
 @pytest.fixture
