@@ -174,17 +174,22 @@ class ServedEstimate:
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _node_times(profiles: Profiles, node: GpuNode, layers: int, lengths: tuple[float, float]) -> tuple[float, ...]:
-    """(α, β, prompt pass, decode batch limit) of `node` running `layers` layers (module docstring)."""
+def _node_times(profiles: Profiles, node: GpuNode, composition: tuple[int, ...],
+                lengths: tuple[float, float]) -> tuple[float, ...]:
+    """(α, β, prompt pass, decode batch limit) of `node` running layers of these counts per cost class
+    (`Profiles.composition` of the layers run; one class, `(k,)`, where all layers cost the same),
+    each layer at its class's time (module docstring)."""
     prompt_tokens, output_tokens = lengths
     context = prompt_tokens + output_tokens / 2
     overhead = profiles.model.activation_bytes * profiles.conventions.activation_overhead_s_per_byte
-    one = layers * profiles.decode_layer_time(node, 1, round(context))
-    many = layers * profiles.decode_layer_time(node, SLOPE_BATCH, round(SLOPE_BATCH * context))
+    held = [(c, n) for c, n in enumerate(composition) if n]
+    one = sum(n * profiles.decode_class_time(node, 1, round(context), c) for c, n in held)
+    many = sum(n * profiles.decode_class_time(node, SLOPE_BATCH, round(SLOPE_BATCH * context), c) for c, n in held)
     beta = (many - one) / (SLOPE_BATCH - 1) + overhead
     alpha = max(0.0, one + overhead - beta)
-    prompt = layers * profiles.prompt_layer_time(node, round(prompt_tokens)) + prompt_tokens * overhead
-    return alpha, beta, prompt, float(profiles.batch_limits(node, layers).decode_max_tokens)
+    prompt = sum(n * profiles.prompt_class_time(node, round(prompt_tokens), c) for c, n in held) \
+        + prompt_tokens * overhead
+    return alpha, beta, prompt, float(profiles.batch_limits(node, sum(composition)).decode_max_tokens)
 
 
 def _link_times(problem: PlacementProblem, src: str, dst: str) -> tuple[float, float]:
@@ -245,7 +250,8 @@ class _Model:
         names = list(nodes)
         # A node runs a batch from the earliest layer any route enters it at: time it for the most.
         most = layers_run.max(axis=0)
-        times = np.array([_node_times(profiles, cluster.node_map[n], int(k), lengths)
+        times = np.array([_node_times(profiles, cluster.node_map[n],
+                                      profiles.composition(ranges[n][1] - int(k), ranges[n][1]), lengths)
                           for n, k in zip(names, most, strict=True)]).reshape(len(names), 4)
         self.alpha, self.beta, self.prompt_s, self.batch_limit = times.T
         self.hops = float(self.share @ self.on_node.sum(axis=1))
@@ -374,8 +380,8 @@ def admission(problem: PlacementProblem, ranges: Ranges, flow_edges: dict[tuple[
             hop[(src, dst)] = tau + latency
             if dst != coord:
                 runs[(src, dst)] = ranges[dst][1] - (0 if src == coord else ranges[src][1])
-                alpha, beta, _, _ = _node_times(problem.profiles, problem.cluster.node_map[dst], int(sizes[index[dst]]),
-                                                lengths)
+                alpha, beta, _, _ = _node_times(problem.profiles, problem.cluster.node_map[dst],
+                                                problem.profiles.composition(*ranges[dst]), lengths)
                 hop[(src, dst)] += alpha + beta
     order = [coord, *names]  # every edge leads to a later vertex: ranges end further on
     used, pooled = np.zeros(len(names)), np.zeros(spread.shape[1])
