@@ -18,6 +18,7 @@ the plan the next one reads. What runs, and how:
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 from dataclasses import dataclass
@@ -114,9 +115,16 @@ def split(text: str) -> tuple[list[str], str | None, bool]:
     return words[1:], target, background
 
 
+@functools.cache
+def helix_command() -> Any:
+    """The CLI's click command tree, built once: typer rebuilds it (every signature's type hints) per call,
+    about 0.1 s, and the walk below asks for it hundreds of times."""
+    return typer.main.get_command(app)
+
+
 def resolve(args: list[str]) -> list[str]:
     """The subcommand path (`cluster generate`), by walking the real click groups."""
-    command: Any = typer.main.get_command(app)
+    command: Any = helix_command()
     path: list[str] = []
     for word in args:
         if not hasattr(command, "get_command"):  # a group (typer ships its own click: no isinstance)
@@ -131,7 +139,7 @@ def resolve(args: list[str]) -> list[str]:
 
 def parse_only(args: list[str]) -> None:
     """Options, types and choices checked by click itself, without running the command."""
-    command: Any = typer.main.get_command(app)
+    command: Any = helix_command()
     path = resolve(args)
     for name in path:
         command = command.get_command(command.context_class(command), name)
