@@ -29,7 +29,7 @@ def surviving_ranges(problem: PlacementProblem, previous: Plan) -> tuple[Ranges,
         node = problem.cluster.node_map.get(a.name)
         if node is None:
             lost.append(f"{a.name} (gone)")
-        elif a.num_layers > problem.profiles.max_layers(node):
+        elif not problem.profiles.range_fits(node, a.start_layer, a.end_layer):  # its own layers: they may differ
             lost.append(f"{a.name} (its {a.num_layers} layers no longer fit)")
         else:
             ranges[a.name] = (a.start_layer, a.end_layer)

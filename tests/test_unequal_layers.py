@@ -197,3 +197,17 @@ def test_allow_quantize_refuses_a_precision_the_model_already_has() -> None:
                                       "fp8", "-q"])
     assert result.exit_code == 2
     assert "error: --allow-quantize: deepseek-v3's weights are already at or below fp8" in result.output
+
+
+def test_a_running_plan_keeps_a_range_that_fits_only_exactly() -> None:
+    """The operator's re-plan keeps a node's current range while it still fits: an H100 holding DeepSeek's
+    three dense layers and three MoE ones is six layers, twice what the count view allows anywhere."""
+    from helix.operator.replan import surviving_ranges
+
+    problem = _fleet(2)
+    first, second = (n.name for n in problem.cluster.nodes)
+    running = Plan(model=DEEPSEEK.name, num_layers=61, method="milp", objective_tokens_per_s=0.0,
+                   nodes=[NodeAssignment(name=first, gpu="H100", start_layer=0, end_layer=6),
+                          NodeAssignment(name=second, gpu="H100", start_layer=6, end_layer=10)])
+    ranges, lost = surviving_ranges(problem, running)
+    assert ranges == {first: (0, 6)} and lost == [f"{second} (its 4 layers no longer fit)"]
