@@ -487,6 +487,8 @@ def _parent(pid: int) -> int | None:
     (["--local", "--plan", "{tmp}/broken.json"], "error: {tmp}/broken.json: malformed plan file"),
     (["--local", "--plan", "{tmp}/plan6.json"], "error: {tmp}/plan6.json: the plan is for 6 layers but the model "
                                                 "has 8"),
+    (["--local", "--plan", "{tmp}/int4.json"], "error: {tmp}/int4.json: the plan quantizes nodes (b, c at int4; "
+                                               "helix plan --allow-quantize), but the workers load the checkpoint's"),
     (["--local", "--host", "0.0.0.0"], "error: --api-key: the API would listen on 0.0.0.0, beyond this machine"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], expected: str) -> None:
@@ -494,6 +496,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], expec
     (tmp_path / "broken.json").write_text('{"nodes": [')
     Plan(model="m", num_layers=6, method="test", objective_tokens_per_s=0.0,
          nodes=[NodeAssignment(name="a", gpu="cpu", start_layer=0, end_layer=6)]).save(tmp_path / "plan6.json")
+    Plan(model="m", num_layers=8, method="test", objective_tokens_per_s=0.0,
+         nodes=[NodeAssignment(name="a", gpu="cpu", start_layer=0, end_layer=4),
+                *(NodeAssignment(name=n, gpu="cpu", start_layer=4, end_layer=8, precision="int4") for n in "bc")]
+         ).save(tmp_path / "int4.json")
     result = CliRunner().invoke(app, ["serve", *(a.format(tmp=tmp_path) for a in args)])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()

@@ -45,6 +45,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeAlias
 
 import zmq.asyncio
@@ -54,7 +55,7 @@ from helix.simulator.cluster_state import Route, build_cluster_state, expected_k
 from helix.simulator.errors import HelixInputError
 from helix.simulator.flow import max_flow
 from helix.simulator.model import ModelSpec
-from helix.simulator.plan import NodeAssignment, Plan
+from helix.simulator.plan import NodeAssignment, Plan, load_plan
 from helix.simulator.profiles.base import Profiles
 from helix.simulator.requests import Request
 from helix.simulator.schedulers import Scheduler, make_scheduler
@@ -248,6 +249,27 @@ def local_plan(num_layers: int, workers: int, model_name: str = "tiny", gpu: str
     flow = max_flow(topo.cluster, model, topo.profiles, plan.ranges, plan.partial_inference)
     plan.flows = flow.as_edge_flows()
     plan.objective_tokens_per_s = round(flow.value, 6)
+    return plan
+
+
+def load_served_plan(path: Path, num_layers: int) -> Plan:
+    """A plan file to serve, checked before any process starts: for the model's depth, and at the weights
+    the workers load. A plan made with `helix plan --allow-quantize` gives some nodes int4/int8/fp8 weights;
+    the engines load the checkpoint as it is, so served as it stands it would run every node at the model's
+    own precision — fewer layers fit and each runs slower than planned. It is refused, never served quietly."""
+    plan = load_plan(path)
+    if plan.num_layers != num_layers:
+        raise HelixInputError(f"the plan is for {plan.num_layers} layers but the model has {num_layers}", str(path))
+    quantized: dict[str, list[str]] = {}
+    for node in plan.nodes:
+        if node.precision is not None:
+            quantized.setdefault(node.precision, []).append(node.name)
+    if quantized:
+        held = "; ".join(f"{', '.join(names)} at {precision}" for precision, names in sorted(quantized.items()))
+        raise HelixInputError(
+            f"the plan quantizes nodes ({held}; helix plan --allow-quantize), but the workers load the checkpoint's "
+            "own weights, so it would not be served as planned; plan without --allow-quantize to serve it",
+            str(path))
     return plan
 
 

@@ -45,16 +45,12 @@ def load_topology(plan_path: Path, model_dir: Path, cluster: Path | None, profil
     """The plan and what its flows are computed from: the cluster file when given, else the plan itself."""
     from helix.simulator.errors import HelixInputError
     from helix.simulator.model import model_from_hf_config
-    from helix.simulator.plan import load_plan
-    from helix.worker.router import Topology
+    from helix.worker.router import Topology, load_served_plan
 
     if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
         raise HelixInputError(f"{model_dir}: not a model folder (no config.json)", "--model")
     model = model_from_hf_config(model_dir / "config.json")
-    plan = load_plan(plan_path)
-    if plan.num_layers != model.num_layers:
-        raise HelixInputError(f"the plan is for {plan.num_layers} layers but {model_dir} has {model.num_layers}",
-                              str(plan_path))
+    plan = load_served_plan(plan_path, model.num_layers)
     if cluster is None:
         if profiles is not None:
             raise HelixInputError("profiles need the cluster they describe: give --cluster too", "--profiles")

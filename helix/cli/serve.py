@@ -465,17 +465,11 @@ async def _serve(tmp: Path, model: Path | None, plan: Plan, host: str, port: int
 
 def _resolve_plan(plan_path: Path | None, num_layers: int, workers: int, model_name: str) -> Plan:
     """The plan to serve, checked against the model before any process starts."""
-    from helix.simulator.errors import HelixInputError
-    from helix.simulator.plan import load_plan
-    from helix.worker.router import local_plan
+    from helix.worker.router import load_served_plan, local_plan
 
     if plan_path is None:
         return local_plan(num_layers, workers, model_name)
-    plan = load_plan(plan_path)
-    if plan.num_layers != num_layers:
-        raise HelixInputError(f"the plan is for {plan.num_layers} layers but the model has {num_layers}",
-                              str(plan_path))
-    return plan
+    return load_served_plan(plan_path, num_layers)
 
 
 def _ephemeral_keys(tmp: Path) -> dict[str, Path]:
