@@ -4,14 +4,16 @@ A model is a stack of decoder layers. Most are alike, but 2026's open models are
 mixture-of-experts (MoE) stack may keep its first layers dense (DeepSeek-V3), attention may be
 multi-head latent (MLA) with a tiny KV cache, some layers may attend through a sliding window
 (gpt-oss), and weights are often stored in fp8 or 4 bits. `ModelSpec` describes all of that and
-answers per layer (`layer_shape_at(i)`) and, for consumers that still see equal layers, uniformly:
+answers per layer (`layer_shape_at(i)`, `layer_groups`: each kind and its count) and, for a count
+of equal layers, uniformly:
 
 * `layer_weight_bytes` / `layer_params` are the HEAVIEST layer's, so a memory-fit check that
   multiplies them by a layer count never under-counts;
-* the roofline's per-layer time is the stack's MEAN (`layer_groups` gives each kind and its count).
+* the roofline's per-layer time in that view is the stack's MEAN.
 
-That is the interim contract until the planner places unequal layers exactly (issue 17, item 3).
-A dense model gives exactly the numbers it always did. docs/models.md has the formulas.
+The profiles' count view rests on these; their range view (what the planner, the validation and the
+simulator use) costs each range by the layers it holds (docs/placement.md). A dense model gives
+exactly the numbers it always did. docs/models.md has the formulas.
 """
 
 from __future__ import annotations
@@ -327,7 +329,7 @@ class ModelSpec(BaseModel):
             activation_io_bytes_per_token=float((attn.io_elements + mlp_io) * self.dtype_bytes),
             prompt_attention_width=attn.prompt_width, decode_attention_width=attn.decode_width)
 
-    # --- uniform view (the interim contract: heaviest layer for memory) --------------------------
+    # --- uniform view (a count of equal layers: the heaviest for memory) ---------------------------
     @property
     def layer_params(self) -> int:
         """Parameters of the heaviest layer (every layer's, in a dense model)."""
