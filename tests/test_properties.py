@@ -71,7 +71,7 @@ def test_milp_is_at_least_every_heuristic(problem: PlacementProblem) -> None:
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_a_selected_milp_plan_validates_and_reports_its_max_flow(problem: PlacementProblem) -> None:
-    plan = plan_placement(problem, "milp", work_limit(1.5, selection="estimate"))
+    plan = plan_placement(problem, "milp", work_limit(0.5, selection="estimate"))
     assert validate_plan(plan, problem.cluster, problem.model, problem.profiles) == []
     recomputed = max_flow(problem.cluster, problem.model, problem.profiles, plan.ranges).value
     assert plan.objective_tokens_per_s == pytest.approx(recomputed, rel=1e-6, abs=1e-3)
