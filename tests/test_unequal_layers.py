@@ -18,6 +18,7 @@ from helix.cli.app import app
 from helix.simulator.cluster import GpuNode
 from helix.simulator.cluster_state import build_cluster_state
 from helix.simulator.engine import Engine
+from helix.simulator.errors import HelixInputError
 from helix.simulator.events import EventLoop
 from helix.simulator.flow import max_flow
 from helix.simulator.generators import single_region
@@ -211,3 +212,14 @@ def test_a_running_plan_keeps_a_range_that_fits_only_exactly() -> None:
                           NodeAssignment(name=second, gpu="H100", start_layer=6, end_layer=10)])
     ranges, lost = surviving_ranges(problem, running)
     assert ranges == {first: (0, 6)} and lost == [f"{second} (its 4 layers no longer fit)"]
+
+
+def test_a_model_that_fits_only_as_exact_ranges_is_planned_by_the_milp_alone() -> None:
+    """12 H100 + 8 A100-80G hold 60 of DeepSeek's 61 layers counted as the heaviest, 63 exactly: the
+    heuristics cannot place it and say why; the MILP plans it without their warm start and baselines."""
+    problem = PlacementProblem(single_region({"H100": 12, "A100-80G": 8}), DEEPSEEK, RooflineProfiles(DEEPSEEK))
+    with pytest.raises(HelixInputError, match="holds only 60 of deepseek-v3's 61 that way"):
+        plan_placement(problem, "petals", work_limit(1))
+    plan = plan_placement(problem, "milp", work_limit(0.5, selection="estimate"))
+    assert validate_plan(plan, problem.cluster, DEEPSEEK, problem.profiles) == []
+    assert plan.objective_tokens_per_s > 0 and "heuristics_skipped" in plan.config

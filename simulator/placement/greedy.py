@@ -427,7 +427,7 @@ def greedy_flow(problem: PlacementProblem, options: PlacementOptions) -> Placeme
     """Maximize the max flow directly: min-cover tiling + deficit local search, then real-flow hill
     climbing; never worse than the baselines (they are candidates too)."""
     started = time.monotonic()
-    tables = _prepare(problem)
+    tables = _prepare(problem, "greedy-flow")
     cap = WallCap.after(max(options.time_limit_s / 2, 0.5), options.stopped)
     rng = random.Random(options.seed)
     pi = options.partial_inference

@@ -52,6 +52,23 @@ def check_fits(problem: PlacementProblem) -> None:
         "cluster")
 
 
+def count_view_layers(problem: PlacementProblem) -> int:
+    """Layers the cluster holds when each node holds equal layers, every one as heavy as the heaviest
+    (`max_layers`): what the heuristics can place. For unequal layers the MILP may fit more (ranges of
+    light layers), so this can fall short of the model where `check_fits` does not."""
+    return sum(min(problem.profiles.max_layers(n), problem.num_layers) for n in problem.cluster.nodes)
+
+
+def check_count_view_fits(problem: PlacementProblem, method: str) -> None:
+    """Refuse, saying why, a heuristic asked to place a model that fits only as unequal ranges."""
+    fit = count_view_layers(problem)
+    if fit < problem.num_layers:
+        raise HelixInputError(
+            f"{method} places equal layers, each counted as the heaviest ({problem.model.layer_weight_bytes / GB:.2f} "
+            f"GB), and the cluster holds only {fit} of {problem.model.name}'s {problem.num_layers} that way; it fits "
+            "only with ranges of its lighter layers, which the milp method places (--method milp)", "--method")
+
+
 @dataclass
 class Tables:
     """Per usable node (max_layers ≥ 1, in cluster order): max layers and tokens/s for each layer count.
@@ -213,8 +230,9 @@ def ensure_flow(problem: PlacementProblem, options: PlacementOptions, tables: Ta
                            details={**details, "fallback": f"{reason}; used one mixed pipeline"})
 
 
-def _prepare(problem: PlacementProblem) -> Tables:
+def _prepare(problem: PlacementProblem, method: str) -> Tables:
     check_fits(problem)
+    check_count_view_fits(problem, method)
     return Tables.build(problem)
 
 
@@ -245,7 +263,7 @@ def petals(problem: PlacementProblem, options: PlacementOptions) -> PlacementRes
     "Weakest" compares the span's per-layer throughputs sorted ascending, lexicographically (Petals'
     `choose_best_blocks`), so a span with more uncovered layers always wins; ties go to the lowest start.
     """
-    tables = _prepare(problem)
+    tables = _prepare(problem, "petals")
     L = tables.num_layers
     order = [n.name for n in tables.nodes]
     random.Random(options.seed).shuffle(order)
@@ -268,7 +286,7 @@ def petals(problem: PlacementProblem, options: PlacementOptions) -> PlacementRes
 def swarm(problem: PlacementProblem, options: PlacementOptions) -> PlacementResult:
     """SWARM parallelism: S equal stages (the smallest S every node can hold a stage of), nodes given
     strongest first to the currently weakest stage, so stage throughputs come out balanced."""
-    tables = _prepare(problem)
+    tables = _prepare(problem, "swarm")
     L = tables.num_layers
     layout = _stage_plan(tables)
     if layout is None:
@@ -293,7 +311,7 @@ def homogeneous(problem: PlacementProblem, options: PlacementOptions) -> Placeme
     """Treat the cluster as homogeneous: every used node holds the same k layers (the smallest
     max_layers among them), stages [0,k), [k,2k), … (the last one shorter), nodes round-robin over
     the stages in cluster order."""
-    tables = _prepare(problem)
+    tables = _prepare(problem, "homogeneous")
     L = tables.num_layers
     layout = _stage_plan(tables)
     if layout is None:
@@ -344,7 +362,7 @@ def separate(problem: PlacementProblem, options: PlacementOptions) -> PlacementR
     A type that cannot fill even one pipeline contributes nothing; if no type can, the plan is one
     mixed pipeline (the same one SP+ would build first, so SP+ ≥ separate always holds).
     """
-    tables = _prepare(problem)
+    tables = _prepare(problem, "separate")
     pipelines, _, per_type = _separate_pipelines(tables)
     details: dict[str, object] = {"pipelines_per_type": per_type}
     if not pipelines:
@@ -357,7 +375,7 @@ def separate(problem: PlacementProblem, options: PlacementOptions) -> PlacementR
 def sp_plus(problem: PlacementProblem, options: PlacementOptions) -> PlacementResult:
     """SP+: the separate pipelines, plus extra mixed pipelines built from every type's leftover nodes
     (fewest nodes first, layers split so the stages are balanced) while the leftovers can cover all layers."""
-    tables = _prepare(problem)
+    tables = _prepare(problem, "sp-plus")
     pipelines, leftover, per_type = _separate_pipelines(tables)
     extra = mixed_pipelines(tables, leftover)
     details: dict[str, object] = {"pipelines_per_type": per_type, "mixed_pipelines": len(extra)}

@@ -48,7 +48,7 @@ from helix.simulator.placement.base import (
 from helix.simulator.placement.budget import SearchBudget, WallCap
 from helix.simulator.placement.chain import ChainModel, forced_counts
 from helix.simulator.placement.coverage import CoverageModel, Solution
-from helix.simulator.placement.heuristics import check_fits
+from helix.simulator.placement.heuristics import check_fits, count_view_layers
 from helix.simulator.placement.pruning import prune_edges
 from helix.simulator.placement.selection import resolve_mode, select
 from helix.simulator.plan import ProgressPoint
@@ -533,9 +533,15 @@ def milp(problem: PlacementProblem, options: PlacementOptions) -> PlacementResul
     stopper = _Stopper()
     cap = WallCap(started + budget.wall_cap_s, lambda: stopper.stopped)
     warm_capped = False
+    # A model whose unequal layers fit the cluster only as exact ranges: the heuristics (the warm start and
+    # the selection's baselines) place equal layers and cannot hold it; the MILP alone can.
+    heuristics_fit = count_view_layers(problem) >= problem.num_layers
+    if not heuristics_fit:
+        details["heuristics_skipped"] = (f"the cluster holds {problem.model.name} only as ranges of its lighter "
+                                         "layers, which the heuristics (warm start, baselines) cannot place")
     with stopper.installed():
         seed_ranges: Ranges = {}
-        if options.warm_start:
+        if options.warm_start and heuristics_fit:
             method, seed_ranges, value, warm_capped = warm_start(problem, options, lambda: stopper.stopped)
             details |= {"warm_start_method": method, "warm_start_tokens_per_s": round(value, 3)}
         keep = options.prune_keep if options.prune_keep is not None else DEFAULT_PRUNE_KEEP
@@ -564,7 +570,7 @@ def milp(problem: PlacementProblem, options: PlacementOptions) -> PlacementResul
         if search.status != "optimal" and not stopper.stopped:
             search.full(budget.cpsat_dtime - search.dtime_used, bound_is_global=keep == 0)
         others = [(WARM_START_METHOD, seed_ranges)] if seed_ranges else []
-        if mode != "max-flow" and not stopper.stopped:
+        if mode != "max-flow" and not stopper.stopped and heuristics_fit:
             others += [(name, PLACEMENT_METHODS[name](problem, options).ranges) for name in SELECTION_BASELINES]
         ranges, selection = select(problem, options, search.best.ranges, others, budget, cap)
     details["stopped_early"] = stopper.stopped
