@@ -53,21 +53,20 @@ def _forkserver() -> multiprocessing.context.ForkServerContext:
     return _context
 
 
+#: The lifeline: a pipe's read end, handed to every child, and its write end, which only this process holds
+#: (pipes are not inherited by what it starts), kept open for its life and never written.
+_lifeline_pipe: tuple[multiprocessing.connection.Connection, int] | None = None
+
+
 def _lifeline() -> multiprocessing.connection.Connection:
-    """The read end of a pipe whose only write end this process (serve) holds: it reads EOF the moment serve
-    is gone, however it ended. A child's parent is the forkserver, which outlives serve for as long as any
-    child lives (each child counts as one of its clients), so a parent-death signal would not fire."""
-    global _lifeline_reader
-    if _lifeline_reader is None:
+    """The read end of the lifeline: it reads EOF the moment serve is gone, however it ended. A child's
+    parent is the forkserver, which outlives serve for as long as any child lives (each child counts as one
+    of its clients), so a parent-death signal would not fire."""
+    global _lifeline_pipe
+    if _lifeline_pipe is None:
         read_fd, write_fd = os.pipe()
-        os.set_inheritable(write_fd, False)
-        _lifeline_reader = multiprocessing.connection.Connection(read_fd, writable=False)
-        _lifeline_writer.append(write_fd)  # kept open for the life of this process, never written
-    return _lifeline_reader
-
-
-_lifeline_reader: multiprocessing.connection.Connection | None = None
-_lifeline_writer: list[int] = []
+        _lifeline_pipe = (multiprocessing.connection.Connection(read_fd, writable=False), write_fd)
+    return _lifeline_pipe[0]
 
 
 def _die_with_serve(lifeline: multiprocessing.connection.Connection) -> None:
