@@ -69,14 +69,32 @@ class Refusal:
 
 
 class ApiServerEmulator(kmock.KubernetesEmulator):
-    """KMock plus what the API server writes itself: uid, resourceVersion, generation, creationTimestamp."""
+    """KMock plus what the API server writes itself: uid, resourceVersion, generation, creationTimestamp.
+
+    It also forgets finished requests. KMock 0.8 keeps every request it has served and, to match a new one
+    to its reactions, scans that whole history once per reaction: quadratic in a test's requests, which
+    made the API server, not the operator, most of this file's CPU time. Only requests still in flight
+    (the watches, the one being answered) can be matched again, so only they are kept there; `history`
+    keeps every request for the tests to read.
+    """
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self._versions = itertools.count(1)
         self.refusals: list[Refusal] = []
+        self._in_flight: list[Any] = []
+        self.history: list[Any] = []
 
     async def _handle(self, request: Any) -> Any:
+        self.history.append(request)
+        self._in_flight.append(request)
+        self._requests[:] = [r for r in self._requests if any(r is f for f in self._in_flight)]
+        try:
+            return await self._answer(request)
+        finally:
+            self._in_flight[:] = [f for f in self._in_flight if f is not request]
+
+    async def _answer(self, request: Any) -> Any:
         for refusal in self.refusals:
             if refusal.wants(request):
                 refusal.refused += 1
@@ -177,12 +195,12 @@ class ApiServer:
 
     def writes(self, since: int = 0) -> list[tuple[str, str, str | None]]:
         """(method, resource plural, name) of every write request after the `since`-th request."""
-        requests = list(self.mock)[since:]
+        requests = self.mock.history[since:]
         return [(str(r.method.value), str(r.resource.plural), r.name) for r in requests
                 if r.resource is not None and str(r.method.value) in ("POST", "PATCH", "PUT", "DELETE")]
 
     def request_count(self) -> int:
-        return len(list(self.mock))
+        return len(self.mock.history)
 
     def refuse(self, matches: Callable[[Any], bool], limit: int | None = None) -> Refusal:
         """From now on, answer 500 to the first `limit` requests `matches` picks (None: until lifted)."""
@@ -863,7 +881,7 @@ def test_watched_namespace_mode_serves_its_namespace_only(api: ApiServer, kubect
         wait_for("the joining node to be weighed", lambda: kubectl.condition("PlacementSolved").get(
             "reason") == "GainBelowThreshold")
     assert runner.exit_code == 0, runner.output
-    sent_there = [f"{r.method.value} {r.url.path}" for r in list(api.mock)
+    sent_there = [f"{r.method.value} {r.url.path}" for r in api.mock.history
                   if r.namespace == other and str(r.method.value) != "GET"]
     assert sent_there == [f"POST /apis/{API_VERSION}/namespaces/{other}/{PLURAL}"]  # the test's own create
     assert not (kubectl.get(f"/apis/{API_VERSION}/namespaces/{other}/{PLURAL}/{NAME}") or {}).get("status")
