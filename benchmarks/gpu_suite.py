@@ -85,9 +85,7 @@ def machine(device: str) -> dict[str, Any]:
     versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "transformers": transformers.__version__}
     if importlib.util.find_spec("vllm") is not None:
-        import vllm
-
-        versions["vllm"] = vllm.__version__
+        versions["vllm"] = serving_load.vllm_version()
     from helix.worker.engines.torch_engine import resolve_device
     from helix.worker.profiling import device_name
 
