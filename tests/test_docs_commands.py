@@ -18,7 +18,6 @@ the plan the next one reads. What runs, and how:
 
 from __future__ import annotations
 
-import functools
 import re
 import shlex
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from typer.testing import CliRunner
 
 from helix.cli.app import app
 from helix.cli.dry_run import EXIT_NOT_SERVED
+from tests.conftest import helix_command
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -115,16 +115,9 @@ def split(text: str) -> tuple[list[str], str | None, bool]:
     return words[1:], target, background
 
 
-@functools.cache
-def helix_command() -> Any:
-    """The CLI's click command tree, built once: typer rebuilds it (every signature's type hints) per call,
-    about 0.1 s, and the walk below asks for it hundreds of times."""
-    return typer.main.get_command(app)
-
-
 def resolve(args: list[str]) -> list[str]:
     """The subcommand path (`cluster generate`), by walking the real click groups."""
-    command: Any = helix_command()
+    command: Any = helix_command(app)
     path: list[str] = []
     for word in args:
         if not hasattr(command, "get_command"):  # a group (typer ships its own click: no isinstance)
@@ -139,7 +132,7 @@ def resolve(args: list[str]) -> list[str]:
 
 def parse_only(args: list[str]) -> None:
     """Options, types and choices checked by click itself, without running the command."""
-    command: Any = helix_command()
+    command: Any = helix_command(app)
     path = resolve(args)
     for name in path:
         command = command.get_command(command.context_class(command), name)
