@@ -6,10 +6,8 @@ times positive and finite, the file round-trips, the planner and simulator read 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -160,22 +158,6 @@ def test_bad_input_is_one_line(args: list[str], where: str, tiny: Path, tmp_path
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {where}"), result.stderr
     assert not (tmp_path / "p.json").exists()
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
-def test_the_vllm_engine_profiles_too(tmp_path: Path) -> None:
-    """vLLM's CPU kernels need a head size of 32: a model with one. In a process of its own (vLLM's
-    OpenMP threads are set at import)."""
-    model = create_tiny_model(tmp_path / "heads32", hidden=128, heads=4, kv_heads=2, intermediate=256)
-    out = tmp_path / "vllm.json"
-    done = subprocess.run([sys.executable, "-m", "helix.cli.app", "profile", "--model", str(model), "-o", str(out),
-                           "--engine", "vllm", "-q", *QUICK], capture_output=True, text=True, check=False,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    data = MeasuredProfileFile.load(out)
-    assert data.measured_on["engine"].startswith("vllm 0.")
-    assert all(t > 0 for t in data.gpus["CPU"].decode.seconds_per_layer)
 
 
 @pytest.mark.slow

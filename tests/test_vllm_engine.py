@@ -30,6 +30,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from typer.testing import CliRunner  # noqa: E402
+
+from helix.cli.app import app  # noqa: E402
+from helix.simulator.profiles.measured import MeasuredProfileFile  # noqa: E402
 from helix.worker.engines import (  # noqa: E402
     ENGINES,
     Engine,
@@ -45,6 +49,7 @@ from helix.worker.engines import (  # noqa: E402
 )
 from helix.worker.engines.torch_engine import TorchEngine  # noqa: E402
 from helix.worker.tiny_model import BOS_ID, create_tiny_model  # noqa: E402
+from tests.test_profile_cmd import QUICK  # noqa: E402
 from tests.test_torch_engine import NEW_TOKENS, PROMPTS, Reference, make_reference, serve  # noqa: E402
 
 if TYPE_CHECKING:
@@ -260,6 +265,19 @@ def test_bad_settings_are_engine_errors(model_dir: Path, tmp_path: Path) -> None
     small = load_engine("vllm", model_dir, 0, 1, kv_capacity_tokens=100)
     assert small.describe()["max_model_len"] == 128  # one block
     small.close()
+
+
+@needs_vllm
+def test_helix_profile_measures_the_vllm_engine(model_dir: Path, tmp_path: Path) -> None:
+    """`helix profile --engine vllm` in this process, which has imported vLLM already (a process of its own
+    would spend most of its time importing it again)."""
+    out = tmp_path / "vllm.json"
+    result = CliRunner().invoke(app, ["profile", "--model", str(model_dir), "-o", str(out), "--engine", "vllm", "-q",
+                                      *QUICK])
+    assert result.exit_code == 0, result.stderr
+    data = MeasuredProfileFile.load(out)
+    assert data.measured_on["engine"].startswith("vllm 0.") and data.measured_on["threads"] == 1
+    assert all(t > 0 for t in data.gpus["CPU"].decode.seconds_per_layer)
 
 
 @needs_vllm
