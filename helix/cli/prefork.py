@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import BinaryIO
@@ -162,6 +162,17 @@ def spawn(args: Sequence[str], env: dict[str, str], log_path: Path,
     stdout = os.fdopen(os.dup(reader.fileno()), "rb", buffering=0)
     reader.close()
     return process, stdout
+
+
+def call(target: Callable[..., object], *args: object, **kwargs: object) -> None:
+    """`target(*args, **kwargs)` in a child forked from the pre-loaded forkserver, waited for: work that needs
+    torch (writing the tiny model) without importing it into serve, which never needs it otherwise. Its
+    traceback, if it fails, is on serve's stderr."""
+    process = _forkserver().Process(target=target, args=args, kwargs=kwargs, name=f"helix {target.__name__}")
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"{target.__name__} failed in a forked child (exit {process.exitcode}); see above")
 
 
 async def start(args: Sequence[str], env: dict[str, str], log_path: Path,

@@ -391,7 +391,8 @@ async def _serve(tmp: Path, model: Path | None, plan: Plan, host: str, port: int
         say(f"creating a tiny random-weight LLaMA-style model in {model} …")
         from helix.worker.tiny_model import create_tiny_model
 
-        await asyncio.to_thread(create_tiny_model, model, num_layers=TINY_LAYERS)
+        # In a fork of the forkserver that starts the workers next: it imports torch once for all of them.
+        await asyncio.to_thread(prefork.call, create_tiny_model, model, num_layers=TINY_LAYERS)
     model_name = model.name
     plan_file = tmp / "plan.json"
     plan.save(plan_file)
