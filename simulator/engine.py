@@ -350,7 +350,11 @@ class Engine:
             kept: list[Flight] = []
             n = 0
             room = state.kv_capacity - state.kv_used
-            for flight in sim.prompts:
+            prompts = sim.prompts
+            for i, flight in enumerate(prompts):
+                if n and n >= limits.prompt_max_requests:  # no more can join: the rest waits, in order
+                    kept.extend(prompts[i:])  # (a long offline queue was rescanned per batch: quadratic)
+                    break
                 layers = flight.step.layers
                 kv = flight.tokens * layers
                 if (n == 0 or (n < limits.prompt_max_requests
