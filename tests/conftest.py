@@ -52,6 +52,14 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with end-to-end tests run first. They start servers and wait on them, minutes of wall time
+    per file; pytest-xdist hands out whole files (--dist loadfile) in this order, so the last files left
+    are short CPU-bound ones, not a 40-second serve that runs alone while the other cores idle."""
+    e2e = {item.path for item in items if item.get_closest_marker("e2e")}
+    items.sort(key=lambda item: item.path not in e2e)  # stable: the order within each group is kept
+
+
 @functools.cache
 def helix_command(app: typer.Typer) -> Any:
     """The CLI's click command tree, built once per process. typer's CliRunner rebuilds it from every

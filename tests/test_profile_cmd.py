@@ -161,6 +161,7 @@ def test_bad_input_is_one_line(args: list[str], where: str, tiny: Path, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_the_gpu_suite_cpu_path(tmp_path: Path) -> None:
     """benchmarks/gpu_suite.py as CI runs it: the CUDA path with CPU sizes, torch engine."""
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_suite.py"), "--device", "cpu",
