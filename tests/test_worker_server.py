@@ -341,7 +341,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return create_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", seed=3, num_layers=L)
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.e2e]  # worker processes on loopback
 
 
 @pytest.fixture(scope="module")
