@@ -827,7 +827,9 @@ def test_planning_never_blocks_the_event_loop(api: ApiServer, kubectl: Kubectl, 
             time.sleep(0.1)
         planning_s = time.monotonic() - planning_since
         rolled_out(kubectl)
-    assert planning_s > 4, planning_s  # the solve really took seconds
+    # The solve really ran a while (its budget is deterministic work, so how long depends on the machine;
+    # the count of answers, not a duration, says the loop was probed while it ran).
+    assert len(latencies) >= 5, (planning_s, latencies)
     # A blocked loop would hold one answer for the whole solve; the solver threads only compete for
     # the GIL and the two cores, which costs the odd answer a fraction of a second.
     assert sorted(latencies)[len(latencies) // 2] < 0.05 and max(latencies) < planning_s / 4, (planning_s, latencies)
