@@ -88,7 +88,7 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     async def _handle(self, request: Any) -> Any:
         self.history.append(request)
         self._in_flight.append(request)
-        self._requests[:] = [r for r in self._requests if any(r is f for f in self._in_flight)]
+        self._requests[:] = self._in_flight  # in arrival order, as KMock keeps them: all a reaction can match
         try:
             return await self._answer(request)
         finally:
