@@ -24,7 +24,9 @@ FROM python:${PYTHON_VERSION}-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY helix ./helix
+COPY planner ./planner
 COPY simulator ./simulator
+COPY experiments ./experiments
 COPY worker ./worker
 COPY operator ./operator
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .

@@ -234,8 +234,8 @@ def profile_grid(pairs: list[tuple[int, int]], prompts: int, repeats: int) -> li
 
 
 def loopback_cluster(workers: int, latency_ms: float, path: Path) -> Path:
-    from helix.simulator.cluster import dump_cluster_yaml
-    from helix.simulator.generators import single_region
+    from helix.planner.cluster import dump_cluster_yaml
+    from helix.planner.generators import single_region
 
     cluster = single_region({"CPU": workers}, name="loopback", latency_s=latency_ms / 1e3)
     path.write_text(dump_cluster_yaml(cluster))
@@ -246,7 +246,7 @@ def simulate_replay(cluster_file: Path, model: Path, profile: Path, plan_file: P
                     rows: list[dict[str, Any]], out: Path) -> tuple[Any, Path]:
     """The simulator on the client's requests; run long enough that every one finishes inside the window."""
     from helix.cli.inputs import load_inputs
-    from helix.simulator.plan import load_plan
+    from helix.planner.plan import load_plan
     from helix.simulator.requests import Workload
     from helix.simulator.simulate import simulate
 

@@ -98,9 +98,9 @@ def machine(device: str) -> dict[str, Any]:
 def profile(model: str, layers: int, engine: str, device: str, sizes: Sizes, out: Path,
             threads: int | None) -> dict[str, Any]:
     """One `helix profile` process; its file read back, with the roofline's figures for the same points."""
-    from helix.simulator.cluster import GpuNode
-    from helix.simulator.profiles.measured import MeasuredProfileFile, MeasuredProfiles
-    from helix.simulator.profiles.roofline import RooflineProfiles
+    from helix.planner.cluster import GpuNode
+    from helix.planner.profiles.measured import MeasuredProfileFile, MeasuredProfiles
+    from helix.planner.profiles.roofline import RooflineProfiles
 
     path = out / f"profile-{Path(model).name}-{engine}.json"
     cmd = [sys.executable, "-m", "helix.cli.app", "profile", "--model", model, "--engine", engine, "--device", device,
@@ -115,7 +115,7 @@ def profile(model: str, layers: int, engine: str, device: str, sizes: Sizes, out
                 "wall_s": wall}
     data = MeasuredProfileFile.load(path)
     (label, entry), = data.gpus.items()
-    from helix.simulator.model import ModelSpec
+    from helix.planner.model import ModelSpec
 
     spec = ModelSpec(name=data.model, **(data.model_shape or {}))
     node = GpuNode(name="n", gpu=entry.gpu, gpu_count=entry.gpu_count)

@@ -6,7 +6,7 @@ prediction for the same setup. Unequal speed is real compute, no sleeps: `helix 
 --worker-cpus` pins each machine type's workers to CPUs, one torch thread per CPU.
 
 * **The layout.** One fast worker of type `CPU` free to run on every CPU (`--fast-cpus`, default all)
-  and `--slow-workers` workers of type `CPU-SMALL` (simulator/gpus.py) all pinned to `--slow-cpus`
+  and `--slow-workers` workers of type `CPU-SMALL` (planner/gpus.py) all pinned to `--slow-cpus`
   (CPU 1), each with `--threads` (1) torch threads: the slow ones share one core, so under load each
   runs at about 1/N of its speed alone. On a 2-core machine a CPU share is the only honest way to
   make speeds unequal: a second torch thread is slower than one here when other processes compete
@@ -16,7 +16,7 @@ prediction for the same setup. Unequal speed is real compute, no sleeps: `helix 
   worker pinned as serve pins it (the fast one alone on its CPU; the slow ones together on theirs),
   on the bigger random model by default, with closed_loop's grid fitted to the workload. The fast
   profile and the first slow one are merged into one file
-  (`helix.simulator.profiles.measured.merge_profile_files`); the other slow profiles are kept to show
+  (`helix.planner.profiles.measured.merge_profile_files`); the other slow profiles are kept to show
   how equal the sharing was.
 * **The plan** is `helix plan` (MILP) over that cluster (one machine: every link
   `--link-latency-ms`) with the merged profile.
@@ -110,8 +110,8 @@ def measure_profiles(model: Path, grid: list[str], companion_grid: list[str], la
 
 
 def cluster_file(slow_workers: int, latency_ms: float, path: Path) -> Path:
-    from helix.simulator.cluster import dump_cluster_yaml
-    from helix.simulator.generators import single_region
+    from helix.planner.cluster import dump_cluster_yaml
+    from helix.planner.generators import single_region
 
     cluster = single_region({FAST: 1, SLOW: slow_workers}, name="one-machine", latency_s=latency_ms / 1e3)
     path.write_text(dump_cluster_yaml(cluster))
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         profiles = measure_profiles(model, grid, closed_loop.profile_grid(pairs, args.prompts, ENDLESS),
                                     max(1, layers // 2), args.threads, cpus, args.slow_workers, out)
         merged = out / "profile.json"
-        from helix.simulator.profiles.measured import merge_profile_files
+        from helix.planner.profiles.measured import merge_profile_files
 
         merge_profile_files([profiles["fast"], profiles["slow"]]).save(merged)
         cluster = cluster_file(args.slow_workers, args.link_latency_ms, out / "cluster.yaml")

@@ -29,16 +29,16 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from helix.simulator.cluster import Cluster
-from helix.simulator.errors import HelixInputError
-from helix.simulator.generators import multi_region
-from helix.simulator.model import MODEL_CATALOG, ModelSpec
-from helix.simulator.placement.base import PlacementOptions, PlacementProblem, plan_placement
-from helix.simulator.placement.precision import precision_summary
-from helix.simulator.profiles.roofline import RooflineProfiles, quantized_model
+from helix.planner.cluster import Cluster
+from helix.planner.errors import HelixInputError
+from helix.planner.generators import multi_region
+from helix.planner.model import MODEL_CATALOG, ModelSpec
+from helix.planner.placement.base import PlacementOptions, PlacementProblem, plan_placement
+from helix.planner.placement.precision import precision_summary
+from helix.planner.profiles.roofline import RooflineProfiles, quantized_model
+from helix.planner.validate import assert_valid
 from helix.simulator.requests import Workload
 from helix.simulator.simulate import simulate
-from helix.simulator.validate import assert_valid
 
 FLEET = {"us": {"H100": 8, "A100-80G": 8}, "eu": {"L40S": 8, "L4": 8}}
 MODELS = ("deepseek-v3", "qwen3-235b-a22b")

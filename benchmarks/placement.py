@@ -28,16 +28,16 @@ from pathlib import Path
 
 from rich.console import Console
 
-from helix.simulator.experiments.clusters import CLUSTERS
-from helix.simulator.experiments.planner import METHODS, PLANNER_COLUMNS, chosen_text, planner_ref, planner_row
-from helix.simulator.experiments.reference import Reference, find_reference
-from helix.simulator.experiments.tables import Column, ResultTable
-from helix.simulator.model import MODEL_CATALOG
-from helix.simulator.placement.base import PlacementOptions, PlacementProblem, plan_placement
-from helix.simulator.plan import Plan
-from helix.simulator.profiles.helix_reference import HelixReferenceProfiles
+from helix.experiments.clusters import CLUSTERS
+from helix.experiments.planner import METHODS, PLANNER_COLUMNS, chosen_text, planner_ref, planner_row
+from helix.experiments.reference import Reference, find_reference
+from helix.experiments.tables import Column, ResultTable
+from helix.planner.model import MODEL_CATALOG
+from helix.planner.placement.base import PlacementOptions, PlacementProblem, plan_placement
+from helix.planner.plan import Plan
+from helix.planner.profiles.helix_reference import HelixReferenceProfiles
+from helix.planner.validate import validate_plan
 from helix.simulator.requests import Workload
-from helix.simulator.validate import validate_plan
 
 #: The planner table without its served-plan columns (the max-flow run serves its optimum), then the
 #: default run's served plan.

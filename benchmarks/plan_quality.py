@@ -1,6 +1,6 @@
 """Plan quality: what each placement serves in the simulator, not only its max flow.
 
-Two parts. The generated suite (`--suite`, simulator/experiments/suite.py): clusters of 8–200
+Two parts. The generated suite (`--suite`, experiments/suite.py): clusters of 8–200
 nodes, 1–4 regions, 3–7 GPU types, 50 Mb/s–1 Gb/s between regions, Llama 8B / 70B / 405B, roofline
 profiles. Every case is planned with every heuristic served as it is and with the default `milp`
 (planning timed in process CPU seconds), every plan is simulated the same way (offline, maxflow
@@ -40,7 +40,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from helix.simulator.experiments.suite import (
+from helix.experiments.suite import (
     CORRELATION_CLIMBS,
     CORRELATION_FAMILY,
     DEFAULT_METHOD,
@@ -52,18 +52,18 @@ from helix.simulator.experiments.suite import (
     evaluate_case,
     generate_suite,
 )
-from helix.simulator.helix_format import load_helix_cluster, load_helix_simulator_cluster, load_helix_solution
-from helix.simulator.model import MODEL_CATALOG
-from helix.simulator.placement.base import (
+from helix.planner.helix_format import load_helix_cluster, load_helix_simulator_cluster, load_helix_solution
+from helix.planner.model import MODEL_CATALOG
+from helix.planner.placement.base import (
     PlacementOptions,
     PlacementProblem,
     PlacementResult,
     build_plan,
     plan_placement,
 )
-from helix.simulator.placement.selection import GATE_WARMUP_SHARE
-from helix.simulator.plan import Plan
-from helix.simulator.profiles.helix_reference import HelixReferenceProfiles
+from helix.planner.placement.selection import GATE_WARMUP_SHARE
+from helix.planner.plan import Plan
+from helix.planner.profiles.helix_reference import HelixReferenceProfiles
 from helix.simulator.requests import TraceLengths, Workload
 from helix.simulator.simulate import simulate
 

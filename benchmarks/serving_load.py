@@ -347,7 +347,7 @@ def make_model(tmp: Path, config: str) -> Path:
 def pipeline_plan(model: Path, tmp: Path) -> Path:
     """Two stages, [0, L/2) -> [L/2, L), one process each: the split whose cost the benchmark measures.
     (`--workers 2` would be two whole-model lanes, i.e. replicas.)"""
-    from helix.simulator.plan import NodeAssignment, Plan
+    from helix.planner.plan import NodeAssignment, Plan
 
     layers = int(json.loads((model / "config.json").read_text())["num_hidden_layers"])
     path = tmp / f"{model.name}-pipeline.json"

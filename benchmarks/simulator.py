@@ -55,15 +55,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from helix.simulator.cluster import Cluster
-from helix.simulator.experiments.clusters import SINGLE_24_MIX
-from helix.simulator.experiments.paper import PaperRef, PatternValue
-from helix.simulator.experiments.reference import PAPER_RESULTS, README, Reference, find_reference
-from helix.simulator.experiments.systems import HELIX, SWARM, serving_ref
-from helix.simulator.generators import multi_region, single_region
-from helix.simulator.model import MODEL_CATALOG
-from helix.simulator.placement.base import PlacementOptions, PlacementProblem, plan_placement
-from helix.simulator.profiles.roofline import RooflineProfiles
+from helix.experiments.clusters import SINGLE_24_MIX
+from helix.experiments.paper import PaperRef, PatternValue
+from helix.experiments.reference import PAPER_RESULTS, README, Reference, find_reference
+from helix.experiments.systems import HELIX, SWARM, serving_ref
+from helix.planner.cluster import Cluster
+from helix.planner.generators import multi_region, single_region
+from helix.planner.model import MODEL_CATALOG
+from helix.planner.placement.base import PlacementOptions, PlacementProblem, plan_placement
+from helix.planner.profiles.roofline import RooflineProfiles
 from helix.simulator.requests import Workload
 from helix.simulator.results import SimulationResult
 from helix.simulator.simulate import simulate

@@ -35,7 +35,7 @@ DEFAULT_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
 
 Phase = Literal["Pending", "Planning", "Rolling", "Ready", "Degraded", "Failed", "Paused"]
 ConditionStatus = Literal["True", "False", "Unknown"]
-#: The placement registry's names (helix.simulator.placement), spelled out so that the CRD does not import
+#: The placement registry's names (helix.planner.placement), spelled out so that the CRD does not import
 #: the solvers; tests/test_crd.py keeps the two equal.
 PlacementMethod = Literal["milp", "greedy-flow", "petals", "swarm", "homogeneous", "separate", "sp-plus"]
 #: `pvc://CLAIM[/PATH]` or an absolute path: the two forms `resources.weights_mount` turns into a mount.

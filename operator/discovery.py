@@ -21,9 +21,9 @@ from pydantic import BaseModel, ConfigDict
 
 from helix.operator.crd import GROUP, HelixClusterSpec
 from helix.operator.gpus import RESOURCE_GPU, GpuUsage, gpu_quantity
-from helix.simulator.cluster import COORDINATOR, Cluster, Coordinator, GpuNode, LinkSpec, MeshDefaults, RegionLink
-from helix.simulator.errors import HelixInputError
-from helix.simulator.gpus import GPU_SPECS, resolve_gpu
+from helix.planner.cluster import COORDINATOR, Cluster, Coordinator, GpuNode, LinkSpec, MeshDefaults, RegionLink
+from helix.planner.errors import HelixInputError
+from helix.planner.gpus import GPU_SPECS, resolve_gpu
 
 LABEL_GPU_PRODUCT = "nvidia.com/gpu.product"
 LABEL_GPU_COUNT = "nvidia.com/gpu.count"

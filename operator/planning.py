@@ -34,16 +34,16 @@ from helix.operator.discovery import Discovery, SkipReason, discover
 from helix.operator.gpus import GpuUsage
 from helix.operator.replan import kept_plan, layers_moved, least_movement, without_idle_nodes
 from helix.operator.slo import GateResult, run_gate, serve_offline
-from helix.simulator.cluster import Cluster
-from helix.simulator.errors import HelixInputError
-from helix.simulator.model import MODEL_CATALOG, ModelSpec, catalog_model, model_from_hf_dict
-from helix.simulator.placement.base import PlacementOptions, PlacementProblem, plan_placement
-from helix.simulator.placement.heuristics import check_fits
-from helix.simulator.plan import Plan
-from helix.simulator.profiles.base import Profiles
-from helix.simulator.profiles.loader import load_profiles
+from helix.planner.cluster import Cluster
+from helix.planner.errors import HelixInputError
+from helix.planner.model import MODEL_CATALOG, ModelSpec, catalog_model, model_from_hf_dict
+from helix.planner.placement.base import PlacementOptions, PlacementProblem, plan_placement
+from helix.planner.placement.heuristics import check_fits
+from helix.planner.plan import Plan
+from helix.planner.profiles.base import Profiles
+from helix.planner.profiles.loader import load_profiles
+from helix.planner.validate import validate_plan
 from helix.simulator.results import SimulationResult
-from helix.simulator.validate import validate_plan
 
 SEED = 0
 SOLVER_WORKERS = 2
@@ -204,7 +204,7 @@ class _Planning:
                             f"{model.total_weight_bytes / 1e9:,.0f} GB of weights in {model.dtype}; "
                             f"profiles {profiles.describe().get('source', spec.placement.profiles)}")
         # Importing the MILP registers it (the heuristics come with check_fits); late, as it loads the solver.
-        from helix.simulator.placement import milp  # noqa: F401
+        from helix.planner.placement import milp  # noqa: F401
 
         problem = PlacementProblem(cluster, model, profiles)
         options = dataclasses.replace(placement_options(spec), stage=self.progress)

@@ -76,9 +76,9 @@ from helix.operator.status import (
     serving_phase,
     workers_condition,
 )
-from helix.simulator.cluster import Cluster, cluster_from_dict
-from helix.simulator.errors import HelixInputError, pydantic_message
-from helix.simulator.plan import Plan
+from helix.planner.cluster import Cluster, cluster_from_dict
+from helix.planner.errors import HelixInputError, pydantic_message
+from helix.planner.plan import Plan
 
 log = logging.getLogger("helix.operator")
 T = TypeVar("T")

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from helix.simulator.flow import max_flow
-from helix.simulator.placement.base import PlacementOptions, PlacementProblem, PlacementResult, Ranges, build_plan
-from helix.simulator.plan import Plan
+from helix.planner.flow import max_flow
+from helix.planner.placement.base import PlacementOptions, PlacementProblem, PlacementResult, Ranges, build_plan
+from helix.planner.plan import Plan
 
 #: Values are compared with this relative slack: max flows are rounded to 1e-6 tokens/s.
 _REL_TOL = 1e-9

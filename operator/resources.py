@@ -41,8 +41,8 @@ from pydantic import BaseModel, ConfigDict
 from helix.operator.crd import API_VERSION, KIND, ContainerResources, HelixClusterSpec
 from helix.operator.gpus import RESOURCE_GPU
 from helix.operator.kube import CONFIG_MAPS, DEPLOYMENTS, PODS, SERVICES, Kind
-from helix.simulator.cluster import Cluster, dump_cluster_yaml
-from helix.simulator.plan import NodeAssignment, Plan
+from helix.planner.cluster import Cluster, dump_cluster_yaml
+from helix.planner.plan import NodeAssignment, Plan
 from helix.worker.security import ClusterKeys, Role, key_file
 
 NAME_LABEL = "app.kubernetes.io/name"

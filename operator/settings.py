@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from helix import __version__
-from helix.simulator.errors import HelixInputError, pydantic_message
+from helix.planner.errors import HelixInputError, pydantic_message
 
 ENV_PREFIX = "HELIX_OPERATOR_"
 #: Images the operator uses when a HelixCluster names none (the chart sets both to its own release).

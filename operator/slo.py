@@ -19,6 +19,9 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from helix.operator.crd import HelixClusterSpec
+from helix.planner.errors import HelixInputError
+from helix.planner.placement.base import PlacementProblem
+from helix.planner.plan import Plan
 from helix.simulator.capacity import (
     CapacityAtSlo,
     LatencyTargets,
@@ -28,9 +31,6 @@ from helix.simulator.capacity import (
     probe,
     saturated,
 )
-from helix.simulator.errors import HelixInputError
-from helix.simulator.placement.base import PlacementProblem
-from helix.simulator.plan import Plan
 from helix.simulator.results import SimulationResult
 
 SEED = 0

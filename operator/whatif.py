@@ -33,10 +33,10 @@ from helix.operator.discovery import (
 from helix.operator.gpus import RESOURCE_GPU, gpu_usage
 from helix.operator.planning import PlanningOutcome, PreviousPlan, plan_for, plan_hash
 from helix.operator.settings import DEFAULT_ROUTER_IMAGE, DEFAULT_WORKER_IMAGE
-from helix.simulator.errors import HelixInputError, pydantic_message
-from helix.simulator.generators import split_machine_type
-from helix.simulator.gpus import resolve_gpu
-from helix.simulator.textfiles import read_text
+from helix.planner.errors import HelixInputError, pydantic_message
+from helix.planner.generators import split_machine_type
+from helix.planner.gpus import resolve_gpu
+from helix.planner.textfiles import read_text
 
 _ADD = re.compile(r"^\s*(\d+)\s*x\s*([^@\s]+)\s*(?:@\s*(\S+))?\s*$")
 WHATIF_PREFIX = "whatif"

@@ -1,1 +1,1 @@
-"""Planning and simulation: cluster/model/profile models, flow graph, placement, simulator."""
+"""The discrete-event simulator: requests and workloads, cluster state, schedulers, the engine, results."""

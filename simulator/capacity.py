@@ -32,10 +32,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from helix.simulator.cluster import Cluster
-from helix.simulator.model import ModelSpec
-from helix.simulator.plan import Plan
-from helix.simulator.profiles.base import Profiles
+from helix.planner.cluster import Cluster
+from helix.planner.model import ModelSpec
+from helix.planner.plan import Plan
+from helix.planner.profiles.base import Profiles
 from helix.simulator.requests import BUILTIN_LENGTHS, LengthSampler, PoissonArrivals, Workload
 from helix.simulator.results import SimulationResult
 from helix.simulator.simulate import Progress, simulate

@@ -18,12 +18,12 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from helix.simulator.cluster import Cluster
-from helix.simulator.errors import HelixInputError
-from helix.simulator.flow import FlowResult, max_flow
-from helix.simulator.model import ModelSpec
-from helix.simulator.plan import Plan
-from helix.simulator.profiles.base import Profiles
+from helix.planner.cluster import Cluster
+from helix.planner.errors import HelixInputError
+from helix.planner.flow import FlowResult, max_flow
+from helix.planner.model import ModelSpec
+from helix.planner.plan import Plan
+from helix.planner.profiles.base import Profiles
 from helix.simulator.requests import Request
 
 _EPS = 1e-9

@@ -30,11 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
-from helix.simulator.cluster import Cluster, GpuNode
+from helix.planner.cluster import Cluster, GpuNode
+from helix.planner.model import ModelSpec
+from helix.planner.profiles.base import BatchConventions, BatchLimits, Profiles
 from helix.simulator.cluster_state import ClusterState, NodeState, Route
 from helix.simulator.events import EventLoop
-from helix.simulator.model import ModelSpec
-from helix.simulator.profiles.base import BatchConventions, BatchLimits, Profiles
 from helix.simulator.requests import Request
 from helix.simulator.schedulers import Scheduler
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from helix.simulator.errors import HelixInputError
-from helix.simulator.textfiles import read_text
+from helix.planner.errors import HelixInputError
+from helix.planner.textfiles import read_text
 
 
 @dataclass(slots=True, eq=False)

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from helix.simulator.cluster import Cluster
-from helix.simulator.plan import Plan
-from helix.simulator.plotting import PALETTE, plot_plan
+from helix.planner.cluster import Cluster
+from helix.planner.plan import Plan
+from helix.planner.plotting import PALETTE, plot_plan
 from helix.simulator.results import PERCENTILES, LatencyStats, SimulationResult
 
 if TYPE_CHECKING:

@@ -21,8 +21,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
+from helix.planner.errors import HelixInputError
 from helix.simulator.cluster_state import ClusterView, Hop, NodeView, Route, route_edges
-from helix.simulator.errors import HelixInputError
 from helix.simulator.requests import Request
 
 #: Given a vertex, the next one (the coordinator ends the route), or None: no route.

@@ -27,15 +27,15 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from helix.simulator.cluster import Cluster
+from helix.planner.cluster import Cluster
+from helix.planner.errors import HelixInputError
+from helix.planner.flow import compute_bound
+from helix.planner.model import ModelSpec
+from helix.planner.plan import Plan
+from helix.planner.profiles.base import BatchLimits, Profiles, plan_profiles
 from helix.simulator.cluster_state import build_cluster_state
 from helix.simulator.engine import Engine, Flight
-from helix.simulator.errors import HelixInputError
 from helix.simulator.events import EventLoop
-from helix.simulator.flow import compute_bound
-from helix.simulator.model import ModelSpec
-from helix.simulator.plan import Plan
-from helix.simulator.profiles.base import BatchLimits, Profiles, plan_profiles
 from helix.simulator.requests import ArrivalProcess, PoissonArrivals, Request, Workload
 from helix.simulator.results import Recorder, SimulationResult
 from helix.simulator.schedulers import Scheduler, make_scheduler

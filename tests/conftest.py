@@ -11,9 +11,9 @@ import pytest
 import typer.main
 import typer.testing
 
-from helix.simulator.cluster import Cluster
-from helix.simulator.generators import single_region
-from helix.simulator.placement.base import PlacementOptions
+from helix.planner.cluster import Cluster
+from helix.planner.generators import single_region
+from helix.planner.placement.base import PlacementOptions
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "reference"

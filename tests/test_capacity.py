@@ -10,6 +10,12 @@ from functools import cache
 
 import pytest
 
+from helix.planner.generators import single_region
+from helix.planner.model import catalog_model
+from helix.planner.placement.base import PlacementOptions, PlacementProblem, plan_placement
+from helix.planner.placement.heuristics import check_fits
+from helix.planner.plan import Plan
+from helix.planner.profiles.loader import load_profiles
 from helix.simulator.capacity import (
     DEFAULT_PROBES,
     CapacityAtSlo,
@@ -19,12 +25,6 @@ from helix.simulator.capacity import (
     probe,
     saturated,
 )
-from helix.simulator.generators import single_region
-from helix.simulator.model import catalog_model
-from helix.simulator.placement.base import PlacementOptions, PlacementProblem, plan_placement
-from helix.simulator.placement.heuristics import check_fits
-from helix.simulator.plan import Plan
-from helix.simulator.profiles.loader import load_profiles
 
 DURATION_S = 30.0
 

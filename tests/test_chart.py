@@ -37,7 +37,7 @@ from helix.operator.metrics import METRIC_NAMES as OPERATOR_METRIC_NAMES  # noqa
 from helix.operator.metrics import OperatorMetrics  # noqa: E402
 from helix.operator.resources import CLUSTER_LABEL, Images, Owner, Rollout, owned_objects  # noqa: E402
 from helix.operator.settings import DEFAULT_ROUTER_IMAGE, DEFAULT_WORKER_IMAGE  # noqa: E402
-from helix.simulator.generators import single_region  # noqa: E402
+from helix.planner.generators import single_region  # noqa: E402
 from helix.worker.metrics import METRIC_NAMES as ROUTER_METRIC_NAMES  # noqa: E402
 from helix.worker.router import local_plan  # noqa: E402
 

@@ -20,13 +20,13 @@ from typer.testing import CliRunner
 from helix.cli.app import app
 from helix.cli.inputs import connectivity_problems, load_cluster, selection_option
 from helix.cli.plan import summary_items
-from helix.simulator.cluster import Cluster, GpuNode, Link, load_cluster_yaml
-from helix.simulator.model import resolve_model
-from helix.simulator.placement.selection import AUTO_MAX_NODES, SELECTION_MODES
-from helix.simulator.plan import Plan, load_plan
-from helix.simulator.profiles.loader import load_profiles
+from helix.planner.cluster import Cluster, GpuNode, Link, load_cluster_yaml
+from helix.planner.model import resolve_model
+from helix.planner.placement.selection import AUTO_MAX_NODES, SELECTION_MODES
+from helix.planner.plan import Plan, load_plan
+from helix.planner.profiles.loader import load_profiles
+from helix.planner.validate import validate_plan
 from helix.simulator.requests import BUILTIN_LENGTHS
-from helix.simulator.validate import validate_plan
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_MIX = "A100-80G:2,L4:4,T4:4"  # 10 nodes, just enough VRAM for llama2-70b
@@ -67,7 +67,7 @@ def test_plan_help_states_helix_units() -> None:
 
 def test_help_does_not_import_heavy_libraries() -> None:
     """`helix --help` must stay instant: no matplotlib, OR-Tools or simulator at import time."""
-    heavy = "('matplotlib', 'ortools', 'networkx', 'helix.simulator.flow')"
+    heavy = "('matplotlib', 'ortools', 'networkx', 'helix.planner.flow')"
     code = f"import sys, helix.cli.app; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"
@@ -271,7 +271,7 @@ def test_plan_model_from_config_json(tmp_path: Path) -> None:
 
 
 def test_invalid_plan_is_a_loud_bug(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import helix.simulator.validate as validate
+    import helix.planner.validate as validate
 
     monkeypatch.setattr(validate, "validate_plan", lambda *a, **k: ["node 'x' holds layers it cannot"])
     output = tmp_path / "plan.json"
@@ -282,7 +282,7 @@ def test_invalid_plan_is_a_loud_bug(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 
 
 def test_unexpected_errors_keep_their_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
-    import helix.simulator.placement.base as base
+    import helix.planner.placement.base as base
 
     def boom(*_: object, **__: object) -> None:
         raise RuntimeError("a bug, not bad input")

@@ -23,7 +23,7 @@ from helix.cli.simulate import (
     resolve_window,
     run_example,
 )
-from helix.simulator.errors import HelixInputError
+from helix.planner.errors import HelixInputError
 from helix.simulator.requests import BUILTIN_LENGTHS, Workload
 from helix.simulator.result_plots import moving_average, write_result_plots
 from helix.simulator.results import SimulationResult
@@ -101,7 +101,7 @@ def test_quiet_prints_one_line_and_same_seed_gives_same_numbers() -> None:
 def test_plan_file_runs_with_another_scheduler(plan_file: Path, tmp_path: Path, suffix: str) -> None:
     path = plan_file
     if suffix == ".yaml":
-        from helix.simulator.plan import load_plan
+        from helix.planner.plan import load_plan
 
         path = tmp_path / "plan.yaml"
         load_plan(plan_file).save(path)
@@ -208,7 +208,7 @@ def test_plots_are_written(tmp_path: Path) -> None:
 
 
 def test_result_plots_for_several_runs_draw_each_plan_once(tmp_path: Path, plan_file: Path) -> None:
-    from helix.simulator.plan import load_plan
+    from helix.planner.plan import load_plan
 
     code, _, err = run("simulate", *FAST, "--duration", "20", "--quiet", "-o", str(tmp_path / "r.json"))
     assert code == 0, err

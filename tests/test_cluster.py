@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from helix.simulator.cluster import COORDINATOR, Cluster, LinkSpec, dump_cluster_yaml, load_cluster_yaml
-from helix.simulator.errors import HelixInputError
+from helix.planner.cluster import COORDINATOR, Cluster, LinkSpec, dump_cluster_yaml, load_cluster_yaml
+from helix.planner.errors import HelixInputError
 
 
 def write(tmp_path: Path, text: str, name: str = "cluster.yaml") -> Path:
@@ -176,7 +176,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_format_doc_lists_every_gpu_and_alias() -> None:
-    from helix.simulator.gpus import GPU_SPECS
+    from helix.planner.gpus import GPU_SPECS
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "cluster-format.md").read_text()
     for spec in GPU_SPECS.values():

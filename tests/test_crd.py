@@ -24,10 +24,10 @@ from helix.operator.crd import (
     crd_manifest,
     crd_yaml,
 )
+from helix.planner.placement import milp  # noqa: F401  (importing it registers every placement method)
+from helix.planner.placement.base import PLACEMENT_METHODS
+from helix.planner.placement.selection import AUTO_MAX_NODES, SELECTION_MODES
 from helix.simulator.capacity import DEFAULT_PROBE_DECODE_TOKENS, DEFAULT_SATURATED_DECODE_TOKENS
-from helix.simulator.placement import milp  # noqa: F401  (importing it registers every placement method)
-from helix.simulator.placement.base import PLACEMENT_METHODS
-from helix.simulator.placement.selection import AUTO_MAX_NODES, SELECTION_MODES
 
 REPO = Path(__file__).resolve().parents[1]
 COPIES = [REPO / "crds" / "helixclusters.helix.ai.yaml",

@@ -20,10 +20,10 @@ from helix.cli.dry_run import EXIT_NOT_SERVED
 from helix.operator.crd import HelixCluster
 from helix.operator.discovery import discover
 from helix.operator.whatif import apply_edits, dry_run, load_helixcluster, load_inventory, parse_addition
-from helix.simulator.errors import HelixInputError
-from helix.simulator.plan import load_plan
+from helix.planner.errors import HelixInputError
+from helix.planner.plan import load_plan
+from helix.planner.validate import validate_plan
 from helix.simulator.results import SimulationResult
-from helix.simulator.validate import validate_plan
 from tests.test_discovery import node
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from helix.simulator.cluster import load_cluster_yaml
-from helix.simulator.generators import multi_region, single_region
+from helix.planner.cluster import load_cluster_yaml
+from helix.planner.generators import multi_region, single_region
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CLUSTER_FILES = sorted(EXAMPLES.rglob("clusters/*.yaml"))

@@ -20,10 +20,9 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from helix.cli.app import app
-from helix.simulator.errors import HelixInputError
-from helix.simulator.experiments import reference as reference_module
-from helix.simulator.experiments.clusters import CLUSTERS
-from helix.simulator.experiments.paper import (
+from helix.experiments import reference as reference_module
+from helix.experiments.clusters import CLUSTERS
+from helix.experiments.paper import (
     LabelledValue,
     PaperResults,
     PatternValue,
@@ -31,7 +30,7 @@ from helix.simulator.experiments.paper import (
     labelled_values,
     parse_number,
 )
-from helix.simulator.experiments.planner import (
+from helix.experiments.planner import (
     MILP_RECORD_KEYS,
     chosen_text,
     first_incumbent,
@@ -39,9 +38,9 @@ from helix.simulator.experiments.planner import (
     reached_at,
     search_result,
 )
-from helix.simulator.experiments.reference import find_reference
-from helix.simulator.experiments.registry import EXPERIMENTS, check_config, select
-from helix.simulator.experiments.runner import (
+from helix.experiments.reference import find_reference
+from helix.experiments.registry import EXPERIMENTS, check_config, select
+from helix.experiments.runner import (
     ONLINE_LOAD,
     Budget,
     Context,
@@ -49,12 +48,13 @@ from helix.simulator.experiments.runner import (
     RunConfig,
     run_experiment,
 )
-from helix.simulator.experiments.systems import HELIX, LATENCY_KEYS, PETALS, SWARM, SystemComparison
-from helix.simulator.experiments.tables import Column, ResultTable, paper_column
-from helix.simulator.placement.base import PlacementProblem, plan_placement
-from helix.simulator.plan import ProgressPoint
-from helix.simulator.profiles.helix_reference import HelixReferenceProfiles
-from helix.simulator.profiles.roofline import RooflineProfiles
+from helix.experiments.systems import HELIX, LATENCY_KEYS, PETALS, SWARM, SystemComparison
+from helix.experiments.tables import Column, ResultTable, paper_column
+from helix.planner.errors import HelixInputError
+from helix.planner.placement.base import PlacementProblem, plan_placement
+from helix.planner.plan import ProgressPoint
+from helix.planner.profiles.helix_reference import HelixReferenceProfiles
+from helix.planner.profiles.roofline import RooflineProfiles
 from helix.simulator.requests import Workload
 from tests.conftest import REFERENCE
 

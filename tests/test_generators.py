@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from helix.simulator.cluster import COORDINATOR, LinkSpec, dump_cluster_yaml, load_cluster_yaml
-from helix.simulator.errors import HelixInputError
-from helix.simulator.generators import multi_region, parse_mix, parse_regions, single_region, split_machine_type
+from helix.planner.cluster import COORDINATOR, LinkSpec, dump_cluster_yaml, load_cluster_yaml
+from helix.planner.errors import HelixInputError
+from helix.planner.generators import multi_region, parse_mix, parse_regions, single_region, split_machine_type
 
 GEO = {"us": {"A100-40G": 4}, "eu": {"L4": 2, "T4": 8}, "asia": {"L4": 6, "T4": 4}}
 

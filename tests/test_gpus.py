@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from helix.simulator.cluster import GpuNode
-from helix.simulator.errors import HelixInputError
-from helix.simulator.gpus import GPU_SPECS, resolve_gpu
+from helix.planner.cluster import GpuNode
+from helix.planner.errors import HelixInputError
+from helix.planner.gpus import GPU_SPECS, resolve_gpu
 
 REQUIRED = ["A100-40G", "A100-80G", "H100", "H200", "L40S", "L4", "A10G", "T4", "V100"]
 

@@ -8,19 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from helix.simulator.cluster import COORDINATOR, Cluster
-from helix.simulator.errors import HelixInputError
-from helix.simulator.flow import compute_bound, max_flow
-from helix.simulator.helix_format import (
+from helix.planner.cluster import COORDINATOR, Cluster
+from helix.planner.errors import HelixInputError
+from helix.planner.flow import compute_bound, max_flow
+from helix.planner.helix_format import (
     eval_helix_expr,
     load_helix_cluster,
     load_helix_simulator_cluster,
     load_helix_solution,
     plan_from_helix_solution,
 )
-from helix.simulator.model import MODEL_CATALOG, ModelSpec
-from helix.simulator.placement.base import PlacementProblem
-from helix.simulator.profiles.helix_reference import HelixReferenceProfiles
+from helix.planner.model import MODEL_CATALOG, ModelSpec
+from helix.planner.placement.base import PlacementProblem
+from helix.planner.profiles.helix_reference import HelixReferenceProfiles
 
 # ---------------------------------------------------------------- expressions
 

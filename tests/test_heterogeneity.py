@@ -25,12 +25,12 @@ from typer.testing import CliRunner
 
 from helix.cli.app import app
 from helix.cli.serve import WorkerLaunch, format_cpus, parse_cpu_list
-from helix.simulator.cluster import GpuNode
-from helix.simulator.errors import HelixInputError
-from helix.simulator.gpus import resolve_gpu
-from helix.simulator.model import ModelSpec
-from helix.simulator.plan import NodeAssignment, Plan
-from helix.simulator.profiles.measured import (
+from helix.planner.cluster import GpuNode
+from helix.planner.errors import HelixInputError
+from helix.planner.gpus import resolve_gpu
+from helix.planner.model import ModelSpec
+from helix.planner.plan import NodeAssignment, Plan
+from helix.planner.profiles.measured import (
     DecodeTable,
     MachineProfile,
     MeasuredProfiles,

@@ -8,21 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from helix.simulator.cluster import Cluster
-from helix.simulator.errors import HelixInputError
-from helix.simulator.flow import max_flow, node_capacity
-from helix.simulator.generators import multi_region
-from helix.simulator.model import MODEL_CATALOG, ModelSpec
-from helix.simulator.placement.base import (
+from helix.planner.cluster import Cluster
+from helix.planner.errors import HelixInputError
+from helix.planner.flow import max_flow, node_capacity
+from helix.planner.generators import multi_region
+from helix.planner.model import MODEL_CATALOG, ModelSpec
+from helix.planner.placement.base import (
     PLACEMENT_METHODS,
     PlacementOptions,
     PlacementProblem,
     Ranges,
     plan_placement,
 )
-from helix.simulator.placement.heuristics import check_fits
-from helix.simulator.profiles.roofline import RooflineProfiles
-from helix.simulator.validate import assert_valid
+from helix.planner.placement.heuristics import check_fits
+from helix.planner.profiles.roofline import RooflineProfiles
+from helix.planner.validate import assert_valid
 from tests.conftest import make_cluster, work_limit
 
 HEURISTICS = ("petals", "swarm", "homogeneous", "separate", "sp-plus", "greedy-flow")
@@ -192,8 +192,8 @@ PAPER_MILP = {"single": 1289.6, "geo": 1212.2, "hetero42": 4137.5}
 
 
 def _reference_problem(reference_dir: Path, key: str) -> PlacementProblem:
-    from helix.simulator.helix_format import load_helix_cluster
-    from helix.simulator.profiles.helix_reference import HelixReferenceProfiles
+    from helix.planner.helix_format import load_helix_cluster
+    from helix.planner.profiles.helix_reference import HelixReferenceProfiles
 
     clusters = reference_dir / "clusters"
     cluster = load_helix_cluster(clusters / f"{REF_CLUSTERS[key]}.ini", clusters / "machine_profile.ini")
@@ -204,7 +204,7 @@ def _reference_problem(reference_dir: Path, key: str) -> PlacementProblem:
 @pytest.mark.reference
 @pytest.mark.parametrize("key", list(REF_CLUSTERS))
 def test_reference_clusters(reference_dir: Path, key: str) -> None:
-    from helix.simulator.helix_format import load_helix_solution
+    from helix.planner.helix_format import load_helix_solution
 
     problem = _reference_problem(reference_dir, key)
     values = {m: _flow(problem, PLACEMENT_METHODS[m](problem, PlacementOptions()).ranges) for m in HEURISTICS}

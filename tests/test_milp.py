@@ -14,15 +14,15 @@ import time
 
 import pytest
 
-from helix.simulator.generators import multi_region, single_region
-from helix.simulator.model import MODEL_CATALOG
-from helix.simulator.placement import milp as milp_module
-from helix.simulator.placement.base import PlacementProblem, plan_placement
-from helix.simulator.placement.coverage import CoverageModel
-from helix.simulator.placement.pruning import prune_edges
-from helix.simulator.plan import ProgressPoint
-from helix.simulator.profiles.roofline import RooflineProfiles
-from helix.simulator.validate import validate_plan
+from helix.planner.generators import multi_region, single_region
+from helix.planner.model import MODEL_CATALOG
+from helix.planner.placement import milp as milp_module
+from helix.planner.placement.base import PlacementProblem, plan_placement
+from helix.planner.placement.coverage import CoverageModel
+from helix.planner.placement.pruning import prune_edges
+from helix.planner.plan import ProgressPoint
+from helix.planner.profiles.roofline import RooflineProfiles
+from helix.planner.validate import validate_plan
 from tests.conftest import work_limit
 
 MODEL = MODEL_CATALOG["llama2-70b"]
@@ -136,10 +136,10 @@ def test_pruning_keeps_the_best_links_per_node() -> None:
 @pytest.mark.slow
 def test_sigint_stops_the_search_and_returns_the_best_plan() -> None:
     script = textwrap.dedent("""
-        from helix.simulator.generators import multi_region
-        from helix.simulator.model import MODEL_CATALOG
-        from helix.simulator.placement.base import PlacementOptions, PlacementProblem, plan_placement
-        from helix.simulator.profiles.roofline import RooflineProfiles
+        from helix.planner.generators import multi_region
+        from helix.planner.model import MODEL_CATALOG
+        from helix.planner.placement.base import PlacementOptions, PlacementProblem, plan_placement
+        from helix.planner.profiles.roofline import RooflineProfiles
         m = MODEL_CATALOG["llama2-70b"]
         c = multi_region({"us": {"A100-40G": 4, "L4": 6}, "eu": {"L4": 6, "T4": 10}, "asia": {"T4": 8}}, seed=1)
         print("ready", flush=True)

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from helix.simulator.errors import HelixInputError
-from helix.simulator.model import MODEL_CATALOG, ModelSpec, model_from_hf_config, resolve_model
+from helix.planner.errors import HelixInputError
+from helix.planner.model import MODEL_CATALOG, ModelSpec, model_from_hf_config, resolve_model
 
 # Published parameter counts (billions) the shapes must reproduce, embeddings and LM head included.
 PUBLISHED_PARAMS_B = {

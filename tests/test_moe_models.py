@@ -17,10 +17,10 @@ import pytest
 from typer.testing import CliRunner
 
 from helix.cli.app import app
-from helix.simulator.cluster import GpuNode
-from helix.simulator.errors import HelixInputError
-from helix.simulator.gpus import GPU_SPECS
-from helix.simulator.model import (
+from helix.planner.cluster import GpuNode
+from helix.planner.errors import HelixInputError
+from helix.planner.gpus import GPU_SPECS
+from helix.planner.model import (
     MODEL_CATALOG,
     LayerKind,
     ModelSpec,
@@ -28,14 +28,14 @@ from helix.simulator.model import (
     model_from_hf_dict,
     resolve_model,
 )
-from helix.simulator.profiles.measured import (
+from helix.planner.profiles.measured import (
     MeasuredProfileFile,
     MeasuredProfiles,
     model_shape,
     sample_machine_profile,
     write_measured_profile,
 )
-from helix.simulator.profiles.roofline import RooflineProfiles, expected_experts_touched, mean_causal_context
+from helix.planner.profiles.roofline import RooflineProfiles, expected_experts_touched, mean_causal_context
 
 CONFIGS = Path(__file__).parent / "data" / "hf_configs"
 H100 = GpuNode(name="h", gpu="H100")

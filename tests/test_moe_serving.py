@@ -29,7 +29,7 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from helix.simulator.plan import NodeAssignment, Plan  # noqa: E402
+from helix.planner.plan import NodeAssignment, Plan  # noqa: E402
 from helix.worker.engines import Engine, EngineError, StepInput, StepOutput, load_engine  # noqa: E402
 from helix.worker.engines.torch_engine import EXPERT_LAYOUTS, TorchEngine  # noqa: E402
 from helix.worker.tiny_model import BOS_ID, create_tiny_model  # noqa: E402

@@ -1,7 +1,7 @@
 """No published number of the paper is copied into the project's code.
 
 The experiments and benchmarks read the paper's numbers from the reference's paper-results.md when
-they run (simulator/experiments/paper.py), so that file stays their only source and a run without it
+they run (experiments/paper.py), so that file stays their only source and a run without it
 says "n/a" instead of printing stale copies. A published number here is one written with a decimal
 point and at least three significant digits (252.1, 1.04): shorter ones (0.43, 12) are everyday
 constants. Code means the values a program uses: numeric literals and the text of string literals,
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from helix.simulator.experiments.reference import Reference
+from helix.experiments.reference import Reference
 from tests.conftest import REPO
 
 PROJECT_CODE = ("simulator", "worker", "operator", "helix", "benchmarks")

@@ -25,9 +25,9 @@ from helix.operator.planning import (
     spec_profiles,
 )
 from helix.operator.replan import layers_moved, least_movement, new_layers
-from helix.simulator.placement.base import PlacementProblem, PlacementResult, build_plan
-from helix.simulator.plan import Plan
-from helix.simulator.validate import validate_plan
+from helix.planner.placement.base import PlacementProblem, PlacementResult, build_plan
+from helix.planner.plan import Plan
+from helix.planner.validate import validate_plan
 from tests.test_discovery import node
 
 FOUR = [node("l4-0"), node("l4-1"), node("t4-0", gpu="T4"), node("t4-1", gpu="T4")]

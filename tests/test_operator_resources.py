@@ -24,8 +24,8 @@ from helix.operator.resources import (
     weights_mount,
     worker_address,
 )
-from helix.simulator.cluster import Cluster, GpuNode
-from helix.simulator.plan import NodeAssignment, Plan
+from helix.planner.cluster import Cluster, GpuNode
+from helix.planner.plan import NodeAssignment, Plan
 
 OWNER = Owner(name="llama", namespace="serving", uid="0b7c3f0e-uid")
 DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")

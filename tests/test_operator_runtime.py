@@ -30,7 +30,7 @@ from helix.operator.status import (
     serving_phase,
     workers_condition,
 )
-from helix.simulator.errors import HelixInputError
+from helix.planner.errors import HelixInputError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helix.simulator.cluster import GpuNode
-from helix.simulator.experiments.suite import (
+from helix.experiments.suite import (
     DEFAULT_METHOD,
     GPU_TYPES,
     GUARANTEE,
@@ -24,15 +23,16 @@ from helix.simulator.experiments.suite import (
     rejection,
     spearman,
 )
-from helix.simulator.flow import max_flow
-from helix.simulator.generators import single_region
-from helix.simulator.model import MODEL_CATALOG
-from helix.simulator.placement.base import PlacementOptions, PlacementProblem, plan_placement
-from helix.simulator.placement.budget import WallCap
-from helix.simulator.placement.candidates import ServedSearch, balanced_join
-from helix.simulator.placement.heuristics import Tables
-from helix.simulator.placement.served import kv_cover, served_estimate
-from helix.simulator.profiles.roofline import RooflineProfiles
+from helix.planner.cluster import GpuNode
+from helix.planner.flow import max_flow
+from helix.planner.generators import single_region
+from helix.planner.model import MODEL_CATALOG
+from helix.planner.placement.base import PlacementOptions, PlacementProblem, plan_placement
+from helix.planner.placement.budget import WallCap
+from helix.planner.placement.candidates import ServedSearch, balanced_join
+from helix.planner.placement.heuristics import Tables
+from helix.planner.placement.served import kv_cover, served_estimate
+from helix.planner.profiles.roofline import RooflineProfiles
 from tests.conftest import make_cluster, work_limit
 
 SLICE_LIMIT_S = 120.0  # never reached: the cap only guards a machine that stalls
@@ -148,8 +148,8 @@ def test_the_workload_is_recorded_in_the_options() -> None:
 @pytest.mark.reference
 def test_the_model_explains_why_the_max_flow_optimum_serves_less_than_the_published_layout(
         reference_dir: Path) -> None:
-    from helix.simulator.helix_format import load_helix_cluster, load_helix_solution
-    from helix.simulator.profiles.helix_reference import HelixReferenceProfiles
+    from helix.planner.helix_format import load_helix_cluster, load_helix_solution
+    from helix.planner.profiles.helix_reference import HelixReferenceProfiles
 
     model = MODEL_CATALOG["llama2-70b"]
     cluster = load_helix_cluster(reference_dir / "clusters" / "single-cluster24.ini",

@@ -8,18 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from helix.simulator.generators import single_region
-from helix.simulator.model import MODEL_CATALOG
-from helix.simulator.placement.base import (
+from helix.planner.generators import single_region
+from helix.planner.model import MODEL_CATALOG
+from helix.planner.placement.base import (
     PlacementOptions,
     PlacementProblem,
     PlacementResult,
     build_plan,
     plan_placement,
 )
-from helix.simulator.plan import EdgeFlow, Plan
-from helix.simulator.plotting import plan_figure, plot_plan, top_flows
-from helix.simulator.profiles.roofline import RooflineProfiles
+from helix.planner.plan import EdgeFlow, Plan
+from helix.planner.plotting import plan_figure, plot_plan, top_flows
+from helix.planner.profiles.roofline import RooflineProfiles
 from tests.conftest import work_limit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,11 +87,11 @@ def test_no_pyplot_and_no_display_needed(tmp_path: Path) -> None:
     """Plotting never imports pyplot (so it cannot switch a caller's backend) and works headless."""
     code = (
         "import sys, os; os.environ.pop('DISPLAY', None); "
-        "from helix.simulator.generators import single_region; "
-        "from helix.simulator.model import MODEL_CATALOG; "
-        "from helix.simulator.placement.base import PlacementOptions, PlacementProblem, plan_placement; "
-        "from helix.simulator.profiles.roofline import RooflineProfiles; "
-        "from helix.simulator.plotting import plot_plan; "
+        "from helix.planner.generators import single_region; "
+        "from helix.planner.model import MODEL_CATALOG; "
+        "from helix.planner.placement.base import PlacementOptions, PlacementProblem, plan_placement; "
+        "from helix.planner.profiles.roofline import RooflineProfiles; "
+        "from helix.planner.plotting import plot_plan; "
         "m = MODEL_CATALOG['llama3.1-8b']; c = single_region({'L4': 2}); "
         "p = plan_placement(PlacementProblem(c, m, RooflineProfiles(m)), 'petals', PlacementOptions()); "
         f"plot_plan(p, __import__('pathlib').Path({str(tmp_path / 'x.png')!r}), c); "

@@ -21,9 +21,9 @@ pytest.importorskip("transformers")
 from typer.testing import CliRunner  # noqa: E402
 
 from helix.cli.app import app  # noqa: E402
-from helix.simulator.cluster import GpuNode  # noqa: E402
-from helix.simulator.model import resolve_model  # noqa: E402
-from helix.simulator.profiles.measured import MeasuredProfileFile, MeasuredProfiles  # noqa: E402
+from helix.planner.cluster import GpuNode  # noqa: E402
+from helix.planner.model import resolve_model  # noqa: E402
+from helix.planner.profiles.measured import MeasuredProfileFile, MeasuredProfiles  # noqa: E402
 from helix.worker.profiling import Grid, kv_tokens_needed, resolve_source, write_random_shard  # noqa: E402
 from helix.worker.tiny_model import create_tiny_model, tiny_config  # noqa: E402
 
@@ -237,7 +237,7 @@ def test_moe_architectures_the_engines_cannot_build_are_refused(model: str, what
 
 
 def test_the_refusal_comes_before_torch_is_imported() -> None:
-    code = ("import sys\nfrom helix.simulator.errors import HelixInputError\nfrom helix.worker.profiling import "
+    code = ("import sys\nfrom helix.planner.errors import HelixInputError\nfrom helix.worker.profiling import "
             "resolve_source\ntry:\n    resolve_source('deepseek-v3')\nexcept HelixInputError:\n"
             "    assert 'torch' not in sys.modules\nelse:\n    raise SystemExit('not refused')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)

@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 
-from helix.simulator.cluster import Cluster, GpuNode
-from helix.simulator.errors import HelixInputError
-from helix.simulator.generators import single_region
-from helix.simulator.gpus import GPU_SPECS
-from helix.simulator.model import MODEL_CATALOG, ModelSpec
-from helix.simulator.profiles import helix_reference
-from helix.simulator.profiles.base import WorkloadAssumptions
-from helix.simulator.profiles.loader import load_profiles
-from helix.simulator.profiles.measured import (
+from helix.planner.cluster import Cluster, GpuNode
+from helix.planner.errors import HelixInputError
+from helix.planner.generators import single_region
+from helix.planner.gpus import GPU_SPECS
+from helix.planner.model import MODEL_CATALOG, ModelSpec
+from helix.planner.profiles import helix_reference
+from helix.planner.profiles.base import WorkloadAssumptions
+from helix.planner.profiles.loader import load_profiles
+from helix.planner.profiles.measured import (
     DecodeTable,
     MachineProfile,
     MeasuredProfileFile,
@@ -28,7 +28,7 @@ from helix.simulator.profiles.measured import (
     sample_machine_profile,
     write_measured_profile,
 )
-from helix.simulator.profiles.roofline import RooflineProfiles
+from helix.planner.profiles.roofline import RooflineProfiles
 
 LLAMA70 = MODEL_CATALOG["llama2-70b"]
 W = LLAMA70.layer_weight_bytes

@@ -6,14 +6,14 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from helix.simulator.errors import HelixInputError
-from helix.simulator.flow import max_flow
-from helix.simulator.generators import multi_region, single_region
-from helix.simulator.model import MODEL_CATALOG
-from helix.simulator.placement.base import PLACEMENT_METHODS, PlacementProblem, plan_placement
-from helix.simulator.placement.heuristics import check_fits
-from helix.simulator.profiles.roofline import RooflineProfiles
-from helix.simulator.validate import validate_plan
+from helix.planner.errors import HelixInputError
+from helix.planner.flow import max_flow
+from helix.planner.generators import multi_region, single_region
+from helix.planner.model import MODEL_CATALOG
+from helix.planner.placement.base import PLACEMENT_METHODS, PlacementProblem, plan_placement
+from helix.planner.placement.heuristics import check_fits
+from helix.planner.profiles.roofline import RooflineProfiles
+from helix.planner.validate import validate_plan
 from tests.conftest import work_limit
 
 HEURISTICS = ("petals", "swarm", "homogeneous", "separate", "sp-plus", "greedy-flow")
@@ -82,6 +82,6 @@ def test_a_selected_milp_plan_validates_and_reports_its_max_flow(problem: Placem
 
 
 def test_all_methods_are_registered() -> None:
-    from helix.simulator.placement import greedy, heuristics, milp  # noqa: F401
+    from helix.planner.placement import greedy, heuristics, milp  # noqa: F401
 
     assert set(HEURISTICS) | {"milp"} <= set(PLACEMENT_METHODS)

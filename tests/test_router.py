@@ -31,8 +31,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from typer.testing import CliRunner
 
 from helix.cli.app import app as cli_app
-from helix.simulator.flow import max_flow
-from helix.simulator.plan import NodeAssignment, Plan
+from helix.planner.flow import max_flow
+from helix.planner.plan import NodeAssignment, Plan
 from helix.worker.api import HEADER_TIMEOUT_S, ServedModel, TextStream, create_app, load_served_model, server_options
 from helix.worker.messages import (
     FORWARD_HEADER_RESERVE_BYTES,
@@ -244,7 +244,7 @@ async def serve_app(app: Any, header_timeout_s: float = HEADER_TIMEOUT_S) -> Tes
 
 
 def _spec() -> Any:
-    from helix.simulator.model import ModelSpec
+    from helix.planner.model import ModelSpec
 
     return ModelSpec(name="fake", num_layers=L, hidden_size=8, num_attention_heads=2, num_key_value_heads=2,
                      intermediate_size=16, vocab_size=VOCAB)

@@ -6,13 +6,13 @@ import random
 
 import pytest
 
-from helix.simulator.cluster import Cluster
+from helix.planner.cluster import Cluster
+from helix.planner.errors import HelixInputError
+from helix.planner.model import MODEL_CATALOG
+from helix.planner.placement.base import PlacementOptions, PlacementProblem, PlacementResult, build_plan
+from helix.planner.plan import Plan
+from helix.planner.profiles.roofline import RooflineProfiles
 from helix.simulator.cluster_state import ClusterState, Hop, build_cluster_state
-from helix.simulator.errors import HelixInputError
-from helix.simulator.model import MODEL_CATALOG
-from helix.simulator.placement.base import PlacementOptions, PlacementProblem, PlacementResult, build_plan
-from helix.simulator.plan import Plan
-from helix.simulator.profiles.roofline import RooflineProfiles
 from helix.simulator.requests import Request
 from helix.simulator.schedulers import SCHEDULERS, MaxFlowScheduler, make_scheduler
 from tests.conftest import make_cluster

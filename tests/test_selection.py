@@ -8,26 +8,26 @@ import sys
 
 import pytest
 
-from helix.simulator.errors import HelixInputError
-from helix.simulator.flow import max_flow
-from helix.simulator.generators import multi_region, single_region
-from helix.simulator.model import MODEL_CATALOG
-from helix.simulator.placement.base import PlacementOptions, PlacementProblem, plan_placement
-from helix.simulator.placement.budget import SearchBudget, WallCap
-from helix.simulator.placement.candidates import Candidate
-from helix.simulator.placement.chain import forced_counts
-from helix.simulator.placement.milp import SELECTION_BASELINES, WARM_START_METHOD
-from helix.simulator.placement.selection import (
+from helix.planner.errors import HelixInputError
+from helix.planner.flow import max_flow
+from helix.planner.generators import multi_region, single_region
+from helix.planner.model import MODEL_CATALOG
+from helix.planner.placement.base import PlacementOptions, PlacementProblem, plan_placement
+from helix.planner.placement.budget import SearchBudget, WallCap
+from helix.planner.placement.candidates import Candidate
+from helix.planner.placement.chain import forced_counts
+from helix.planner.placement.milp import SELECTION_BASELINES, WARM_START_METHOD
+from helix.planner.placement.selection import (
     AUTO_MAX_NODES,
     GATE_CANDIDATES,
     MAX_FLOW_LABEL,
     _shortlist,
     resolve_mode,
 )
-from helix.simulator.placement.served import ServedEstimate
-from helix.simulator.plan import Plan
-from helix.simulator.profiles.roofline import RooflineProfiles
-from helix.simulator.validate import validate_plan
+from helix.planner.placement.served import ServedEstimate
+from helix.planner.plan import Plan
+from helix.planner.profiles.roofline import RooflineProfiles
+from helix.planner.validate import validate_plan
 from tests.conftest import make_cluster, work_limit
 
 MODEL = MODEL_CATALOG["llama-30b"]  # 60 layers: A100-40G holds up to 18, L4 11, T4 7

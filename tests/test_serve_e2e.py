@@ -38,7 +38,7 @@ import zmq  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from helix.cli.app import app  # noqa: E402
-from helix.simulator.plan import NodeAssignment, Plan  # noqa: E402
+from helix.planner.plan import NodeAssignment, Plan  # noqa: E402
 from helix.worker.metrics import METRIC_NAMES  # noqa: E402
 from helix.worker.route_log import summarize  # noqa: E402
 from helix.worker.tiny_model import create_tiny_model  # noqa: E402

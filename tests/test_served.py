@@ -1,4 +1,4 @@
-"""The served-throughput estimate's terms (simulator/placement/served.py), each on a cluster where it decides."""
+"""The served-throughput estimate's terms (planner/placement/served.py), each on a cluster where it decides."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import math
 
 import pytest
 
-from helix.simulator.experiments.suite import generate_suite, problem_for
-from helix.simulator.generators import multi_region, single_region
-from helix.simulator.model import MODEL_CATALOG
-from helix.simulator.placement import served
-from helix.simulator.placement.base import PlacementOptions, PlacementProblem, plan_placement
-from helix.simulator.placement.served import served_estimate
-from helix.simulator.profiles.roofline import RooflineProfiles
+from helix.experiments.suite import generate_suite, problem_for
+from helix.planner.generators import multi_region, single_region
+from helix.planner.model import MODEL_CATALOG
+from helix.planner.placement import served
+from helix.planner.placement.base import PlacementOptions, PlacementProblem, plan_placement
+from helix.planner.placement.served import served_estimate
+from helix.planner.profiles.roofline import RooflineProfiles
 
 MODEL = MODEL_CATALOG["llama-30b"]  # 60 layers: an A100-80G holds up to 37
 

@@ -7,18 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from helix.simulator.cluster import GpuNode
-from helix.simulator.errors import HelixInputError
-from helix.simulator.events import EventLoop
-from helix.simulator.helix_format import (
+from helix.planner.cluster import GpuNode
+from helix.planner.errors import HelixInputError
+from helix.planner.helix_format import (
     load_helix_cluster,
     load_helix_simulator_links,
     restrict_links,
 )
-from helix.simulator.model import MODEL_CATALOG
-from helix.simulator.profiles.base import BatchLimits
-from helix.simulator.profiles.helix_reference import HelixReferenceProfiles
-from helix.simulator.profiles.roofline import RooflineProfiles
+from helix.planner.model import MODEL_CATALOG
+from helix.planner.profiles.base import BatchLimits
+from helix.planner.profiles.helix_reference import HelixReferenceProfiles
+from helix.planner.profiles.roofline import RooflineProfiles
+from helix.simulator.events import EventLoop
 from helix.simulator.requests import (
     GammaArrivals,
     ParametricLengths,

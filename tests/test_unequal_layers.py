@@ -15,22 +15,22 @@ import pytest
 from typer.testing import CliRunner
 
 from helix.cli.app import app
-from helix.simulator.cluster import GpuNode
+from helix.planner.cluster import GpuNode
+from helix.planner.errors import HelixInputError
+from helix.planner.flow import max_flow
+from helix.planner.generators import single_region
+from helix.planner.model import MODEL_CATALOG
+from helix.planner.placement.base import PlacementProblem, plan_placement
+from helix.planner.placement.precision import choose_precisions, parse_precisions, precision_summary
+from helix.planner.plan import NodeAssignment, Plan, load_plan
+from helix.planner.profiles.base import MixedPrecisionProfiles, plan_profiles
+from helix.planner.profiles.roofline import RooflineProfiles
+from helix.planner.validate import validate_plan
 from helix.simulator.cluster_state import build_cluster_state
 from helix.simulator.engine import Engine
-from helix.simulator.errors import HelixInputError
 from helix.simulator.events import EventLoop
-from helix.simulator.flow import max_flow
-from helix.simulator.generators import single_region
-from helix.simulator.model import MODEL_CATALOG
-from helix.simulator.placement.base import PlacementProblem, plan_placement
-from helix.simulator.placement.precision import choose_precisions, parse_precisions, precision_summary
-from helix.simulator.plan import NodeAssignment, Plan, load_plan
-from helix.simulator.profiles.base import MixedPrecisionProfiles, plan_profiles
-from helix.simulator.profiles.roofline import RooflineProfiles
 from helix.simulator.schedulers import make_scheduler
 from helix.simulator.simulate import simulate
-from helix.simulator.validate import validate_plan
 from tests.conftest import work_limit
 
 DEEPSEEK = MODEL_CATALOG["deepseek-v3"]

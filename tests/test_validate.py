@@ -8,14 +8,14 @@ from typing import Any
 
 import pytest
 
-from helix.simulator.cluster import COORDINATOR, Cluster, GpuNode, Link
-from helix.simulator.errors import HelixInputError
-from helix.simulator.generators import multi_region, single_region
-from helix.simulator.model import MODEL_CATALOG, ModelSpec
-from helix.simulator.placement.base import PlacementOptions, PlacementProblem, PlacementResult, build_plan
-from helix.simulator.plan import EdgeFlow, NodeAssignment, Plan
-from helix.simulator.profiles.roofline import RooflineProfiles
-from helix.simulator.validate import assert_valid, validate_plan
+from helix.planner.cluster import COORDINATOR, Cluster, GpuNode, Link
+from helix.planner.errors import HelixInputError
+from helix.planner.generators import multi_region, single_region
+from helix.planner.model import MODEL_CATALOG, ModelSpec
+from helix.planner.placement.base import PlacementOptions, PlacementProblem, PlacementResult, build_plan
+from helix.planner.plan import EdgeFlow, NodeAssignment, Plan
+from helix.planner.profiles.roofline import RooflineProfiles
+from helix.planner.validate import assert_valid, validate_plan
 
 MODEL = MODEL_CATALOG["llama3.1-8b"]  # 32 layers; T4 holds at most 18, L4 27, A100-40G all 32
 PROFILES = RooflineProfiles(MODEL)
@@ -264,8 +264,8 @@ def test_assert_valid_lists_every_problem() -> None:
                                                        ("hetero-cluster42", "llama70b-hetero42")])
 def test_helix_reference_layouts_validate(reference_dir: Path, cluster_file: str, layout: str) -> None:
     """Helix's own ILP layouts pass, and the recomputed flows agree with the published objectives."""
-    from helix.simulator.helix_format import load_helix_cluster, plan_from_helix_solution
-    from helix.simulator.profiles.helix_reference import HelixReferenceProfiles
+    from helix.planner.helix_format import load_helix_cluster, plan_from_helix_solution
+    from helix.planner.profiles.helix_reference import HelixReferenceProfiles
 
     model = MODEL_CATALOG["llama2-70b"]
     cluster = load_helix_cluster(reference_dir / "clusters" / f"{cluster_file}.ini")

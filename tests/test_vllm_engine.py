@@ -33,7 +33,7 @@ pytest.importorskip("transformers")
 from typer.testing import CliRunner  # noqa: E402
 
 from helix.cli.app import app  # noqa: E402
-from helix.simulator.profiles.measured import MeasuredProfileFile  # noqa: E402
+from helix.planner.profiles.measured import MeasuredProfileFile  # noqa: E402
 from helix.worker.engines import (  # noqa: E402
     ENGINES,
     Engine,

@@ -50,11 +50,11 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from helix.simulator.errors import HelixInputError
-from helix.simulator.gpus import CPU_SPEC, resolve_gpu
-from helix.simulator.model import MODEL_CATALOG, ModelSpec, catalog_model, model_from_hf_config
-from helix.simulator.profiles.base import WorkloadAssumptions
-from helix.simulator.profiles.measured import DecodeTable, MachineProfile, PromptTable
+from helix.planner.errors import HelixInputError
+from helix.planner.gpus import CPU_SPEC, resolve_gpu
+from helix.planner.model import MODEL_CATALOG, ModelSpec, catalog_model, model_from_hf_config
+from helix.planner.profiles.base import WorkloadAssumptions
+from helix.planner.profiles.measured import DecodeTable, MachineProfile, PromptTable
 
 if TYPE_CHECKING:
     import torch

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from helix.simulator.errors import HelixInputError
+from helix.planner.errors import HelixInputError
 from helix.simulator.results import LatencyStats, NodeResult, SimulationResult
 
 ROUTE_LOG_VERSION = 1

@@ -50,13 +50,13 @@ from typing import Any, TypeAlias
 
 import zmq.asyncio
 
-from helix.simulator.cluster import Cluster, GpuNode, LinkSpec, MeshDefaults
+from helix.planner.cluster import Cluster, GpuNode, LinkSpec, MeshDefaults
+from helix.planner.errors import HelixInputError
+from helix.planner.flow import max_flow
+from helix.planner.model import ModelSpec
+from helix.planner.plan import NodeAssignment, Plan, load_plan
+from helix.planner.profiles.base import Profiles
 from helix.simulator.cluster_state import Route, build_cluster_state, expected_kv
-from helix.simulator.errors import HelixInputError
-from helix.simulator.flow import max_flow
-from helix.simulator.model import ModelSpec
-from helix.simulator.plan import NodeAssignment, Plan, load_plan
-from helix.simulator.profiles.base import Profiles
 from helix.simulator.requests import Request
 from helix.simulator.schedulers import Scheduler, make_scheduler
 from helix.worker.messages import Error, Forward, Hop, Phase, Ping, Release, Sampling, Status, Token, max_hidden_tokens

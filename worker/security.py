@@ -38,7 +38,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
-from helix.simulator.errors import HelixInputError
+from helix.planner.errors import HelixInputError
 
 Role = Literal["router", "worker"]
 ROLES: tuple[Role, ...] = ("router", "worker")

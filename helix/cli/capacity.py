@@ -14,8 +14,8 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from helix.cli.inputs import Inputs
+    from helix.planner.plan import Plan
     from helix.simulator.capacity import CapacityAtSlo, LatencyTargets
-    from helix.simulator.plan import Plan
     from helix.simulator.requests import LengthSampler
     from helix.simulator.results import SimulationResult
 
@@ -32,8 +32,8 @@ SloItlOption = Annotated[float | None, typer.Option(
 
 def targets(ttft: float | None, itl: float | None) -> LatencyTargets:
     """The targets the options give (none: no search); a target that is not a positive number is bad input."""
+    from helix.planner.errors import HelixInputError
     from helix.simulator.capacity import LatencyTargets
-    from helix.simulator.errors import HelixInputError
 
     for value, option in ((ttft, "--slo-ttft"), (itl, "--slo-itl")):
         if value is not None and not value > 0:

@@ -39,8 +39,8 @@ def generate_command(
 
     Example: helix cluster generate --mix A100-40G:4,L4:8,T4:12 -o my-cluster.yaml
     """
-    from helix.simulator.cluster import dump_cluster_yaml
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.cluster import dump_cluster_yaml
+    from helix.planner.errors import HelixInputError
 
     if mix is None and regions is None:
         raise HelixInputError("give --mix TYPE:COUNT,... or --regions REGION:TYPE:COUNT,...;...", "cluster generate")

@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
 
 def split_list(text: str, option: str) -> list[str]:
     """`a,b,,a` → [a, b]: order kept, duplicates and blanks dropped; empty is an error."""
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
 
     items = list(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
     if not items:
@@ -113,7 +113,7 @@ def compare_command(
         resolve_window,
         resolve_workload,
     )
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
 
     method_list = split_list(methods, "--methods")
     scheduler_list = split_list(schedulers, "--schedulers")

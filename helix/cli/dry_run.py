@@ -52,7 +52,7 @@ ManifestsOption = Annotated[Path | None, typer.Option(
 
 def dry_run_only(given: dict[str, Any]) -> None:
     """Refuse dry-run options without -f."""
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
 
     for option, value in given.items():
         if value:
@@ -61,7 +61,7 @@ def dry_run_only(given: dict[str, Any]) -> None:
 
 def refuse_explicit(ctx: typer.Context, names: Sequence[str]) -> None:
     """With -f the spec decides: an option given on the command line among `names` is an error."""
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
 
     for param in ctx.command.params:
         source = ctx.get_parameter_source(param.name) if param.name else None
@@ -76,8 +76,8 @@ def run_dry(filename: Path, nodes: Path | None, add: list[str] | None, remove: l
     """Load, edit and plan as the operator would; input problems are `HelixInputError`s."""
     from helix.operator.planning import PreviousPlan
     from helix.operator.whatif import dry_run, load_helixcluster, load_inventory, parse_addition
-    from helix.simulator.errors import HelixInputError
-    from helix.simulator.plan import load_plan
+    from helix.planner.errors import HelixInputError
+    from helix.planner.plan import load_plan
 
     if nodes is None:
         raise HelixInputError("give the cluster's nodes: --nodes nodes.yaml (kubectl get nodes -o yaml)", "--nodes")

@@ -38,7 +38,7 @@ def describe_input_error(exc: BaseException) -> str | None:
     import yaml
     from pydantic import ValidationError
 
-    from helix.simulator.errors import HelixInputError, pydantic_message
+    from helix.planner.errors import HelixInputError, pydantic_message
 
     if isinstance(exc, HelixInputError):
         return error_line(str(exc))  # its text already reads "<where>: <message>"

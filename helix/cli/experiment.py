@@ -1,6 +1,6 @@
 """`helix experiment`: re-run the paper's evaluation with our planner and simulator, our numbers beside its own.
 
-The experiments live in `helix.simulator.experiments` (registry, clusters, runner); this module
+The experiments live in `helix.experiments` (registry, clusters, runner); this module
 turns options into a run configuration, prints each experiment's tables and writes the JSON.
 Only typer is imported at module level, so `helix --help` stays instant.
 """
@@ -20,7 +20,7 @@ from helix.cli.errors import handle_errors
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from helix.simulator.experiments.runner import ExperimentResult, RunConfig
+    from helix.experiments.runner import ExperimentResult, RunConfig
 
 RUN_PANEL = "Run"
 OUTPUT_PANEL = "Output"
@@ -74,9 +74,9 @@ def experiment_command(
     Examples: helix experiment list; helix experiment single-cluster --model llama2-70b --mode offline;
     helix experiment --all --out results/; helix experiment geo --quick
     """
-    from helix.simulator.errors import HelixInputError
-    from helix.simulator.experiments.registry import check_config, select
-    from helix.simulator.experiments.runner import Context, run_experiment
+    from helix.experiments.registry import check_config, select
+    from helix.experiments.runner import Context, run_experiment
+    from helix.planner.errors import HelixInputError
 
     names = names or []
     if names == ["list"]:
@@ -122,9 +122,9 @@ def _config(quick: bool, time_limit: float | None, duration: float | None, model
     import dataclasses
     import math
 
-    from helix.simulator.errors import HelixInputError
-    from helix.simulator.experiments.reference import find_reference
-    from helix.simulator.experiments.runner import FULL_BUDGET, QUICK_BUDGET, RunConfig
+    from helix.experiments.reference import find_reference
+    from helix.experiments.runner import FULL_BUDGET, QUICK_BUDGET, RunConfig
+    from helix.planner.errors import HelixInputError
 
     budget = QUICK_BUDGET if quick else FULL_BUDGET
     if time_limit is not None:
@@ -144,7 +144,7 @@ def _config(quick: bool, time_limit: float | None, duration: float | None, model
 
 def _check_out(out: Path | None) -> None:
     """The output folder may be new, but its parent must exist (a typo should not create a tree)."""
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
 
     if out is None:
         return
@@ -159,8 +159,8 @@ def _print_list() -> None:
     from rich.table import Table
 
     from helix.cli.simulate import stdout_console
-    from helix.simulator.experiments.registry import EXPERIMENTS
-    from helix.simulator.experiments.runner import RunConfig
+    from helix.experiments.registry import EXPERIMENTS
+    from helix.experiments.runner import RunConfig
 
     table = Table(title="helix experiment NAME: the paper's evaluation", title_justify="left", box=box.SIMPLE_HEAD)
     for column in ("name", "paper", "models", "modes", "what"):

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 if TYPE_CHECKING:
-    from helix.simulator.cluster import Cluster
-    from helix.simulator.model import ModelSpec
-    from helix.simulator.profiles.base import Profiles
+    from helix.planner.cluster import Cluster
+    from helix.planner.model import ModelSpec
+    from helix.planner.profiles.base import Profiles
     from helix.simulator.requests import LengthSampler
 
 CLUSTER_HELP = (
@@ -87,7 +87,7 @@ def load_cluster(
     regions: str | None = None, seed: int = 0, check: bool = True,
 ) -> tuple[Cluster, str]:
     """The cluster from exactly one source, and a label naming it (file path or option)."""
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
 
     given = [name for name, value in (("--cluster", cluster_file), ("--mix", mix), ("--regions", regions))
              if value is not None]
@@ -106,22 +106,22 @@ def load_cluster(
             raise HelixInputError(f"unknown cluster file type {cluster_file.suffix or '(none)'!r}: expected .yaml/"
                                   ".yml (our format) or .ini (Helix's)", source)
         if suffix == ".ini":
-            from helix.simulator.helix_format import load_helix_cluster
+            from helix.planner.helix_format import load_helix_cluster
 
             if not cluster_file.is_file():
                 raise HelixInputError("cannot read cluster file: No such file or directory", source)
             cluster = load_helix_cluster(cluster_file, machine_profile)
         else:
-            from helix.simulator.cluster import load_cluster_yaml
+            from helix.planner.cluster import load_cluster_yaml
 
             cluster = load_cluster_yaml(cluster_file)
     elif mix is not None:
-        from helix.simulator.generators import parse_mix, single_region
+        from helix.planner.generators import parse_mix, single_region
 
         source = "--mix"
         cluster = single_region(parse_mix(mix, "--mix"), name="mix")
     else:
-        from helix.simulator.generators import multi_region, parse_regions
+        from helix.planner.generators import multi_region, parse_regions
 
         assert regions is not None
         source = "--regions"
@@ -171,7 +171,7 @@ def _names(names: list[str], limit: int = 5) -> str:
 
 def check_connected(cluster: Cluster, where: str) -> None:
     """Raise `HelixInputError` for a cluster the flow cannot cross (see `connectivity_problems`)."""
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
 
     problems = connectivity_problems(cluster)
     if problems:
@@ -179,7 +179,7 @@ def check_connected(cluster: Cluster, where: str) -> None:
 
 
 def load_model(name_or_path: str) -> ModelSpec:
-    from helix.simulator.model import resolve_model
+    from helix.planner.model import resolve_model
 
     return resolve_model(name_or_path)
 
@@ -190,7 +190,7 @@ def load_inputs(
     profile_mix: str | None = None,
 ) -> Inputs:
     """Cluster, model and profiles from the shared options; every problem is a `HelixInputError`."""
-    from helix.simulator.profiles.loader import load_profiles
+    from helix.planner.profiles.loader import load_profiles
 
     spec = load_model(model)  # first: cheapest to get wrong, cheapest to check
     cluster, source = load_cluster(cluster_file, machine_profile, mix, regions, seed)
@@ -213,8 +213,8 @@ def selection_option(panel: str) -> Any:
 def check_selection(value: str, method: str) -> None:
     """`--selection` is a known mode, given only where a plan is selected (the MILP): a typo, or a mode that
     would be ignored, fails before any work."""
-    from helix.simulator.errors import HelixInputError
-    from helix.simulator.placement.selection import SELECTION_MODES
+    from helix.planner.errors import HelixInputError
+    from helix.planner.placement.selection import SELECTION_MODES
 
     if value not in SELECTION_MODES:
         raise HelixInputError(f"unknown selection {value!r}; choose one of {', '.join(SELECTION_MODES)}",
@@ -225,7 +225,7 @@ def check_selection(value: str, method: str) -> None:
 
 def resolve_lengths(value: str | None) -> LengthSampler:
     """A built-in length distribution by name (`azure-conv` works for `azure-conv-like`), or a CSV trace."""
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
     from helix.simulator.requests import BUILTIN_LENGTHS, TraceLengths
 
     name = value or DEFAULT_LENGTHS

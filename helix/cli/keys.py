@@ -29,7 +29,7 @@ def keys_command(
 
     Example: helix keys keys && helix worker --model ./tiny --layers 0:4 --keys keys/worker
     """
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
     from helix.worker.security import ROLES, ClusterKeys
 
     if directory.exists():

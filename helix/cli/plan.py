@@ -1,6 +1,6 @@
 """`helix plan`: place a model's layers on a cluster, show the plan, save it, draw it.
 
-The placement itself is `helix.simulator.placement.base.plan_placement`; this module adds what a
+The placement itself is `helix.planner.placement.base.plan_placement`; this module adds what a
 person at a terminal needs: a live view of the MILP (elapsed time, incumbent, bound; Ctrl-C keeps
 the best plan so far), the plan as a table, and the independent validator run on every plan before
 it is shown or saved — a plan that fails it is a bug and exits 1, loudly.
@@ -51,8 +51,8 @@ from helix.cli.inputs import (
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
 
-    from helix.simulator.placement.base import PlacementOptions, PlacementProblem
-    from helix.simulator.plan import Plan, ProgressPoint
+    from helix.planner.placement.base import PlacementOptions, PlacementProblem
+    from helix.planner.plan import Plan, ProgressPoint
 
 PLAN_SUFFIXES = (".json", ".yaml", ".yml")
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -129,8 +129,8 @@ def plan_command(
     Examples: helix plan --cluster examples/clusters/single-24.yaml --time-limit 30 -o plan.json;
     helix plan -f examples/helixcluster.yaml --nodes examples/nodes.yaml --add 4xL4 (what the operator would do)
     """
-    from helix.simulator.errors import HelixInputError
-    from helix.simulator.placement.base import PlacementOptions, PlacementProblem
+    from helix.planner.errors import HelixInputError
+    from helix.planner.placement.base import PlacementOptions, PlacementProblem
     from helix.simulator.requests import Workload
 
     if filename is not None:
@@ -168,8 +168,8 @@ def plan_command(
                                seed=seed, warm_start=warm_start, prune_keep=prune_keep, workers=workers,
                                selection=selection, workload=workload, allow_quantize=quantize)
     problem = PlacementProblem(inputs.cluster, inputs.model, inputs.profiles)
-    from helix.simulator.placement.heuristics import check_fits
-    from helix.simulator.placement.precision import most_compact
+    from helix.planner.placement.heuristics import check_fits
+    from helix.planner.placement.precision import most_compact
 
     # Every method checks too; here it fails before any progress display (at the most compact precision allowed).
     check_fits(most_compact(problem, quantize))
@@ -179,7 +179,7 @@ def plan_command(
         print("error: interrupted before a plan was found", file=sys.stderr, flush=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
-    from helix.simulator.validate import validate_plan
+    from helix.planner.validate import validate_plan
 
     problems = validate_plan(plan, inputs.cluster, inputs.model, inputs.profiles)
     if problems:
@@ -199,7 +199,7 @@ def plan_command(
         if not quiet:
             out.print(f"wrote plan to [bold]{output}[/]")
     if plot is not None:
-        from helix.simulator.plotting import plot_plan
+        from helix.planner.plotting import plot_plan
 
         plot_plan(plan, plot, inputs.cluster)
         if not quiet:
@@ -234,7 +234,7 @@ def plan_dry_run(filename: Path, nodes: Path | None, add: list[str] | None, remo
         if not quiet:
             out.print(f"wrote plan to [bold]{output}[/]")
     if plot is not None:
-        from helix.simulator.plotting import plot_plan
+        from helix.planner.plotting import plot_plan
 
         plot_plan(plan, plot, cluster)
         if not quiet:
@@ -244,14 +244,14 @@ def plan_dry_run(filename: Path, nodes: Path | None, add: list[str] | None, remo
 
 def known_methods() -> list[str]:
     """Registered placement methods (importing the modules registers them)."""
-    from helix.simulator.placement import heuristics, milp  # noqa: F401
-    from helix.simulator.placement.base import PLACEMENT_METHODS
+    from helix.planner.placement import heuristics, milp  # noqa: F401
+    from helix.planner.placement.base import PLACEMENT_METHODS
 
     return list(PLACEMENT_METHODS)
 
 
 def _check_target(path: Path | None, suffixes: tuple[str, ...], option: str) -> None:
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
 
     if path is None:
         return
@@ -340,7 +340,7 @@ def solve(problem: PlacementProblem, method: str, options: PlacementOptions, qui
     neither typer nor rich's Live replaces it (Live only runs a refresh thread), so Ctrl-C reaches
     the solver, which stops and returns the best placement so far.
     """
-    from helix.simulator.placement.base import plan_placement
+    from helix.planner.placement.base import plan_placement
 
     if quiet:
         return plan_placement(problem, method, options)
@@ -367,7 +367,7 @@ def parse_allow_quantize(value: str | None, inputs: Inputs) -> tuple[str, ...]:
     """`--allow-quantize`'s precisions, checked against the model and the profile source (one-line errors)."""
     if value is None:
         return ()
-    from helix.simulator.placement.precision import parse_precisions
+    from helix.planner.placement.precision import parse_precisions
 
     allowed = parse_precisions(value, inputs.model)
     for name in allowed:
@@ -377,7 +377,7 @@ def parse_allow_quantize(value: str | None, inputs: Inputs) -> tuple[str, ...]:
 
 def precision_line(plan: Plan, inputs: Inputs) -> str | None:
     """Which nodes hold quantized weights and the accuracy cost (None: every node at the model's own)."""
-    from helix.simulator.placement.precision import precision_summary
+    from helix.planner.placement.precision import precision_summary
 
     return precision_summary(plan, inputs.model)
 
@@ -394,8 +394,8 @@ def summary_line(plan: Plan) -> str:
 
 def plan_rows(plan: Plan, inputs: Inputs) -> list[dict[str, Any]]:
     """One row per cluster node: used nodes by layer range, then the unused ones in cluster order."""
-    from helix.simulator.flow import range_capacity
-    from helix.simulator.profiles.base import plan_profiles
+    from helix.planner.flow import range_capacity
+    from helix.planner.profiles.base import plan_profiles
 
     profiles = plan_profiles(inputs.profiles, plan)
     into = plan.flow_into()

@@ -18,7 +18,7 @@ from helix.cli.console import console
 from helix.cli.errors import handle_errors
 
 if TYPE_CHECKING:
-    from helix.simulator.profiles.measured import MeasuredProfiles
+    from helix.planner.profiles.measured import MeasuredProfiles
     from helix.worker.profiling import ProfileResult
 
 GRID_PANEL = "Grid"
@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
 
 def parse_ints(text: str | None, option: str) -> tuple[int, ...] | None:
     """`128,256,512` → (128, 256, 512); None stays None (the device's default grid)."""
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
 
     if text is None:
         return None
@@ -100,8 +100,8 @@ def profile_command(
     Example: helix profile --model llama3.1-8b --device cuda -o h100.json; then
     helix plan --mix H100:4 --model llama3.1-8b --profiles h100.json
     """
-    from helix.simulator.errors import HelixInputError
-    from helix.simulator.profiles.measured import MeasuredProfiles, write_measured_profile
+    from helix.planner.errors import HelixInputError
+    from helix.planner.profiles.measured import MeasuredProfiles, write_measured_profile
     from helix.worker.profiling import DEFAULT_GRIDS, Grid, ProfileSettings, profile_model
 
     if output.suffix.lower() != ".json":
@@ -142,7 +142,7 @@ def print_result(result: ProfileResult, profiles: MeasuredProfiles, output: Path
     """The measured points as a table, then what the planner derives from the file (layers, KV)."""
     from rich.table import Table
 
-    from helix.simulator.cluster import GpuNode
+    from helix.planner.cluster import GpuNode
 
     m = result.machine
     out = console()

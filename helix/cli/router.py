@@ -43,8 +43,8 @@ def register(app: typer.Typer) -> None:
 
 def load_topology(plan_path: Path, model_dir: Path, cluster: Path | None, profiles: Path | None) -> Topology:
     """The plan and what its flows are computed from: the cluster file when given, else the plan itself."""
-    from helix.simulator.errors import HelixInputError
-    from helix.simulator.model import model_from_hf_config
+    from helix.planner.errors import HelixInputError
+    from helix.planner.model import model_from_hf_config
     from helix.worker.router import Topology, load_served_plan
 
     if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
@@ -56,7 +56,7 @@ def load_topology(plan_path: Path, model_dir: Path, cluster: Path | None, profil
             raise HelixInputError("profiles need the cluster they describe: give --cluster too", "--profiles")
         return Topology.from_plan(plan, model)
     from helix.cli.inputs import load_cluster
-    from helix.simulator.profiles.loader import load_profiles
+    from helix.planner.profiles.loader import load_profiles
 
     the_cluster, _ = load_cluster(cluster_file=cluster)
     return Topology.from_cluster(plan, the_cluster, model, load_profiles(model, the_cluster, profiles))
@@ -65,7 +65,7 @@ def load_topology(plan_path: Path, model_dir: Path, cluster: Path | None, profil
 def check_admission(scheduler: str, max_queue: int, request_timeout: float) -> None:
     """The router options `helix serve --local` passes on as well, checked where the user typed them
     (in serve: before any process starts, not when its router child refuses them)."""
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
     from helix.simulator.schedulers import SCHEDULERS
 
     if scheduler not in SCHEDULERS:
@@ -81,7 +81,7 @@ def router_options(scheduler: str, listen: str, advertise: str | None, max_queue
                    request_timeout: float, step_timeout: float, heartbeat_interval: float,
                    expected_output_tokens: int | None, max_model_len: int,
                    prefill_chunk_tokens: int = 2048, activation_dtype: str = "float32") -> RouterOptions:
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
     from helix.worker.messages import FLOAT_DTYPES
     from helix.worker.router import RouterOptions
 
@@ -188,7 +188,7 @@ def router_command(
 
     Example: helix router --plan plan.json --model ./tiny --workers w0=tcp://127.0.0.1:5601,w1=tcp://127.0.0.1:5602
     """
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
     from helix.worker.router import parse_workers
 
     if not 0 <= port <= 65535:
@@ -232,7 +232,7 @@ def check_api_key(api_key: str | None, host: str, insecure: bool | None = None) 
     (None: the command has no --insecure)."""
     import ipaddress
 
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
 
     if api_key is not None and (not api_key.strip() or not api_key.isprintable() or not api_key.isascii()):
         raise HelixInputError("must be printable ASCII text, not empty", "--api-key")

@@ -57,7 +57,7 @@ from helix.cli import prefork
 from helix.cli.errors import EXIT_BUG, handle_errors
 
 if TYPE_CHECKING:
-    from helix.simulator.plan import Plan
+    from helix.planner.plan import Plan
     from helix.simulator.results import SimulationResult
 
 DEFAULT_WORKERS = 3
@@ -172,7 +172,7 @@ class StartupError(Exception):
 
 
 def _model_layers(model_dir: Path) -> tuple[int, str]:
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
 
     config = model_dir / "config.json"
     if not config.is_file():
@@ -237,7 +237,7 @@ def serve_command(
     Example: helix serve --local   (then: curl http://127.0.0.1:8000/v1/completions -d '{"prompt": "Hi"}' ...)
     """
     from helix.cli.router import check_admission, check_api_key
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
 
     if not local:
         raise HelixInputError("only --local is implemented here; on Kubernetes the operator starts the workers "
@@ -294,8 +294,8 @@ def parse_cpu_list(text: str) -> frozenset[int]:
 def parse_worker_cpus(values: list[str], plan: Plan) -> dict[str, frozenset[int]]:
     """`--worker-cpus TYPE=CPUS` values → machine type → CPUs, checked against the plan's machine types and the
     CPUs this process may use, before anything starts."""
-    from helix.simulator.errors import HelixInputError
-    from helix.simulator.gpus import resolve_gpu
+    from helix.planner.errors import HelixInputError
+    from helix.planner.gpus import resolve_gpu
 
     usable = os.sched_getaffinity(0)
     plan_types = sorted({machine_type(n.gpu) for n in plan.nodes})
@@ -325,8 +325,8 @@ def parse_worker_cpus(values: list[str], plan: Plan) -> dict[str, frozenset[int]
 def machine_type(gpu: str) -> str:
     """A plan node's machine type by its canonical name (the local plan says `cpu`); a name the GPU table
     lacks, as written."""
-    from helix.simulator.errors import HelixInputError
-    from helix.simulator.gpus import resolve_gpu
+    from helix.planner.errors import HelixInputError
+    from helix.planner.gpus import resolve_gpu
 
     try:
         return resolve_gpu(gpu).name
@@ -348,7 +348,7 @@ def format_cpus(cpus: Iterable[int]) -> str:
 def check_device(device: str) -> None:
     """The form only: whether torch sees that device, each worker says as it starts (importing torch here
     would cost every run seconds)."""
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
 
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise HelixInputError(f"expected cpu, cuda or cuda:N, got {device!r}", "--device")
@@ -359,7 +359,7 @@ def _check_port_free(host: str, port: int) -> None:
     every worker has loaded). Bound as aiohttp binds (SO_REUSEADDR), so a port in TIME_WAIT is not refused."""
     import socket
 
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
 
     if port == 0:
         return
@@ -676,7 +676,7 @@ def report_command(
 
     Example: helix report --route-log routes.jsonl
     """
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
     from helix.worker.route_log import summarize
 
     if not warmup >= 0:

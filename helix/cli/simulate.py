@@ -58,7 +58,7 @@ from helix.cli.inputs import (
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
 
-    from helix.simulator.plan import Plan
+    from helix.planner.plan import Plan
     from helix.simulator.requests import Workload
     from helix.simulator.results import SimulationResult
     from helix.simulator.simulate import Progress
@@ -221,7 +221,7 @@ def simulate_command(
     from helix.cli.capacity import print_capacity
     from helix.cli.capacity import search as search_capacity
     from helix.cli.capacity import targets as slo_targets
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
 
     if filename is not None:
         refuse_explicit(ctx, [p.name for p in ctx.command.params if p.name and p.name not in DRY_RUN_OWN])
@@ -352,7 +352,7 @@ def simulate_dry_run(filename: Path, nodes: Path | None, add: list[str] | None, 
 # --- checking options ------------------------------------------------------------------------------
 def check_methods(methods: Sequence[str], option: str) -> None:
     from helix.cli.plan import known_methods
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
 
     known = known_methods()
     for m in methods:
@@ -361,7 +361,7 @@ def check_methods(methods: Sequence[str], option: str) -> None:
 
 
 def check_schedulers(names: Sequence[str], option: str) -> None:
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
     from helix.simulator.schedulers import SCHEDULERS
 
     for name in names:
@@ -370,7 +370,7 @@ def check_schedulers(names: Sequence[str], option: str) -> None:
 
 
 def check_time_limit(value: float | None, default: float) -> float:
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
 
     if value is None:
         return default
@@ -386,7 +386,7 @@ def resolve_window(duration: float | None, warmup: float | None, default_duratio
     Neither given: the defaults. Warm-up not given: `default_warmup` with the default duration, else
     1/7 of the duration.
     """
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
 
     if duration is None and warmup is None and default_warmup is not None:
         warmup = default_warmup
@@ -408,7 +408,7 @@ def resolve_workload(mode: str, lengths: str | None, rate: float | None, cv: flo
 
     A run too big to finish (rate × duration, in-flight cap) is refused here, before any planning.
     """
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
     from helix.simulator.requests import ArrivalProcess, GammaArrivals, PoissonArrivals, TraceArrivals, Workload
     from helix.simulator.simulate import check_run_size
 
@@ -441,7 +441,7 @@ def resolve_workload(mode: str, lengths: str | None, rate: float | None, cv: flo
 
 
 def check_input_file(path: Path, suffixes: tuple[str, ...], option: str) -> None:
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
 
     if path.suffix.lower() not in suffixes:
         raise HelixInputError(f"unknown file type {path.suffix or '(none)'!r}; use {', '.join(suffixes)}", str(path))
@@ -457,7 +457,7 @@ def check_output(path: Path | None, suffixes: tuple[str, ...], option: str) -> N
 
 def check_plots_dir(path: Path | None) -> None:
     """The plots folder may be new, but its parent must exist (a typo should not create a tree)."""
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
 
     if path is None:
         return
@@ -469,7 +469,7 @@ def check_plots_dir(path: Path | None) -> None:
 
 # --- loading ---------------------------------------------------------------------------------------
 def example_cluster() -> Any:
-    from helix.simulator.generators import single_region
+    from helix.planner.generators import single_region
 
     return single_region(EXAMPLE_MIX, name=EXAMPLE_CLUSTER_NAME)
 
@@ -478,7 +478,7 @@ def resolve_inputs(cluster: Path | None, machine_profile: Path | None, mix: str 
                    seed: int, model: str, profiles: Path | None, profile_mix: str | None) -> Inputs:
     """The shared options' cluster, model and profiles; no cluster source means the built-in example cluster."""
     from helix.cli.inputs import load_inputs, load_model
-    from helix.simulator.profiles.loader import load_profiles
+    from helix.planner.profiles.loader import load_profiles
 
     if cluster is None and mix is None and regions is None:
         spec = load_model(model)
@@ -496,19 +496,19 @@ def load_plan_for(path: Path, inputs: Inputs) -> Plan:
     structure: model and layer count, every node in the cluster with the same GPU, ranges inside the
     model, weights within VRAM — `validate_plan` on the plan without its flows checks exactly that.
     """
-    from helix.simulator.errors import HelixInputError
-    from helix.simulator.placement.base import PlacementProblem
-    from helix.simulator.validate import validate_plan
+    from helix.planner.errors import HelixInputError
+    from helix.planner.placement.base import PlacementProblem
+    from helix.planner.validate import validate_plan
 
     where = str(path)
     if inputs.cluster_source.startswith("built-in"):
         where += f" (no --cluster/--mix/--regions: checked against the {inputs.cluster_source} cluster)"
     if path.suffix.lower() == ".ini":
-        from helix.simulator.helix_format import plan_from_helix_solution
+        from helix.planner.helix_format import plan_from_helix_solution
 
         plan = plan_from_helix_solution(path, PlacementProblem(inputs.cluster, inputs.model, inputs.profiles))
     else:
-        from helix.simulator.plan import load_plan
+        from helix.planner.plan import load_plan
 
         plan = load_plan(path)
     structural = plan.model_copy(update={"flows": [], "objective_tokens_per_s": 0.0})
@@ -522,8 +522,8 @@ def load_plan_for(path: Path, inputs: Inputs) -> Plan:
 
 def load_kv_capacity(path: Path, inputs: Inputs) -> dict[str, int]:
     """Per-node KV capacities (token×layer units) from a Helix simulator_cluster.ini, names checked."""
-    from helix.simulator.errors import HelixInputError
-    from helix.simulator.helix_format import load_helix_simulator_cluster
+    from helix.planner.errors import HelixInputError
+    from helix.planner.helix_format import load_helix_simulator_cluster
 
     capacities = load_helix_simulator_cluster(path)
     unknown = [name for name in capacities if name not in inputs.cluster.node_map]
@@ -543,9 +543,9 @@ def place(inputs: Inputs, method: str, time_limit_s: float, seed: int, quiet: bo
     simulates placements on its request lengths.
     """
     from helix.cli.plan import _report_bug, solve
-    from helix.simulator.placement.base import PlacementOptions, PlacementProblem
-    from helix.simulator.placement.heuristics import check_fits
-    from helix.simulator.validate import validate_plan
+    from helix.planner.placement.base import PlacementOptions, PlacementProblem
+    from helix.planner.placement.heuristics import check_fits
+    from helix.planner.validate import validate_plan
 
     problem = PlacementProblem(inputs.cluster, inputs.model, inputs.profiles)
     check_fits(problem)

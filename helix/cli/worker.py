@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
 
 def parse_layers(text: str) -> tuple[int, int]:
     """`A:B` → (A, B) with 0 <= A < B: decoder layers [A, B)."""
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
 
     parts = text.split(":")
     try:
@@ -71,7 +71,7 @@ def normalize_address(address: str) -> str:
 
 def check_model_dir(model: Path, end: int) -> None:
     """The directory holds a transformers config whose layer count contains [.., end)."""
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
 
     if not model.is_dir():
         raise HelixInputError(f"{model}: no such directory", "--model")
@@ -182,7 +182,7 @@ def worker_command(
 
     Example: helix worker --model ./tiny --layers 0:4 --listen tcp://127.0.0.1:5601 --name w0 --keys ./keys
     """
-    from helix.simulator.errors import HelixInputError
+    from helix.planner.errors import HelixInputError
 
     start, end = parse_layers(layers)
     for option, value in (("--threads", threads), ("--kv-capacity-tokens", kv_capacity_tokens),

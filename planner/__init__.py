@@ -1,0 +1,1 @@
+"""The planning core: cluster, model, GPU catalog, profiles, flow graph, placement, validation and plans."""
