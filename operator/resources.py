@@ -24,6 +24,9 @@ the standard labels and `helix.ai/config-hash`, a digest of the object as built 
 compares it with the live object's to patch only what changed. A worker pod's hash covers what can
 only change by re-creating the pod (its spec, its layers), not the plan hash, so a re-plan that keeps
 a node's layers leaves that worker running.
+
+Why one module of about 500 lines: every object the operator creates is built here, so their
+shared labels, owner reference and config hash are computed one way.
 """
 
 from __future__ import annotations

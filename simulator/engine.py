@@ -19,6 +19,10 @@ Speed: events are per node batch, per idle node's wake-up and per coordinator ar
 layer; arrivals at a busy node are appended to a list and only looked at when its batch ends.
 Everything done per request per hop (the bulk of the work) touches only that request, its link and
 its next node: nothing scans other nodes or other requests.
+
+Why one module of about 500 lines: nodes, links and the request lifecycle are one hot loop over
+shared slotted objects (`Flight`, `Step`, `GpuSim`), written out inline for speed; the scheduler,
+the cluster state, the workload and the results live in their own modules.
 """
 
 from __future__ import annotations

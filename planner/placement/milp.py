@@ -19,6 +19,10 @@ tenths of a token/s with capacities rounded up (the solver's bound then stays a 
 plan's objective is recomputed exactly from the ranges afterwards. Half-reified constraints
 (`only_enforce_if`) replace the paper's big-M rows: CP-SAT linearizes them itself and propagates
 them exactly, which is where it beats a plain MILP solver on this model.
+
+Why one module of about 600 lines: the CP-SAT model's construction and the staged search that
+drives it (warm start, coverage, LNS, the full model) share the model's variable layout and flow
+scale; the stages' own logic lives beside it (chain.py, coverage.py, pruning.py, budget.py).
 """
 
 from __future__ import annotations

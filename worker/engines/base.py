@@ -12,6 +12,9 @@ units as the simulator counts it) and every check live here, so both engines beh
 an engine implements only `_execute` (run the layers) and `_free` (drop a request's KV).
 
 This module must not import torch: the router and the transport import these types without it.
+
+Why one module of about 500 lines: the engine contract, the request bookkeeping and every check are
+what makes the two engines behave alike, and they must stay importable without torch.
 """
 
 from __future__ import annotations
