@@ -97,7 +97,7 @@ if TYPE_CHECKING:
 
     from helix.worker.security import CurveKeys, Role
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)  # "helix.worker.server", the name its log lines always had
 
 # Wire dtypes a hidden state may travel as; anything else (float64 in tests) is sent as float32.
 _WIRE_FLOATS = ("float16", "bfloat16", "float32")
