@@ -86,7 +86,7 @@ def machine(device: str) -> dict[str, Any]:
                 "transformers": transformers.__version__}
     if importlib.util.find_spec("vllm") is not None:
         versions["vllm"] = serving_load.vllm_version()
-    from helix.worker.engines.torch_engine import resolve_device
+    from helix.worker.engines.torch_loading import resolve_device
     from helix.worker.profiling import device_name
 
     return {"device": device_name(resolve_device(device)), "cores": os.cpu_count(), **versions}

@@ -31,7 +31,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from helix.planner.plan import NodeAssignment, Plan  # noqa: E402
 from helix.worker.engines import Engine, EngineError, StepInput, StepOutput, load_engine  # noqa: E402
-from helix.worker.engines.torch_engine import EXPERT_LAYOUTS, TorchEngine  # noqa: E402
+from helix.worker.engines.torch_engine import TorchEngine  # noqa: E402
+from helix.worker.engines.torch_loading import EXPERT_LAYOUTS  # noqa: E402
 from helix.worker.tiny_model import BOS_ID, create_tiny_model  # noqa: E402
 from tests.test_torch_engine import PROMPTS, make_reference, serve  # noqa: E402
 

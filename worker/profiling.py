@@ -195,7 +195,7 @@ def resolve_source(name_or_dir: str) -> ModelSource:
     if any(folder.glob("*.safetensors")):
         return ModelSource(spec, folder, None, f"{folder} (its weights)")
     from helix.worker.engines.base import EngineError
-    from helix.worker.engines.torch_engine import load_config
+    from helix.worker.engines.torch_loading import load_config
 
     try:
         config = load_config(folder)
@@ -241,7 +241,7 @@ def write_random_shard(config: Any, folder: Path, start: int, end: int, dtype: t
     from safetensors.torch import save_file
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from helix.worker.engines.torch_engine import EXPERT_LAYOUTS, model_classes
+    from helix.worker.engines.torch_loading import EXPERT_LAYOUTS, model_classes
 
     folder.mkdir(parents=True, exist_ok=True)
     layer_cls = model_classes(config)[0]
@@ -468,7 +468,7 @@ def resolve_settings(settings: ProfileSettings) -> tuple[ProfileSettings, ModelS
     if settings.gpu is not None:
         resolve_gpu(settings.gpu, "--gpu")
     from helix.worker.engines import EngineError, EngineUnavailableError, get_engine
-    from helix.worker.engines.torch_engine import resolve_device
+    from helix.worker.engines.torch_loading import resolve_device
 
     for option, check in (("--engine", lambda: get_engine(settings.engine)),
                           ("--device", lambda: resolve_device(settings.device))):
@@ -485,7 +485,7 @@ def profile_model(settings: ProfileSettings, progress: Progress | None = None) -
     import torch
 
     from helix.worker.engines import load_engine
-    from helix.worker.engines.torch_engine import DTYPES, resolve_device
+    from helix.worker.engines.torch_loading import DTYPES, resolve_device
 
     say = progress or (lambda _text: None)
     assert settings.dtype is not None

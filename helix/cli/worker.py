@@ -201,7 +201,7 @@ def worker_command(
     from helix.worker.engines import EngineError, get_engine
 
     engine_check("--engine", lambda: get_engine(engine))  # imports the engine's libraries: a missing one is refused
-    from helix.worker.engines.torch_engine import load_config, resolve_device, resolve_dtype
+    from helix.worker.engines.torch_loading import load_config, resolve_device, resolve_dtype
 
     config = engine_check("--model", lambda: load_config(model))
     torch_device = engine_check("--device", lambda: resolve_device(device))

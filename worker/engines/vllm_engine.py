@@ -41,14 +41,8 @@ from helix.worker.engines.base import (
     StepOutput,
     register_engine,
 )
-from helix.worker.engines.torch_engine import (
-    CPU_DEFAULT_KV_BYTES,
-    DEFAULT_GPU_KV_FRACTION,
-    load_config,
-    resolve_device,
-    resolve_dtype,
-    sample_token,
-)
+from helix.worker.engines.torch_engine import CPU_DEFAULT_KV_BYTES, DEFAULT_GPU_KV_FRACTION, sample_token
+from helix.worker.engines.torch_loading import load_config, resolve_device, resolve_dtype
 from helix.worker.engines.vllm_compat import NULL_BLOCK, PagedAttention, VllmShard
 
 
