@@ -2,16 +2,17 @@
 
 - `limits`: the protocol version, the size and count bounds, `MessageError` / `MessageTooLarge`.
 - `tensor`: the dtype allow-list (`DTYPES`, `FLOAT_DTYPES`) and `Tensor`, with bfloat16 as bits.
-- `codec`: the frame layout; `encode` / `decode`, the strict field readers and the message base.
+- `codec`: the frame layout; `encode` / `decode`, the strict field readers, the message base and the
+  registry of kinds `decode` reads (`KINDS`, filled by `schema`).
 - `records`: the values nested in messages: `Hop`, `HopTiming`, `Sampling`.
 - `schema`: the message kinds (`Forward`, `Token`, `Release`, `Error`, `Status` alias `Heartbeat`,
-  `Ping`), `Message`, `KINDS`, `Phase`, `FinishReason` and `max_hidden_tokens`.
+  `Ping`), `Message`, `Phase`, `FinishReason` and `max_hidden_tokens`.
 
 Importers use `helix.worker.messages` (this package), never a submodule, so the cut between the
 submodules can move without touching them.
 """
 
-from helix.worker.messages.codec import Buffer, decode, encode
+from helix.worker.messages.codec import KINDS, Buffer, decode, encode
 from helix.worker.messages.limits import (
     DEFAULT_MAX_MESSAGE_BYTES,
     FORWARD_HEADER_RESERVE_BYTES,
@@ -28,7 +29,6 @@ from helix.worker.messages.limits import (
 )
 from helix.worker.messages.records import Hop, HopTiming, Sampling
 from helix.worker.messages.schema import (
-    KINDS,
     Error,
     FinishReason,
     Forward,

@@ -17,10 +17,8 @@ Apart from the schema (`schema.py`, `records.py`) because this is where a peer's
 meet the process: the checks on the bytes themselves (sizes, frame counts, dtypes against frame
 lengths, field types and ranges, unknown or missing fields) are all here, in one place to audit,
 and the kinds only list their fields (`_to_wire` / `_from_wire`, written against `_Fields` and
-`_TensorTable`) and the rules across them. `decode` looks a kind up in the schema's `KINDS`, and
-the kinds are built on `_Message`, so the schema is imported at the bottom of this module, once
-`_Message` exists (the package imports `codec` before `schema`; the other order fails at import,
-loudly).
+`_TensorTable`) and the rules across them. `decode` looks a kind up in `KINDS`, the registry the
+schema fills as it defines the kinds on `_Message`, so this module never imports the schema.
 """
 
 from __future__ import annotations
@@ -152,6 +150,15 @@ def _check_str(v: object, where: str, max_len: int = MAX_ID_CHARS) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # The message base: a kind's header map to frames, and the tensors a header references
+
+
+#: Every message kind by its wire name, registered by schema.py as it defines them (`register_kinds`).
+KINDS: dict[str, type[Message]] = {}
+
+
+def register_kinds(*kinds: type[Message]) -> None:
+    """Make `decode` read these kinds (each by its `KIND`)."""
+    KINDS.update({cls.KIND: cls for cls in kinds})
 
 
 class _Message:
@@ -308,7 +315,3 @@ def _decode_tensor(spec: object, view: memoryview, where: str) -> Tensor:
     if expected != view.nbytes:
         raise MessageError(f"{where}: {name}{shape} needs {expected} bytes, frame has {view.nbytes}")
     return Tensor(np.frombuffer(view, dtype=dtype).reshape(shape), name)
-
-
-# The kinds subclass `_Message` (above), so their registry can only be imported once it is defined.
-from helix.worker.messages.schema import KINDS  # noqa: E402

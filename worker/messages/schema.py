@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias
 
 import numpy as np
 
-from helix.worker.messages.codec import _Fields, _Message, _put_tensor, _TensorTable
+from helix.worker.messages.codec import _Fields, _Message, _put_tensor, _TensorTable, register_kinds
 from helix.worker.messages.limits import (
     DEFAULT_MAX_MESSAGE_BYTES,
     FORWARD_HEADER_RESERVE_BYTES,
@@ -406,4 +406,4 @@ def max_hidden_tokens(hidden_size: int, dtype: str = "float32", max_bytes: int =
 
 
 Message: TypeAlias = Forward | Token | Release | Error | Status | Ping
-KINDS: dict[str, type[Message]] = {cls.KIND: cls for cls in (Forward, Token, Release, Error, Status, Ping)}
+register_kinds(Forward, Token, Release, Error, Status, Ping)
