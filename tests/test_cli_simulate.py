@@ -15,14 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from helix.cli.app import app
-from helix.cli.simulate import (
-    EXAMPLE_CLUSTER_NAME,
-    EXAMPLE_SYSTEMS,
-    SimulationView,
-    resolve_inputs,
-    resolve_window,
-    run_example,
-)
+from helix.cli.simulate_options import EXAMPLE_CLUSTER_NAME, resolve_inputs, resolve_window
+from helix.cli.simulate_run import EXAMPLE_SYSTEMS, SimulationView, run_example
 from helix.planner.errors import HelixInputError
 from helix.simulator.requests import BUILTIN_LENGTHS, Workload
 from helix.simulator.result_plots import moving_average, write_result_plots

@@ -17,6 +17,7 @@ from helix.cli.inputs import (
     DEFAULT_MODEL,
     ClusterOption,
     Inputs,
+    LengthsOption,
     MachineProfileOption,
     MixOption,
     ModelOption,
@@ -24,7 +25,7 @@ from helix.cli.inputs import (
     ProfilesOption,
     RegionsOption,
 )
-from helix.cli.simulate import (
+from helix.cli.simulate_options import (
     DEFAULT_DURATION_S,
     DEFAULT_TIME_LIMIT_S,
     EXAMPLE_TIME_LIMIT_S,
@@ -34,15 +35,14 @@ from helix.cli.simulate import (
     ArrivalsOption,
     CvOption,
     DurationOption,
-    LengthsOption,
     MaxInFlightOption,
     ModeOption,
     QuietOption,
     RateOption,
-    Run,
     SimSeedOption,
     WarmupOption,
 )
+from helix.cli.simulate_report import Run
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -104,7 +104,7 @@ def compare_command(
     Without a cluster option it uses the built-in example cluster (4 A100-40G, 8 L4, 12 T4).
     Example: helix compare --mix A100-40G:2,L4:4,T4:4 --methods greedy-flow,petals,swarm --duration 600
     """
-    from helix.cli.simulate import (
+    from helix.cli.simulate_options import (
         check_methods,
         check_output,
         check_schedulers,
@@ -130,7 +130,7 @@ def compare_command(
     inputs = resolve_inputs(cluster, machine_profile, mix, regions, seed, model, profiles, profile_mix)
     runs = run_grid(inputs, method_list, scheduler_list, time_limit_s=limit, quiet=quiet, mode=mode,
                     duration_s=duration_s, warmup_s=warmup_s, seed=seed, workload=workload)
-    from helix.cli.simulate import stdout_console, summary_line
+    from helix.cli.simulate_report import stdout_console, summary_line
 
     out = stdout_console()
     if quiet:
@@ -149,7 +149,7 @@ def run_grid(inputs: Inputs, methods: list[str], schedulers: list[str], *, time_
     """Place with each method once, then simulate that placement under each scheduler."""
     import sys
 
-    from helix.cli.simulate import place, run_simulation
+    from helix.cli.simulate_run import place, run_simulation
 
     runs: list[Run] = []
     total = len(methods) * len(schedulers)
@@ -169,7 +169,7 @@ def print_grid(console: Console, runs: list[Run], methods: list[str], schedulers
     """Rows = placement, columns = scheduler, cells = decode tokens/s; the best cell bold."""
     from rich.table import Table
 
-    from helix.cli.simulate import cluster_text, workload_text
+    from helix.cli.simulate_report import cluster_text, workload_text
 
     cell = {(r.method, r.scheduler): r for r in runs}
     best = max(r.result.decode_throughput_tokens_per_s for r in runs)

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from helix.cli.plan_report import print_plan
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -137,7 +139,6 @@ def print_dry_run(console: Console, dry: DryRun, nodes_source: Path) -> None:
     from rich.table import Table
 
     from helix.cli.inputs import Inputs
-    from helix.cli.plan import print_plan
 
     o, hc = dry.outcome, dry.cluster
     console.print(f"[bold]HelixCluster {hc.namespace}/{hc.name}[/] — dry run on {len(dry.nodes)} nodes from "

@@ -91,7 +91,7 @@ def experiment_command(
     config = _config(quick, time_limit, duration, model, mode, seed, workers, reference, no_reference)
     check_config(experiments, config, run_all)
 
-    from helix.cli.simulate import stdout_console
+    from helix.cli.simulate_report import stdout_console
 
     console = stdout_console()
     started = time.monotonic()
@@ -158,7 +158,7 @@ def _print_list() -> None:
     from rich import box
     from rich.table import Table
 
-    from helix.cli.simulate import stdout_console
+    from helix.cli.simulate_report import stdout_console
     from helix.experiments.registry import EXPERIMENTS
     from helix.experiments.runner import RunConfig
 

@@ -696,7 +696,7 @@ def print_report(result: SimulationResult) -> None:
     """The simulator's tables (throughput, latency percentiles, nodes) for a real run."""
     from rich.table import Table
 
-    from helix.cli.simulate import latency_table, node_table, stdout_console
+    from helix.cli.simulate_report import latency_table, node_table, stdout_console
 
     console = stdout_console()
     c = result.config
