@@ -16,8 +16,9 @@ from helix import __version__
 
 #: Modules whose `register(app)` adds commands, in help order.
 COMMAND_MODULES: tuple[str, ...] = ("helix.cli.plan", "helix.cli.simulate", "helix.cli.compare", "helix.cli.profile",
-                                     "helix.cli.worker", "helix.cli.router", "helix.cli.serve", "helix.cli.keys",
-                                     "helix.cli.cluster", "helix.cli.crd", "helix.cli.experiment", "helix.cli.operator")
+                                     "helix.cli.worker", "helix.cli.router", "helix.cli.serve", "helix.cli.report",
+                                     "helix.cli.keys", "helix.cli.cluster", "helix.cli.crd", "helix.cli.experiment",
+                                     "helix.cli.operator")
 
 app = typer.Typer(
     name="helix",

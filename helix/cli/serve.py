@@ -30,13 +30,13 @@ Bad input (options, the model folder, a plan that does not fit the model, router
 on, an HTTP port another process holds) is one line on stderr and exit 2 before anything is created
 or started.
 
-`helix report --route-log FILE` turns a router's route log into the simulator's results table.
+A child process, and waiting for, restarting and stopping the children, are `helix.cli.serve_processes`'s;
+`helix report`, which reads a run's route log afterwards, is `helix.cli.report`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -44,8 +44,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
-from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -55,120 +53,22 @@ import typer
 
 from helix.cli import prefork
 from helix.cli.errors import EXIT_BUG, handle_errors
+from helix.cli.serve_processes import Child, StartupError, _stop_all, _supervise, _wait_healthy
 
 if TYPE_CHECKING:
     from helix.planner.plan import Plan
-    from helix.simulator.results import SimulationResult
 
 DEFAULT_WORKERS = 3
 #: The model serve creates when none is given: its folder name (the served model name) and depth.
 TINY_NAME = "tiny-llama"
 TINY_LAYERS = 8
 STARTUP_TIMEOUT_S = 180.0
-STOP_GRACE_S = 5.0
-RESTART_DELAY_S = 0.5
-LOG_TAIL_LINES = 15
 EXIT_STARTUP = 1
 EXIT_INTERRUPTED = 130
 
 
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve_command)
-    app.command("report")(report_command)
-
-
-# ---------------------------------------------------------------------------------------------
-# Child processes
-
-
-@dataclass
-class Child:
-    """One supervised process: its `helix` arguments, its stdout lines and where its stderr goes; a worker given its own
-    CPUs (`--worker-cpus`) also carries them and its own environment (OMP_NUM_THREADS), kept across restarts."""
-
-    name: str
-    argv: list[str]
-    log_path: Path
-    cpus: frozenset[int] | None = None
-    env: dict[str, str] = field(default_factory=dict)
-    process: prefork.ForkedProcess | None = None
-    lines: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
-    reader: asyncio.Task[None] | None = None
-    pids: list[int] = field(default_factory=list)
-    restarts: int = 0
-
-    async def start(self, env: dict[str, str]) -> None:
-        """Forked from the pre-loaded forkserver (helix.cli.prefork): the same command line as its own program,
-        in its own session (Ctrl-C reaches serve only; serve stops the children in order)."""
-        self.lines = asyncio.Queue()
-        self.process = await prefork.start(self.argv, {**env, **self.env}, self.log_path, self.cpus)
-        self.pids.append(self.process.pid)
-        self.reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.process is not None and self.process.stdout is not None
-        async for raw in self.process.stdout:
-            self.lines.put_nowait(raw.decode(errors="replace").rstrip("\n"))
-
-    async def expect(self, prefix: str, timeout_s: float) -> dict[str, Any]:
-        """The JSON of the first stdout line `prefix {json}`; fails if the process exits first."""
-        assert self.process is not None
-        deadline = time.monotonic() + timeout_s
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise StartupError(f"{self.name} did not report '{prefix}' within {timeout_s:g} s", self)
-            getter = asyncio.create_task(self.lines.get())
-            waiter = asyncio.create_task(self.process.wait())
-            done, _ = await asyncio.wait({getter, waiter}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            if getter in done:
-                line = getter.result()
-                if line.startswith(prefix + " "):
-                    return dict(json.loads(line[len(prefix) + 1:]))
-                continue
-            getter.cancel()
-            if waiter in done:
-                raise StartupError(f"{self.name} exited with code {self.process.returncode} while starting", self)
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.returncode is None
-
-    async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
-        """SIGTERM, then SIGKILL after `grace_s`; waits until it is gone."""
-        proc = self.process
-        if proc is None:
-            return
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), grace_s)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-        if self.reader is not None:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(self.reader, 1.0)
-
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        try:
-            with self.log_path.open(errors="replace") as handle:
-                return "".join(deque(handle, maxlen=lines))
-        except OSError:
-            return ""
-
-
-class StartupError(Exception):
-    def __init__(self, message: str, child: Child | None = None) -> None:
-        super().__init__(message)
-        self.child = child
-
-
-# ---------------------------------------------------------------------------------------------
-# serve
 
 
 def _model_layers(model_dir: Path) -> tuple[int, str]:
@@ -551,43 +451,6 @@ async def _start_workers(plan: Plan, model: Path, children: dict[str, Child], lo
     return addresses
 
 
-#: While waiting for workers, a line at least this often says which are still loading.
-PROGRESS_EVERY_S = 5.0
-
-
-async def _wait_healthy(url: str, children: dict[str, Child], timeout_s: float, say: Any) -> None:
-    """Poll /healthz until every worker is up (a route alone is not enough: show the whole plan serving),
-    saying each worker that comes up and, every few seconds, which ones it still waits for."""
-    import aiohttp
-
-    start = time.monotonic()
-    deadline = start + timeout_s
-    seen_up: set[str] = set()
-    next_note = start + PROGRESS_EVERY_S
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            for child in children.values():
-                if not child.running:
-                    code = child.process.returncode if child.process else None
-                    raise StartupError(f"{child.name} exited with code {code} while starting", child)
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
-                async with session.get(f"{url}/healthz", timeout=aiohttp.ClientTimeout(total=2)) as resp:
-                    workers = (await resp.json()).get("workers", {})
-                    for name, info in workers.items():
-                        if info.get("up") and name not in seen_up:
-                            seen_up.add(name)
-                            say(f"  {name} is up ({len(seen_up)} of {len(workers)})")
-                    if resp.status == 200 and workers and len(seen_up) == len(workers) and all(
-                            w.get("up") for w in workers.values()):
-                        return
-                    if time.monotonic() >= next_note:
-                        waiting = sorted(n for n, w in workers.items() if not w.get("up"))
-                        say(f"  still loading: {', '.join(waiting)} ({time.monotonic() - start:.0f} s)")
-                        next_note = time.monotonic() + PROGRESS_EVERY_S
-            await asyncio.sleep(0.2)
-    raise StartupError(f"the router at {url} did not become healthy within {timeout_s:g} s", children.get("router"))
-
-
 def _announce(url: str, plan: Plan, children: dict[str, Child], addresses: dict[str, str],
               compute: dict[str, dict[str, Any]], model_name: str, logs: Path, say: Any, api_key: str | None) -> None:
     router = children["router"]
@@ -611,115 +474,3 @@ def _announce(url: str, plan: Plan, children: dict[str, Child], addresses: dict[
     pids = {name: c.process.pid for name, c in children.items() if c.process is not None}
     print("serving " + json.dumps({"url": url, "model": model_name, "pids": pids, "workers": addresses,
                                    "compute": compute, "logs": str(logs)}), flush=True)
-
-
-async def _supervise(children: dict[str, Child], addresses: dict[str, str], env: dict[str, str], restart: bool,
-                     stop: asyncio.Event, say: Any) -> bool:
-    """Until a signal: restart workers that exit; a router that exits ends serve (True)."""
-    while not stop.is_set():
-        waits = {asyncio.create_task(c.process.wait()): c for c in children.values()
-                 if c.process is not None and c.process.returncode is None}
-        stopper = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait({stopper, *waits}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (stopper, *waits):
-            task.cancel()
-        if stop.is_set():
-            return False
-        for task in done:
-            child = waits.get(task)
-            if child is None or child.process is None:
-                continue
-            code = child.process.returncode
-            if child.name == "router":
-                say(f"the router exited with code {code}; stopping\n{child.log_tail()}")
-                return True
-            if not restart:
-                say(f"worker {child.name} exited with code {code}; not restarting (--no-restart)")
-                continue
-            say(f"worker {child.name} exited with code {code}; restarting on {addresses[child.name]} in "
-                f"{RESTART_DELAY_S:g} s")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), RESTART_DELAY_S)
-            if stop.is_set():
-                return False
-            child.restarts += 1
-            await child.start(env)
-            assert child.process is not None
-            print("restarted " + json.dumps({"node": child.name, "pid": child.process.pid,
-                                             "address": addresses[child.name]}), flush=True)
-    return False
-
-
-async def _stop_all(children: dict[str, Child]) -> None:
-    """The router first (it releases its requests' KV on the workers), then every worker at once."""
-    router = children.get("router")
-    if router is not None:
-        await router.stop()
-    await asyncio.gather(*(c.stop() for name, c in children.items() if name != "router"))
-
-
-# ---------------------------------------------------------------------------------------------
-# report
-
-
-@handle_errors
-def report_command(
-    route_log: Annotated[Path, typer.Option("--route-log", metavar="FILE", show_default=False,
-                                            help="A route log written by helix router / helix serve.")],
-    warmup: Annotated[float, typer.Option("--warmup", metavar="SECONDS",
-                                          help="Leave out the first seconds of the run.")] = 0.0,
-    output: Annotated[Path | None, typer.Option("--output", "-o", metavar="results.json", show_default=False,
-                                                help="Also write the results as JSON (the simulator's format).")]
-        = None,
-) -> None:
-    """Print the simulator's results table for a real run, from the router's route log.
-
-    Example: helix report --route-log routes.jsonl
-    """
-    from helix.planner.errors import HelixInputError
-    from helix.worker.route_log import summarize
-
-    if not warmup >= 0:
-        raise HelixInputError(f"must be 0 or more, got {warmup:g}", "--warmup")
-    if output is not None and (output.suffix != ".json" or not output.parent.is_dir()):
-        raise HelixInputError("must be a .json file in an existing folder", "--output")
-    result = summarize(route_log, warmup_s=warmup)
-    if warmup >= result.simulated_s > 0:
-        raise HelixInputError(f"the log spans {result.simulated_s:.1f} s; nothing is left after the warm-up",
-                              "--warmup")
-    print_report(result)
-    if output is not None:
-        output.write_text(result.to_json())
-
-
-def print_report(result: SimulationResult) -> None:
-    """The simulator's tables (throughput, latency percentiles, nodes) for a real run."""
-    from rich.table import Table
-
-    from helix.cli.simulate_report import latency_table, node_table, stdout_console
-
-    console = stdout_console()
-    c = result.config
-    w0, w1 = result.window_s
-    w = c.get("workload", {})
-    plan = c.get("plan") or {}
-    statuses = c.get("requests_by_status") or {}
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column()
-    grid.add_row("decode throughput", f"{result.decode_throughput_tokens_per_s:,.1f} tokens/s over {w0:g}–{w1:g} s")
-    grid.add_row("total throughput", f"{result.total_throughput_tokens_per_s:,.1f} tokens/s (prompt + decode tokens)")
-    grid.add_row("max flow", f"{result.max_flow_tokens_per_s:,.1f} tokens/s (the plan's)")
-    grid.add_row("requests", f"{result.requests_admitted:,} admitted, {result.requests_finished:,} finished, "
-                             f"{c.get('requests_dropped', 0):,} refused, {c.get('reroutes', 0):,} re-routed"
-                 + (f"; by status: {', '.join(f'{k} {v}' for k, v in sorted(statuses.items()))}" if statuses else ""))
-    scheduler = c.get("scheduler") or {}
-    grid.add_row("served", f"{c.get('model')} ({len(result.nodes)} nodes), plan {plan.get('method', '?')}, "
-                           f"scheduler {scheduler.get('scheduler', '?') if isinstance(scheduler, dict) else scheduler}")
-    grid.add_row("workload", f"observed: {w.get('requests', 0)} requests, mean {w.get('input_mean', 0):g} in / "
-                             f"{w.get('output_mean', 0):g} out")
-    grid.add_row("run", f"{result.simulated_s:,.1f} s of route log ({result.events:,} events)")
-    console.print(f"[bold]{c.get('model')} — real run from {c.get('path') or 'a route log'}[/]")
-    console.print(grid)
-    console.print(latency_table(result))
-    console.print(node_table(result))
