@@ -36,7 +36,8 @@ from helix.operator.replan import kept_plan, layers_moved, least_movement, witho
 from helix.operator.slo import GateResult, run_gate, serve_offline
 from helix.planner.cluster import Cluster
 from helix.planner.errors import HelixInputError
-from helix.planner.model import MODEL_CATALOG, ModelSpec, catalog_model, model_from_hf_dict
+from helix.planner.hf_config import model_from_hf_dict
+from helix.planner.model import MODEL_CATALOG, ModelSpec, catalog_model
 from helix.planner.placement.base import PlacementOptions, PlacementProblem, plan_placement
 from helix.planner.placement.heuristics import check_fits
 from helix.planner.plan import Plan

@@ -21,7 +21,7 @@ from helix.cli.app import app
 from helix.cli.inputs import connectivity_problems, load_cluster, selection_option
 from helix.cli.plan_report import summary_items
 from helix.planner.cluster import Cluster, GpuNode, Link, load_cluster_yaml
-from helix.planner.model import resolve_model
+from helix.planner.hf_config import resolve_model
 from helix.planner.placement.selection import AUTO_MAX_NODES, SELECTION_MODES
 from helix.planner.plan import Plan, load_plan
 from helix.planner.profiles.loader import load_profiles

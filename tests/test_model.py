@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from helix.planner.errors import HelixInputError
-from helix.planner.model import MODEL_CATALOG, ModelSpec, model_from_hf_config, resolve_model
+from helix.planner.hf_config import model_from_hf_config, resolve_model
+from helix.planner.model import MODEL_CATALOG, ModelSpec
 
 # Published parameter counts (billions) the shapes must reproduce, embeddings and LM head included.
 PUBLISHED_PARAMS_B = {

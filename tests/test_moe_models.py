@@ -20,14 +20,8 @@ from helix.cli.app import app
 from helix.planner.cluster import GpuNode
 from helix.planner.errors import HelixInputError
 from helix.planner.gpus import GPU_SPECS
-from helix.planner.model import (
-    MODEL_CATALOG,
-    LayerKind,
-    ModelSpec,
-    model_from_hf_config,
-    model_from_hf_dict,
-    resolve_model,
-)
+from helix.planner.hf_config import model_from_hf_config, model_from_hf_dict, resolve_model
+from helix.planner.model import MODEL_CATALOG, LayerKind, ModelSpec
 from helix.planner.profiles.measured import (
     MeasuredProfileFile,
     MeasuredProfiles,

@@ -22,7 +22,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from helix.cli.app import app  # noqa: E402
 from helix.planner.cluster import GpuNode  # noqa: E402
-from helix.planner.model import resolve_model  # noqa: E402
+from helix.planner.hf_config import resolve_model  # noqa: E402
 from helix.planner.profiles.measured import MeasuredProfileFile, MeasuredProfiles  # noqa: E402
 from helix.worker.profiling import Grid, kv_tokens_needed, resolve_source, write_random_shard  # noqa: E402
 from helix.worker.tiny_model import create_tiny_model, tiny_config  # noqa: E402

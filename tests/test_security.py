@@ -25,7 +25,7 @@ import zmq.asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
 from helix.planner.errors import HelixInputError
-from helix.planner.model import model_from_hf_config
+from helix.planner.hf_config import model_from_hf_config
 from helix.planner.plan import NodeAssignment, Plan
 from helix.worker.api import create_app, load_served_model
 from helix.worker.messages import Error, Forward, Hop, Ping, Release, Sampling, Status, Token

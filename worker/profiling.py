@@ -56,7 +56,8 @@ from typing import TYPE_CHECKING, Any
 
 from helix.planner.errors import HelixInputError
 from helix.planner.gpus import CPU_SPEC, resolve_gpu
-from helix.planner.model import MODEL_CATALOG, ModelSpec, catalog_model, model_from_hf_config
+from helix.planner.hf_config import model_from_hf_config
+from helix.planner.model import MODEL_CATALOG, ModelSpec, catalog_model
 from helix.planner.profiles.base import WorkloadAssumptions
 from helix.planner.profiles.measured import DecodeTable, MachineProfile, PromptTable
 

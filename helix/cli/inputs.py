@@ -179,7 +179,7 @@ def check_connected(cluster: Cluster, where: str) -> None:
 
 
 def load_model(name_or_path: str) -> ModelSpec:
-    from helix.planner.model import resolve_model
+    from helix.planner.hf_config import resolve_model
 
     return resolve_model(name_or_path)
 

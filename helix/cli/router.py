@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
 def load_topology(plan_path: Path, model_dir: Path, cluster: Path | None, profiles: Path | None) -> Topology:
     """The plan and what its flows are computed from: the cluster file when given, else the plan itself."""
     from helix.planner.errors import HelixInputError
-    from helix.planner.model import model_from_hf_config
+    from helix.planner.hf_config import model_from_hf_config
     from helix.worker.router import Topology, load_served_plan
 
     if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
