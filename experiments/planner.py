@@ -268,7 +268,7 @@ class PruningAblation(Experiment):
                 for label, keep in self.VARIANTS:
                     s = ctx.served(cluster, model, "milp", prune_keep=keep)
                     size = s.plan.config.get("model_size") or {}
-                    sizes = {"paper_rows": None, "paper_cols": None}
+                    sizes: dict[str, float | None] = {"paper_rows": None, "paper_cols": None}
                     if keep == 0 and model == "llama2-70b":
                         sizes = {k: ctx.paper_value(PatternValue(PLANNER_SECTION, pattern)) for k, pattern in (
                             ("paper_rows", rf"{nodes}-node(?: MILP)? (\d+) rows"),

@@ -48,6 +48,8 @@ class LengthSampler(Protocol):
 
     def describe(self) -> dict[str, Any]: ...
 
+    def __hash__(self) -> int: ...  # the served estimate caches the mixes a sampler draws (request_mixes)
+
 
 def _rows(path: Path, columns: tuple[str, str]) -> Iterator[tuple[int, int, int]]:
     """(line number, a, b) for every data row of a two-column integer CSV with an optional header."""

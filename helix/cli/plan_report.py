@@ -125,7 +125,7 @@ def summary_items(plan: Plan, total_nodes: int, used_nodes: int) -> list[tuple[s
     if plan.bound_tokens_per_s is not None:
         bound = plan.bound_tokens_per_s
         text = f"{bound:.1f} tokens/s (proven, on max flow)"
-        if plan.gap is not None and differs and bound > 0:
+        if plan.gap is not None and differs and optimum is not None and bound > 0:
             text += (f": the optimum found is within {(bound - optimum) / bound:.2%} of it "
                      f"({config.get('max_flow_status')}); the served plan, {plan.gap:.2%} below it, gives up max flow "
                      "for served throughput")

@@ -378,7 +378,7 @@ def _ephemeral_keys(tmp: Path) -> dict[str, Path]:
     from helix.worker.security import ROLES, ClusterKeys
 
     keys = ClusterKeys.generate()
-    folders = {}
+    folders: dict[str, Path] = {}
     for role in ROLES:
         folder = folders[role] = tmp / "keys" / role
         folder.mkdir(mode=0o700, parents=True)

@@ -11,6 +11,7 @@ the way Helix's model manager does, so all sources feed the planner the same kin
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from itertools import accumulate
 from typing import Any, ClassVar
@@ -280,7 +281,7 @@ class MixedPrecisionProfiles(Profiles):
     about a node goes to the profiles of the precision it holds. The variants describe the same
     stack (same layer kinds, so the same cost classes) with smaller weights."""
 
-    def __init__(self, native: Profiles, precisions: dict[str, str]) -> None:
+    def __init__(self, native: Profiles, precisions: Mapping[str, str]) -> None:
         super().__init__(native.model, native.workload)
         self.native = native
         self.precisions = dict(sorted(precisions.items()))

@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
@@ -140,7 +140,7 @@ class MeasuredProfileFile(BaseModel):
             raise ValueError(f"unknown model fields {unknown}; allowed: {sorted(_SHAPE_FIELDS)}")
         for name in set(value) & set(ARCHITECTURE_FIELDS):  # nested: a typo inside must not pass as a mismatch
             try:
-                TypeAdapter(ModelSpec.model_fields[name].annotation).validate_python(value[name])
+                TypeAdapter(cast(Any, ModelSpec.model_fields[name].annotation)).validate_python(value[name])
             except ValidationError as exc:
                 raise ValueError(f"model_shape.{name}: {pydantic_message(exc)}") from None
         return value

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from helix.planner.cluster import GpuNode
 from helix.planner.errors import HelixInputError
@@ -74,8 +74,10 @@ def quantized_model(model: ModelSpec, name: str) -> ModelSpec:
                               "--allow-quantize")
     target = quant.precision.bytes_per_param
     given = model.weight_precision or WeightPrecisions()
-    groups = ("attention", "mlp", "experts") if model.moe is not None else ("attention", "mlp")
-    update = {g: quant.precision if target < model._bytes_per_param(g) else getattr(given, g) for g in groups}
+    groups: tuple[Literal["attention", "mlp", "experts"], ...] = (
+        ("attention", "mlp", "experts") if model.moe is not None else ("attention", "mlp"))
+    update: dict[str, Any] = {g: quant.precision if target < model._bytes_per_param(g) else getattr(given, g)
+                              for g in groups}
     out = model.model_copy(update={"weight_precision": given.model_copy(update=update)})
     if out.layer_weight_bytes >= model.layer_weight_bytes:
         raise HelixInputError(f"{model.name}'s weights are already at or below {name} ({quant.scheme}): "
