@@ -21,6 +21,8 @@ R = TypeVar("R")
 EXIT_INPUT = 2
 #: Exit code for a bug the CLI caught itself (e.g. a plan that fails validation).
 EXIT_BUG = 1
+#: Stopped by Ctrl-C (the shell's convention for SIGINT).
+EXIT_INTERRUPTED = 130
 
 
 def one_line(text: str) -> str:

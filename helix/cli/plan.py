@@ -32,7 +32,7 @@ from helix.cli.dry_run import (
     run_dry,
 )
 from helix.cli.dry_run import summary_line as dry_run_line
-from helix.cli.errors import EXIT_BUG, handle_errors
+from helix.cli.errors import EXIT_BUG, EXIT_INTERRUPTED, handle_errors
 from helix.cli.inputs import (
     DEFAULT_MODEL,
     DEFAULT_SELECTION,
@@ -51,7 +51,7 @@ from helix.cli.inputs import (
     resolve_lengths,
     selection_option,
 )
-from helix.cli.plan_report import _report_bug, precision_line, print_plan, summary_line
+from helix.cli.plan_report import precision_line, print_plan, report_bug, summary_line
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -62,7 +62,6 @@ if TYPE_CHECKING:
 PLAN_SUFFIXES = (".json", ".yaml", ".yml")
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 SOLVER_PANEL = "Solver"
-EXIT_INTERRUPTED = 130  # the shell convention for SIGINT
 OUTPUT_PANEL = "Output"
 
 
@@ -178,18 +177,7 @@ def plan_command(
 
     # Every method checks too; here it fails before any progress display (at the most compact precision allowed).
     check_fits(most_compact(problem, quantize))
-    try:
-        plan = solve(problem, method, options, quiet=quiet)
-    except KeyboardInterrupt:  # before the MILP's own handler is installed (warm start) or a heuristic
-        print("error: interrupted before a plan was found", file=sys.stderr, flush=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-
-    from helix.planner.validate import validate_plan
-
-    problems = validate_plan(plan, inputs.cluster, inputs.model, inputs.profiles)
-    if problems:
-        _report_bug(plan, problems)
-        raise typer.Exit(EXIT_BUG)
+    plan = solve_checked(problem, method, options, inputs, quiet)
 
     out = _console()
     if quiet:
@@ -346,6 +334,24 @@ def _progress_text(point: ProgressPoint | None) -> str:
         gap = (bound - point.objective_tokens_per_s) / bound if bound > 0 else 0.0
         text += f"  bound {bound:.1f}  gap {gap:.1%}"
     return text
+
+
+def solve_checked(problem: PlacementProblem, method: str, options: PlacementOptions, inputs: Inputs,
+                  quiet: bool) -> Plan:
+    """`solve` as every command that places runs it: Ctrl-C before any plan exists exits 130, and a plan
+    that fails validation is reported as our bug (exit 1), never used."""
+    try:
+        plan = solve(problem, method, options, quiet=quiet)
+    except KeyboardInterrupt:  # before the MILP's own handler is installed (warm start) or a heuristic
+        print("error: interrupted before a plan was found", file=sys.stderr, flush=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    from helix.planner.validate import validate_plan
+
+    problems = validate_plan(plan, inputs.cluster, inputs.model, inputs.profiles)
+    if problems:
+        report_bug(plan, problems)
+        raise typer.Exit(EXIT_BUG)
+    return plan
 
 
 def solve(problem: PlacementProblem, method: str, options: PlacementOptions, quiet: bool = False) -> Plan:

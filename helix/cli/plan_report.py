@@ -236,7 +236,7 @@ def _format_detail(value: Any) -> str:
     return str(value)
 
 
-def _report_bug(plan: Plan, problems: list[str]) -> None:
+def report_bug(plan: Plan, problems: list[str]) -> None:
     """A plan that fails the validator is a bug in a placement method: say so where it cannot be missed."""
     lines = [f"BUG: the {plan.method!r} plan failed validation ({len(problems)} problem"
              f"{'s' if len(problems) > 1 else ''}); it was not saved. Please report this with the command line:"]

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from helix.cli import prefork
-from helix.cli.errors import EXIT_BUG, handle_errors
+from helix.cli.errors import EXIT_BUG, EXIT_INTERRUPTED, handle_errors
 from helix.cli.serve_processes import Child, StartupError, _stop_all, _supervise, _wait_healthy
 
 if TYPE_CHECKING:
@@ -64,7 +64,6 @@ TINY_NAME = "tiny-llama"
 TINY_LAYERS = 8
 STARTUP_TIMEOUT_S = 180.0
 EXIT_STARTUP = 1
-EXIT_INTERRUPTED = 130
 
 
 def register(app: typer.Typer) -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from helix.cli.errors import EXIT_BUG
+from helix.cli.errors import EXIT_INTERRUPTED
 from helix.cli.inputs import DEFAULT_MODEL, DEFAULT_SELECTION, Inputs
 from helix.cli.simulate_options import EXAMPLE_DURATION_S, EXAMPLE_TIME_LIMIT_S, EXAMPLE_WARMUP_S, resolve_inputs
 from helix.cli.simulate_report import Run, stderr_console
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from helix.simulator.results import SimulationResult
     from helix.simulator.simulate import Progress
 
-EXIT_INTERRUPTED = 130
 
 
 @dataclass(frozen=True)
@@ -59,24 +58,14 @@ def place(inputs: Inputs, method: str, time_limit_s: float, seed: int, quiet: bo
     `workload` is the one the plan will be simulated on: the MILP's plan selection ranks and
     simulates placements on its request lengths.
     """
-    from helix.cli.plan import solve
-    from helix.cli.plan_report import _report_bug
+    from helix.cli.plan import solve_checked
     from helix.planner.placement.base import PlacementOptions, PlacementProblem
     from helix.planner.placement.heuristics import check_fits
-    from helix.planner.validate import validate_plan
 
     problem = PlacementProblem(inputs.cluster, inputs.model, inputs.profiles)
     check_fits(problem)
-    try:
-        options = PlacementOptions(time_limit_s=time_limit_s, seed=seed, selection=selection, workload=workload)
-        plan = solve(problem, method, options, quiet=quiet)
-    except KeyboardInterrupt:
-        print("error: interrupted before a plan was found", file=sys.stderr, flush=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    problems = validate_plan(plan, inputs.cluster, inputs.model, inputs.profiles)
-    if problems:
-        _report_bug(plan, problems)
-        raise typer.Exit(EXIT_BUG)
+    options = PlacementOptions(time_limit_s=time_limit_s, seed=seed, selection=selection, workload=workload)
+    plan = solve_checked(problem, method, options, inputs, quiet)
     if not quiet:
         status = plan.status + (f", gap {plan.gap:.1%}" if plan.gap is not None else "")
         print(f"placed with {method}: max flow {plan.objective_tokens_per_s:,.1f} tokens/s ({status}, "
