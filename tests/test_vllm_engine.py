@@ -298,6 +298,54 @@ def test_missing_vllm_is_engine_unavailable(monkeypatch: pytest.MonkeyPatch) -> 
         get_engine("vllm")
 
 
+def test_serve_preloads_vllm_in_its_forkserver_only_for_vllm_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from helix.cli import prefork
+
+    monkeypatch.setattr(prefork, "_engine_modules", [])
+    monkeypatch.setattr(prefork, "_context", None)
+    prefork.preload_engine("torch")  # torch_engine is in PRELOAD already
+    assert prefork._engine_modules == []
+    prefork.preload_engine("vllm")
+    prefork.preload_engine("vllm")
+    assert prefork._engine_modules == ["helix.cli.preload_vllm"]
+    import multiprocessing.forkserver
+
+    server = multiprocessing.forkserver._forkserver  # the process's one forkserver (not started here)
+    monkeypatch.setattr(server, "_preload_modules", server._preload_modules)
+    prefork._forkserver()  # configures it
+    assert server._preload_modules == [*prefork.PRELOAD, "helix.cli.preload_vllm"]
+    prefork.preload_engine("vllm")  # already in: fine at any time
+    monkeypatch.setitem(prefork.ENGINE_PRELOAD, "other", "helix.cli.preload_other")  # one more would be too late
+    with pytest.raises(RuntimeError, match="after the forkserver was configured"):
+        prefork.preload_engine("other")
+
+
+def test_the_vllm_preload_never_ends_the_forkserver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forkserver survives only ImportError from what it preloads: any other failure of vLLM's import is
+    left for the worker to report."""
+    import helix.worker.engines as engines
+
+    def broken(name: str) -> type[Engine]:
+        raise RuntimeError(f"{name} is broken here")
+
+    monkeypatch.setattr(engines, "get_engine", broken)
+    monkeypatch.delitem(sys.modules, "helix.cli.preload_vllm", raising=False)
+    importlib.import_module("helix.cli.preload_vllm")  # no exception
+
+
+@needs_vllm
+def test_a_forked_vllm_worker_gets_the_environment_vllm_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker forked from the forkserver starts with serve's environment, without what vllm_compat set when
+    the forkserver imported it; building a shard sets it again."""
+    from helix.worker.engines import vllm_compat
+
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")  # the user's choice stays
+    vllm_compat.apply_environment()
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    assert os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG"
+
+
 @pytest.mark.e2e
 def test_missing_vllm_is_a_one_line_cli_error(tmp_path: Path) -> None:
     # A Python where `import vllm` fails: the CLI must say how to install it, not print a traceback.

@@ -165,6 +165,7 @@ def serve_command(
     tmp = Path(tempfile.mkdtemp(prefix="helix-serve-"))
     try:
         launch = WorkerLaunch(engine, device, dtype, threads, kv_capacity_tokens, pinned)
+        prefork.preload_engine(engine)
         code = asyncio.run(_serve(tmp, model, served_plan, host, port, scheduler, route_log, launch, restart,
                                   max_queue, request_timeout, log_dir, quiet, api_key or None))
     finally:

@@ -40,15 +40,26 @@ import torch
 
 from helix.worker.engines.base import EngineError, EngineUnavailableError
 
-# Must be set before vLLM reads them. The model runner API used below is the V1 runner's (the V2
-# runner, vLLM's default on GPUs, has a different KV-cache and metadata interface). vLLM logs to
-# stdout by default, where a worker prints its machine-readable lines: stderr, warnings and up,
-# unless the user says otherwise.
-os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+#: The model runner API used below is the V1 runner's (the V2 runner, vLLM's default on GPUs, has a
+#: different KV-cache and metadata interface).
+VLLM_ENVIRONMENT = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+#: vLLM logs to stdout by default, where a worker prints its machine-readable lines: stderr, warnings
+#: and up, unless the user says otherwise.
+VLLM_ENVIRONMENT_DEFAULTS = {"VLLM_LOGGING_STREAM": "ext://sys.stderr", "VLLM_LOGGING_LEVEL": "WARNING"}
 
-import vllm
+
+def apply_environment() -> None:
+    """Set what vLLM must read: before its import (logging is set up then) and again before a shard is
+    built, since a worker forked from serve's forkserver (which imported vLLM) starts with serve's own
+    environment, and vLLM reads the runner choice when it builds one."""
+    os.environ.update(VLLM_ENVIRONMENT)
+    for name, value in VLLM_ENVIRONMENT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
+apply_environment()
+
+import vllm  # noqa: E402 - after apply_environment(), which vLLM reads at import
 
 SUPPORTED_VERSIONS = ("0.32",)  # major.minor series this module was written and tested against
 
@@ -196,6 +207,7 @@ class VllmShard:
     ) -> None:
         """`kv_tokens`: KV capacity in tokens on every layer (rounded up to whole blocks); None: as
         many blocks as `kv_budget_bytes()` holds, asked once the weights are loaded."""
+        apply_environment()
         if device.type != current_platform.device_type:
             raise EngineError(
                 f"this vLLM build runs on {current_platform.device_type!r} devices, not {device.type!r}"
