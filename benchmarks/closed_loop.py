@@ -298,8 +298,10 @@ def run_config(config: str, args: argparse.Namespace, tmp: Path, out: Path) -> d
 
     cluster = loopback_cluster(args.workers, args.link_latency_ms, out / "cluster.yaml")
     plan = out / "plan.json"
+    lengths = serving_load.write_lengths(out / "lengths.csv", pairs)
     helix("plan", "--cluster", str(cluster), "--model", str(model), "--profiles", str(profile),
-          "--method", args.method, "--time-limit", str(args.plan_time_limit), "--output", str(plan), "--quiet")
+          "--lengths", str(lengths), "--method", args.method, "--time-limit", str(args.plan_time_limit),
+          "--output", str(plan), "--quiet")
     step_done("planned")
 
     route_log = out / "route-log.jsonl"

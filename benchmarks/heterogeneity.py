@@ -19,7 +19,8 @@ prediction for the same setup. Unequal speed is real compute, no sleeps: `helix 
   (`helix.planner.profiles.measured.merge_profile_files`); the other slow profiles are kept to show
   how equal the sharing was.
 * **The plan** is `helix plan` (MILP) over that cluster (one machine: every link
-  `--link-latency-ms`) with the merged profile.
+  `--link-latency-ms`) with the merged profile and the workload's lengths (`--lengths`), so each
+  type's capacity is judged at the batch these short requests make, not at Helix's 750-token one.
 * **Each scheduler** (`--schedulers`: maxflow, swarm, random) serves that plan with `helix serve
   --local --plan --worker-cpus --scheduler`, driven by `vllm bench serve` (serving_load.bench) with
   the same Poisson arrivals (`--rate`, vLLM's seed) and lengths (the Azure Conversation trace scaled
@@ -241,9 +242,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         merge_profile_files([profiles["fast"], profiles["slow"]]).save(merged)
         cluster = cluster_file(args.slow_workers, args.link_latency_ms, out / "cluster.yaml")
         plan = out / "plan.json"
+        lengths = serving_load.write_lengths(out / "lengths.csv", pairs)
         closed_loop.helix("plan", "--cluster", str(cluster), "--model", str(model), "--profiles", str(merged),
-                          "--method", args.method, "--time-limit", str(args.plan_time_limit), "--output", str(plan),
-                          "--quiet")
+                          "--lengths", str(lengths), "--method", args.method, "--time-limit",
+                          str(args.plan_time_limit), "--output", str(plan), "--quiet")
         runs = []
         for scheduler in schedulers:
             runs.append(serve_one(scheduler, args, model, plan, cluster, merged, dataset, rate, out / scheduler))

@@ -123,6 +123,15 @@ def length_pairs(n: int, scale: float, max_context: int, seed: int) -> tuple[lis
     return pairs, f"{source}, lengths x{scale:g}"
 
 
+def write_lengths(path: Path, pairs: list[tuple[int, int]]) -> Path:
+    """The same lengths as `helix plan --lengths` reads them (input_tokens,output_tokens rows), so the plan's
+    node capacities are judged at the requests the benchmark sends."""
+    with path.open("w") as f:
+        f.write("input_tokens,output_tokens\n")
+        f.writelines(f"{inp},{out}\n" for inp, out in pairs)
+    return path
+
+
 def write_dataset(path: Path, pairs: list[tuple[int, int]], seed: int) -> None:
     """vLLM's `custom` dataset: one {"prompt", "output_tokens"} per line. The tokenizer adds BOS."""
     rng = random.Random(seed)

@@ -30,12 +30,15 @@ from helix.planner.errors import HelixInputError
 from helix.planner.gpus import resolve_gpu
 from helix.planner.model import ModelSpec
 from helix.planner.plan import NodeAssignment, Plan
+from helix.planner.profiles.base import WorkloadAssumptions
 from helix.planner.profiles.measured import (
     DecodeTable,
     MachineProfile,
+    MeasuredProfileFile,
     MeasuredProfiles,
     PromptTable,
     merge_profile_files,
+    model_shape,
     write_measured_profile,
 )
 
@@ -154,6 +157,81 @@ def test_merging_refuses_a_type_twice_and_another_model(tmp_path: Path) -> None:
         merge_profile_files([a, other])
     with pytest.raises(HelixInputError, match="no profile files"):
         merge_profile_files([])
+
+
+def test_the_lengths_served_set_the_batch_a_node_is_judged_at() -> None:
+    """As benchmarks/heterogeneity.py measured two CPU types on a quiet machine: the fast one takes less per
+    step, but its context slope came out steeper (a noisy second sweep at 96 and 192 tokens of context).
+    Judged at Helix's 750-token requests, that slope, extrapolated to 870 tokens of context per sequence,
+    makes the fast type look slower; at the 83-token requests served it is the faster one, as measured."""
+    def measured(gpu: str, step_s: float, per_context_token_s: float) -> MachineProfile:
+        return MachineProfile(gpu=gpu, max_layers=8, memory_budget_bytes=2e10,
+                              prompt=PromptTable(tokens=[41, 332], seconds_per_layer=[step_s * 2, step_s * 12]),
+                              decode=DecodeTable(batch=[1, 16], seconds_per_layer=[step_s, step_s * 4],
+                                                 context_tokens_per_sequence=96,
+                                                 seconds_per_context_token=per_context_token_s))
+
+    data = MeasuredProfileFile.from_data(
+        {"schema_version": 1, "model": MODEL.name, "model_shape": model_shape(MODEL),
+         "gpus": {"fast": measured("CPU", 0.004, 5.3e-6).model_dump(),
+                  "slow": measured("CPU-SMALL", 0.0092, 8.4e-7).model_dump()}}, "test")
+    fast, slow = GpuNode(name="f", gpu="CPU"), GpuNode(name="s", gpu="CPU-SMALL")
+    helix_default = MeasuredProfiles(MODEL, data)
+    served = MeasuredProfiles(MODEL, data, WorkloadAssumptions.of_lengths(82.7, 27.3))
+    assert helix_default.throughput(fast, 8) < helix_default.throughput(slow, 8)
+    assert served.throughput(fast, 8) > 2 * served.throughput(slow, 8)
+
+
+def test_plan_records_the_typical_request_its_lengths_gave(tmp_path: Path) -> None:
+    """Every method takes --lengths now (it sets the capacities, not only the MILP's selection runs)."""
+    recorded = {}
+    for lengths in (None, "short"):
+        out = tmp_path / f"{lengths}.json"
+        args = ["plan", "--mix", "A100-40G:2,L4:4", "--model", "llama3.1-8b", "--method", "separate", "-o", str(out),
+                "--quiet", *(["--lengths", lengths] if lengths else [])]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        plan = json.loads(out.read_text())
+        recorded[lengths] = (plan["config"]["profiles"]["workload"], plan["objective_tokens_per_s"])
+    assert (recorded[None][0]["avg_input_tokens"], recorded[None][0]["avg_output_tokens"]) == (750, 240)
+    assert (recorded["short"][0]["avg_input_tokens"], recorded["short"][0]["avg_output_tokens"]) == (64, 32)
+    assert recorded["short"][1] != recorded[None][1]
+
+
+def test_helix_profile_merge_writes_one_file_for_a_fleet(tmp_path: Path) -> None:
+    """What each machine type's own `helix profile` wrote, in the one file --profiles and the operator read."""
+    fast, slow, out = tmp_path / "fast.json", tmp_path / "slow.json", tmp_path / "fleet.json"
+    write_measured_profile(fast, MODEL, [machine("CPU", 1.0)], {"threads": 1})
+    write_measured_profile(slow, MODEL, [machine("CPU-SMALL", 3.0)], {"threads": 1})
+    result = CliRunner().invoke(app, ["profile", "--merge", str(fast), "--merge", str(slow), "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"tiny: CPU, CPU-SMALL from 2 files; wrote {out}"
+    profiles = MeasuredProfiles.from_file(out, MODEL)
+    times = {gpu: profiles.decode_layer_time(GpuNode(name="n", gpu=gpu), 1, 0) for gpu in ("CPU", "CPU-SMALL")}
+    assert times["CPU-SMALL"] == pytest.approx(3 * times["CPU"])
+
+
+@pytest.mark.parametrize(("extra", "where", "message"), [
+    (["--merge", "{a}"], "--merge", "give two or more files to merge, got 1"),
+    (["--merge", "{a}", "--merge", "{b}", "--model", "llama3.1-8b"], "--model", "--merge measures nothing"),
+    (["--merge", "{a}", "--merge", "{same_type}"], "{same_type}", "machine type CPU is in more than one file"),
+    (["--merge", "{a}", "--merge", "{b}", "-o", "{a}"], "--output", "is one of the files to merge"),
+    (["--merge", "{a}", "--merge", "{tmp}/absent.json"], "{tmp}/absent.json", ""),
+    ([], "--model", "missing: the model to measure (or --merge FILE.json"),
+])
+def test_helix_profile_merge_bad_input_is_one_line(extra: list[str], where: str, message: str,
+                                                   tmp_path: Path) -> None:
+    paths = {"a": tmp_path / "a.json", "b": tmp_path / "b.json", "same_type": tmp_path / "same.json", "tmp": tmp_path}
+    write_measured_profile(paths["a"], MODEL, [machine("CPU", 1.0)])
+    write_measured_profile(paths["b"], MODEL, [machine("CPU-SMALL", 2.0)])
+    write_measured_profile(paths["same_type"], MODEL, [machine("CPU", 2.0)])
+    output = [] if "-o" in extra else ["-o", str(tmp_path / "out.json")]
+    result = CliRunner().invoke(app, ["profile", *output, *(arg.format(**paths) for arg in extra)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {where.format(**paths)}: "), lines
+    assert message in lines[0]
+    assert not (tmp_path / "out.json").exists()
 
 
 # -- end to end ------------------------------------------------------------------------------------------

@@ -127,7 +127,8 @@ def compare_command(
     workload = resolve_workload(mode, lengths, rate, cv, arrivals, max_in_flight, duration_s)
     check_output(output, (".json",), "--output")
 
-    inputs = resolve_inputs(cluster, machine_profile, mix, regions, seed, model, profiles, profile_mix)
+    inputs = resolve_inputs(cluster, machine_profile, mix, regions, seed, model, profiles, profile_mix,
+                            None if lengths is None else workload.lengths)
     runs = run_grid(inputs, method_list, scheduler_list, time_limit_s=limit, quiet=quiet, mode=mode,
                     duration_s=duration_s, warmup_s=warmup_s, seed=seed, workload=workload)
     from helix.cli.simulate_report import stdout_console, summary_line

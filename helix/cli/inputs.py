@@ -63,8 +63,9 @@ WORKLOAD_PANEL = "Workload"
 LengthsOption = Annotated[
     str | None, typer.Option("--lengths", metavar="NAME|FILE.csv", show_default=False, rich_help_panel=WORKLOAD_PANEL,
                              help="Request lengths: built-in azure-conv-like (default), azure-code-like, short; or a "
-                                  "CSV of input_tokens,output_tokens rows (sampled with replacement). The MILP's plan "
-                                  "selection simulates them too.")]
+                                  "CSV of input_tokens,output_tokens rows (sampled with replacement). Their mean "
+                                  "request is the batch node throughputs are judged at (without: Helix's 750 in / "
+                                  "240 out), and the MILP's plan selection simulates them too.")]
 
 DEFAULT_MODEL = "llama2-70b"
 DEFAULT_LENGTHS = "azure-conv-like"
@@ -187,14 +188,26 @@ def load_model(name_or_path: str) -> ModelSpec:
 def load_inputs(
     cluster_file: Path | None = None, machine_profile: Path | None = None, mix: str | None = None,
     regions: str | None = None, seed: int = 0, model: str = DEFAULT_MODEL, profiles: Path | None = None,
-    profile_mix: str | None = None,
+    profile_mix: str | None = None, lengths: LengthSampler | None = None,
 ) -> Inputs:
-    """Cluster, model and profiles from the shared options; every problem is a `HelixInputError`."""
-    from helix.planner.profiles.loader import load_profiles
+    """Cluster, model and profiles from the shared options; every problem is a `HelixInputError`.
 
+    `lengths`: the request lengths the user gave (`--lengths`), whose means set the typical request the
+    profiles judge a node's throughput at (Helix's 750 in / 240 out without)."""
     spec = load_model(model)  # first: cheapest to get wrong, cheapest to check
     cluster, source = load_cluster(cluster_file, machine_profile, mix, regions, seed)
-    return Inputs(cluster, spec, load_profiles(spec, cluster, profiles, profile_mix), source)
+    return Inputs(cluster, spec, profiles_for(spec, cluster, profiles, profile_mix, lengths), source)
+
+
+def profiles_for(model: ModelSpec, cluster: Cluster, profiles: Path | None, profile_mix: str | None,
+                 lengths: LengthSampler | None) -> Profiles:
+    """`load_profiles`, with the typical request of `lengths` when given."""
+    from helix.planner.profiles.base import WorkloadAssumptions
+    from helix.planner.profiles.loader import load_profiles
+
+    assumptions = None if lengths is None else WorkloadAssumptions.of_lengths(lengths.mean_input_tokens,
+                                                                              lengths.mean_output_tokens)
+    return load_profiles(model, cluster, profiles, profile_mix, assumptions)
 
 
 def selection_option(panel: str) -> Any:

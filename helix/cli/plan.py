@@ -158,14 +158,12 @@ def plan_command(
     if prune_keep is not None and prune_keep < 0:
         raise HelixInputError(f"must be 0 (no pruning) or more, got {prune_keep}", "--prune-keep")
     check_selection(selection, method)
-    if lengths is not None and method != "milp":
-        raise HelixInputError(f"only the milp method's plan selection uses request lengths; {method} does not",
-                              "--lengths")
-    workload = None if lengths is None else Workload(lengths=resolve_lengths(lengths))
+    sampler = None if lengths is None else resolve_lengths(lengths)
+    workload = None if sampler is None else Workload(lengths=sampler)
     _check_target(output, PLAN_SUFFIXES, "--output")
     _check_target(plot, PLOT_SUFFIXES, "--plot")
 
-    inputs = load_inputs(cluster, machine_profile, mix, regions, seed, model, profiles, profile_mix)
+    inputs = load_inputs(cluster, machine_profile, mix, regions, seed, model, profiles, profile_mix, sampler)
     quantize = parse_allow_quantize(allow_quantize, inputs)
     cap = wall_cap or time_limit  # the options' limit is the cap; effort scales the budget back to --time-limit
     options = PlacementOptions(partial_inference=partial_inference, time_limit_s=cap, effort=time_limit / cap,

@@ -43,13 +43,19 @@ def parse_ints(text: str | None, option: str) -> tuple[int, ...] | None:
 
 @handle_errors
 def profile_command(
-    model: Annotated[str, typer.Option(
-        "--model", "-m", metavar="NAME|DIR", show_default=False,
-        help="Catalog model (llama2-70b, llama3.1-8b, ...: random weights of its shapes), a folder with only a "
-             "config.json (random weights), or a checkpoint folder (its weights).")],
     output: Annotated[Path, typer.Option(
         "--output", "-o", metavar="FILE.json", show_default=False,
         help="Where to write the measured profile (docs/profile-format.md).")],
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", metavar="NAME|DIR", show_default=False,
+        help="Catalog model (llama2-70b, llama3.1-8b, ...: random weights of its shapes), a folder with only a "
+             "config.json (random weights), or a checkpoint folder (its weights). Required unless --merge.")]
+        = None,
+    merge: Annotated[list[Path] | None, typer.Option(
+        "--merge", metavar="FILE.json", show_default=False,
+        help="Measure nothing: write the machine types of these measured profiles (one per file, each taken on "
+             "its own machine, same model) into --output, one file for a cluster of all of them. Repeat per "
+             "file.")] = None,
     engine: Annotated[str, typer.Option("--engine", metavar="torch|vllm", help="The worker engine to time.")]
         = "torch",
     device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="cpu, cuda or cuda:N.")] = "cpu",
@@ -98,7 +104,8 @@ def profile_command(
     """Measure one decoder layer's prompt and decode batch times and the KV capacity here; write a profile.
 
     Example: helix profile --model llama3.1-8b --device cuda -o h100.json; then
-    helix plan --mix H100:4 --model llama3.1-8b --profiles h100.json
+    helix plan --mix H100:4 --model llama3.1-8b --profiles h100.json. A fleet of several types: profile each
+    on its own machine, then helix profile --merge h100.json --merge l4.json -o fleet.json.
     """
     from helix.planner.errors import HelixInputError
     from helix.planner.profiles.measured import MeasuredProfiles, write_measured_profile
@@ -108,6 +115,12 @@ def profile_command(
         raise HelixInputError(f"{output}: a profile is JSON; name it .json", "--output")
     if not output.parent.is_dir():
         raise HelixInputError(f"{output}: folder {output.parent} does not exist", "--output")
+    if merge:
+        merge_files(merge, output, model, quiet)
+        return
+    if model is None:
+        raise HelixInputError("missing: the model to measure (or --merge FILE.json to merge measured profiles)",
+                              "--model")
     if memory_bytes is not None and not (math.isfinite(memory_bytes) and memory_bytes >= 1):
         raise HelixInputError(f"must be a positive number of bytes, got {memory_bytes}", "--memory-bytes")
     base = DEFAULT_GRIDS["cuda" if device.startswith("cuda") else "cpu"]
@@ -128,6 +141,29 @@ def profile_command(
         print(summary_line(result, output))
     else:
         print_result(result, MeasuredProfiles(result.model, written), output)
+
+
+def merge_files(paths: list[Path], output: Path, model: str | None, quiet: bool) -> None:
+    """`--merge`: the files' machine types in one file, checked as `--profiles` reads it."""
+    from helix.planner.errors import HelixInputError
+    from helix.planner.profiles.measured import merge_profile_files
+
+    if model is not None:
+        raise HelixInputError("--merge measures nothing: the model is the one the files were measured on; drop "
+                              "--model", "--model")
+    if len(paths) < 2:
+        raise HelixInputError(f"give two or more files to merge, got {len(paths)}", "--merge")
+    if output.resolve() in {path.resolve() for path in paths}:
+        raise HelixInputError(f"{output} is one of the files to merge: write the merged profile elsewhere",
+                              "--output")
+    merged = merge_profile_files(paths)
+    merged.save(output)
+    types = ", ".join(merged.gpus)
+    if quiet:
+        print(f"{merged.model}: {types} from {len(paths)} files; wrote {output}")
+        return
+    console().print(f"merged {len(paths)} measured profiles of {merged.model} ({types}); wrote profile to "
+                    f"[bold]{output}[/]")
 
 
 def summary_line(result: ProfileResult, output: Path) -> str:

@@ -211,7 +211,8 @@ def simulate_command(
                               "and --method or --plan, without --kv-capacity",
                               "--slo-ttft" if slo_ttft is not None else "--slo-itl")
 
-    inputs = resolve_inputs(cluster, machine_profile, mix, regions, seed, model, profiles, profile_mix)
+    inputs = resolve_inputs(cluster, machine_profile, mix, regions, seed, model, profiles, profile_mix,
+                            None if lengths is None else workload.lengths)
     kv_override = load_kv_capacity(kv_capacity, inputs) if kv_capacity is not None else None
     sim_options: dict[str, Any] = {
         "mode": mode, "duration_s": duration_s, "warmup_s": warmup_s, "seed": seed, "workload": workload,

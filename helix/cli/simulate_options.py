@@ -19,7 +19,7 @@ from helix.cli.inputs import WORKLOAD_PANEL, Inputs, resolve_lengths
 
 if TYPE_CHECKING:
     from helix.planner.plan import Plan
-    from helix.simulator.requests import Workload
+    from helix.simulator.requests import LengthSampler, Workload
 
 PLACEMENT_PANEL = "Placement"
 SIM_PANEL = "Simulation"
@@ -200,17 +200,18 @@ def example_cluster() -> Any:
 
 
 def resolve_inputs(cluster: Path | None, machine_profile: Path | None, mix: str | None, regions: str | None,
-                   seed: int, model: str, profiles: Path | None, profile_mix: str | None) -> Inputs:
-    """The shared options' cluster, model and profiles; no cluster source means the built-in example cluster."""
-    from helix.cli.inputs import load_inputs, load_model
-    from helix.planner.profiles.loader import load_profiles
+                   seed: int, model: str, profiles: Path | None, profile_mix: str | None,
+                   lengths: LengthSampler | None = None) -> Inputs:
+    """The shared options' cluster, model and profiles; no cluster source means the built-in example cluster.
+    `lengths`: the user's `--lengths`, whose typical request the profiles judge throughput at."""
+    from helix.cli.inputs import load_inputs, load_model, profiles_for
 
     if cluster is None and mix is None and regions is None:
         spec = load_model(model)
         the_cluster = example_cluster()
-        return Inputs(the_cluster, spec, load_profiles(spec, the_cluster, profiles, profile_mix),
+        return Inputs(the_cluster, spec, profiles_for(spec, the_cluster, profiles, profile_mix, lengths),
                       f"built-in example {EXAMPLE_CLUSTER_NAME}")
-    return load_inputs(cluster, machine_profile, mix, regions, seed, model, profiles, profile_mix)
+    return load_inputs(cluster, machine_profile, mix, regions, seed, model, profiles, profile_mix, lengths)
 
 
 def load_plan_for(path: Path, inputs: Inputs) -> Plan:

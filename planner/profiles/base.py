@@ -36,6 +36,15 @@ class WorkloadAssumptions:
     max_batch_requests: int = 256
     max_weight_fraction: float = 0.5
 
+    @classmethod
+    def of_lengths(cls, mean_input_tokens: float, mean_output_tokens: float) -> WorkloadAssumptions:
+        """The typical request of the lengths a user serves (`--lengths`): a node's throughput is then
+        judged at the batch those requests make. Chat turns of 80 tokens and Helix's 750-token
+        conversations load a node differently: at long contexts reading the KV cache dominates a decode
+        step, at short ones the step's own compute, so two machine types can rank differently."""
+        return cls(avg_input_tokens=max(1, round(mean_input_tokens)),
+                   avg_output_tokens=max(1, round(mean_output_tokens)))
+
 
 @dataclass(frozen=True)
 class BatchLimits:
