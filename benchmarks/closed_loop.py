@@ -242,15 +242,18 @@ def loopback_cluster(workers: int, latency_ms: float, path: Path) -> Path:
     return path
 
 
-def simulate_replay(cluster_file: Path, model: Path, profile: Path, plan_file: Path, scheduler: str,
+def simulate_replay(cluster_file: Path, model: Path, profile: Path, plan_file: Path, lengths: Path, scheduler: str,
                     rows: list[dict[str, Any]], out: Path) -> tuple[Any, Path]:
-    """The simulator on the client's requests; run long enough that every one finishes inside the window."""
-    from helix.cli.inputs import load_inputs
+    """The simulator on the client's requests; run long enough that every one finishes inside the window.
+    `lengths`: the file the plan was made with, so the simulator's max flow (and so the maxflow scheduler's
+    flows) comes from the same node capacities as the plan's, which the router serves."""
+    from helix.cli.inputs import load_inputs, resolve_lengths
     from helix.planner.plan import load_plan
     from helix.simulator.requests import Workload
     from helix.simulator.simulate import simulate
 
-    inputs = load_inputs(cluster_file=cluster_file, model=str(model), profiles=profile)
+    inputs = load_inputs(cluster_file=cluster_file, model=str(model), profiles=profile,
+                         lengths=resolve_lengths(str(lengths)))
     plan = load_plan(plan_file)
     t0 = rows[0]["start"]
     offsets = [r["start"] - t0 for r in rows]
@@ -317,7 +320,7 @@ def run_config(config: str, args: argparse.Namespace, tmp: Path, out: Path) -> d
     measured = measured_figures(run["result"])
     routed = route_log_figures(route_log)
 
-    sim, requests_csv = simulate_replay(cluster, model, profile, plan, args.scheduler,
+    sim, requests_csv = simulate_replay(cluster, model, profile, plan, lengths, args.scheduler,
                                         client_requests(run["result"]), out)
     simulated = simulated_figures(sim, requests_csv)
     (out / "simulated.json").write_text(sim.to_json())

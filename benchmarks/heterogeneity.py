@@ -137,7 +137,7 @@ def profile_ms(path: Path) -> dict[str, Any]:
 
 
 def serve_one(scheduler: str, args: argparse.Namespace, model: Path, plan: Path, cluster: Path, profile: Path,
-              dataset: Path, rate: float, out: Path) -> dict[str, Any]:
+              lengths: Path, dataset: Path, rate: float, out: Path) -> dict[str, Any]:
     """One scheduler: served under the Poisson workload, then the simulator on what the client sent."""
     out.mkdir()
     logs = out / "logs"
@@ -154,7 +154,7 @@ def serve_one(scheduler: str, args: argparse.Namespace, model: Path, plan: Path,
                                  request_rate=rate)
     measured = closed_loop.measured_figures(run["result"])
     routed = closed_loop.route_log_figures(route_log)["summary"]
-    sim, requests_csv = closed_loop.simulate_replay(cluster, model, profile, plan, scheduler,
+    sim, requests_csv = closed_loop.simulate_replay(cluster, model, profile, plan, lengths, scheduler,
                                                     closed_loop.client_requests(run["result"]), out)
     simulated = closed_loop.simulated_figures(sim, requests_csv)
     (out / "simulated.json").write_text(sim.to_json())
@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           str(args.plan_time_limit), "--output", str(plan), "--quiet")
         runs = []
         for scheduler in schedulers:
-            runs.append(serve_one(scheduler, args, model, plan, cluster, merged, dataset, rate, out / scheduler))
+            runs.append(serve_one(scheduler, args, model, plan, cluster, merged, lengths, dataset, rate,
+                                  out / scheduler))
         plan_data = json.loads(plan.read_text())
         result = {
             "machine": {"python": platform.python_version(), "client": f"vLLM {serving_load.vllm_version()}",
