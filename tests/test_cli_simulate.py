@@ -176,7 +176,9 @@ def test_milp_selection_simulates_the_given_lengths(tmp_path: Path) -> None:
     assert (selection["mode"], selection["resolved"]) == ("simulate", "simulate")
     # the gate's runs (a 2 s limit leaves too little for one; each is ~7 s here) use the simulated lengths
     assert selection["simulation"]["workload"] == short
-    assert config["plan"]["status"].endswith("-selected") or selection["chosen"] == "max-flow"
+    chosen = next(c for c in selection["shortlist"] if c["label"] == selection["chosen"])
+    # a placement other than the max-flow optimum, or the optimum itself (found first by another label)
+    assert config["plan"]["status"].endswith("-selected") or "max-flow" in (chosen["label"], *chosen["same_as"])
 
 
 def test_run_example_passes_selection_and_lengths_to_the_milp() -> None:
