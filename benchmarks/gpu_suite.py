@@ -19,7 +19,7 @@ has not run on a GPU yet (each step's wall time is recorded, to check).
 
 The CPU path (`--device cpu`, and the default where torch sees no GPU) runs the same steps with sizes
 a CPU finishes in about a minute: a small random model (hidden 128) instead of the 8B and 70B shapes,
-a two-point grid, 1 and 2 workers. CI runs it (tests/test_profile_cmd.py), so the CUDA path differs
+a two-point grid, 1 and 2 workers. CI runs it (tests/test_serving_benchmarks.py), so the CUDA path differs
 only in its sizes and `--device cuda`.
 
 Serving on a GPU runs `helix serve --local --device cuda`: every worker on the one GPU. Without vLLM
@@ -213,13 +213,13 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when torch sees a GPU)")
     parser.add_argument("--engines", default=None, help="comma-separated (default: every engine installed)")
     parser.add_argument("--out", type=Path, default=Path("gpu-suite"), help="folder for suite.json and suite.md")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the profile processes")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.device is None:
         import torch
 

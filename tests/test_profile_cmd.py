@@ -160,23 +160,6 @@ def test_bad_input_is_one_line(args: list[str], where: str, tiny: Path, tmp_path
     assert not (tmp_path / "p.json").exists()
 
 
-@pytest.mark.slow
-@pytest.mark.e2e
-def test_the_gpu_suite_cpu_path(tmp_path: Path) -> None:
-    """benchmarks/gpu_suite.py as CI runs it: the CUDA path with CPU sizes, torch engine."""
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_suite.py"), "--device", "cpu",
-                           "--engines", "torch", "--threads", "1", "--out", str(tmp_path)],
-                          capture_output=True, text=True, check=False, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads((tmp_path / "suite.json").read_text())
-    (prof,) = report["profiles"]
-    assert prof["machine_type"] == "CPU" and all(p["measured_s"] > 0 for p in prof["points"])
-    if report["serving_skipped"] is None:
-        assert [r["workers"] for r in report["serving"]] == [1, 2]
-        assert all(r["failed"] == 0 and r["completed"] == 4 for r in report["serving"])
-    assert "## Serving" in (tmp_path / "suite.md").read_text()
-
-
 def test_moe_catalog_models_are_built_with_their_own_layers() -> None:
     """Mixtral's shapes as Mixtral (every layer MoE, experts as wide as intermediate_size), Qwen3's as Qwen3-MoE
     (experts of their own width): never the dense LLaMA layer of intermediate_size, which is not what they run."""
