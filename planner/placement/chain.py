@@ -1,4 +1,5 @@
-"""The forced chain: when the nodes' layer maxima add up to exactly the model's layers.
+"""The forced chain: when the nodes' layer maxima add up to exactly the model's layers; and the bound
+that nearly forced clusters still give (`exclusive_layer_bound`).
 
 Then every placement that covers the model gives each node its most layers and covers every
 layer once: one pipeline through all nodes, coordinator to coordinator. Only the order of the
@@ -24,17 +25,61 @@ from helix.planner.placement.base import PlacementProblem, Ranges
 SCALE = 10  # tenths of a token/s, rounded up so the optimum stays a bound
 
 
-def forced_counts(problem: PlacementProblem) -> dict[str, int] | None:
-    """Each usable node's most layers, when they add up to exactly the model's layers (else None).
-
-    Only for layers of equal cost: with unequal ones a node may hold more layers at some starts
-    than its count-view maximum, so equal sums force nothing."""
+def most_layers(problem: PlacementProblem) -> dict[str, int] | None:
+    """Each usable node's most layers (None with layers of unequal cost: a node may then hold more
+    layers at some starts than its count-view maximum, so the sums below force nothing)."""
     if not problem.profiles.uniform:
         return None
     L = problem.num_layers
     counts = {n.name: min(problem.profiles.max_layers(n), L) for n in problem.cluster.nodes}
-    counts = {name: k for name, k in counts.items() if k > 0}
-    return counts if counts and sum(counts.values()) == L else None
+    return {name: k for name, k in counts.items() if k > 0}
+
+
+def forced_counts(problem: PlacementProblem) -> dict[str, int] | None:
+    """Each usable node's most layers, when they add up to exactly the model's layers (else None)."""
+    counts = most_layers(problem)
+    return counts if counts and sum(counts.values()) == problem.num_layers else None
+
+
+def exclusive_layer_bound(problem: PlacementProblem) -> float:
+    """A bound on every placement's max flow when the maxima leave little slack (inf when they do not).
+
+    With slack s = Σ maxima − L, a placement that covers the model gives node i k_i layers with
+    Σ (maxima_i − k_i) ≤ s: the shortfalls share the slack. At most s layers are held twice or more
+    (the layers held add up to at most L + s), so a node holding more than s layers holds one that no
+    other node holds, every request passes through it, and the max flow is at most its capacity at
+    k_i layers. Every node with more than 2s layers at its maximum is such a node whatever the
+    placement; the bound is the best any sharing of the slack can make the narrowest of them — on a
+    6-node cluster with one layer of slack, the optimum itself, where the coverage model's
+    layer-by-layer bound is still 3× above it after 20 s.
+    """
+    counts = most_layers(problem)
+    if not counts:
+        return math.inf
+    slack = sum(counts.values()) - problem.num_layers
+    cluster, model, profiles = problem.cluster, problem.model, problem.profiles
+    #: per node bound by an exclusive layer: its capacity at each shortfall 0..s
+    capacities = [[node_capacity(cluster.node_map[name], most - short, model, profiles) for short in range(slack + 1)]
+                  for name, most in counts.items() if most > 2 * slack]
+    if not capacities:
+        return math.inf
+
+    def shortfall(target: float) -> float:
+        """The least slack that lifts every such node to `target` (inf: none can)."""
+        total = 0.0
+        for caps in capacities:
+            total += next((short for short, cap in enumerate(caps) if cap >= target), math.inf)
+        return total
+
+    levels = sorted({cap for caps in capacities for cap in caps})
+    lo, hi = 0, len(levels) - 1  # the narrowest node at its maximum is always reachable (no shortfall)
+    while lo < hi:  # the highest level the slack can lift every node to (shortfall grows with it)
+        mid = (lo + hi + 1) // 2
+        if shortfall(levels[mid]) <= slack:
+            lo = mid
+        else:
+            hi = mid - 1
+    return max(levels[lo], min(caps[0] for caps in capacities))
 
 
 def _ceil(value: float) -> int:

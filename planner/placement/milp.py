@@ -50,7 +50,7 @@ from helix.planner.placement.base import (
     register_method,
 )
 from helix.planner.placement.budget import SearchBudget, WallCap
-from helix.planner.placement.chain import ChainModel, forced_counts
+from helix.planner.placement.chain import ChainModel, exclusive_layer_bound, forced_counts
 from helix.planner.placement.coverage import CoverageModel, Solution
 from helix.planner.placement.heuristics import check_fits, count_view_layers
 from helix.planner.placement.pruning import prune_edges
@@ -359,7 +359,10 @@ class _Search:
         self.dtime_used = 0.0  # CP-SAT deterministic time spent so far
         self.best = _Incumbent({}, 0.0)
         self.bound: float | None = None
-        self.compute_bound = compute_bound(problem.cluster, problem.model, problem.profiles)
+        #: Bounds that need no search, capping what CP-SAT proves: every node at its best range
+        #: (network ignored), and a node every request must pass through (chain.py).
+        self.compute_bound = min(compute_bound(problem.cluster, problem.model, problem.profiles),
+                                 exclusive_layer_bound(problem))
         self.last_status = cp_model.UNKNOWN
         self.status = "no-solution"  # until an incumbent serves something; then feasible, maybe optimal
         self.rng = random.Random(options.seed)
