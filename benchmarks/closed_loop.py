@@ -271,6 +271,28 @@ def simulate_replay(cluster_file: Path, model: Path, profile: Path, plan_file: P
     return result, requests_csv
 
 
+def calibrated_replay(earlier: Path, model: Path, plan: Path, lengths: Path, args: argparse.Namespace,
+                      rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+    """The same replay with the profile calibrated on an earlier run's route log (`helix profile
+    --from-route-log`: its batch times served ÷ its layer profile's) and the cluster's links at that run's
+    mean per-message latency. The plan is the one served: made with this run's layer profile."""
+    for name in ("route-log.jsonl", "profile.json"):
+        if not (earlier / name).is_file():
+            raise SystemExit(f"--calibrate-on: {earlier / name} is missing (keep a run with --keep DIR first)")
+    calibration = out / "calibrated"
+    calibration.mkdir(parents=True)
+    profile = calibration / "profile.json"
+    helix("profile", "--from-route-log", str(earlier / "route-log.jsonl"), "--base", str(earlier / "profile.json"),
+          "--output", str(profile), "--quiet")
+    measured_on = json.loads(profile.read_text())["measured_on"]["calibrated_on"]
+    latency_s = measured_on["hop_latency_s"]
+    cluster = loopback_cluster(args.workers, latency_s * 1e3, calibration / "cluster.yaml")
+    sim, requests_csv = simulate_replay(cluster, model, profile, plan, lengths, args.scheduler, rows, calibration)
+    return {**simulated_figures(sim, requests_csv), "from": str(earlier), "link_latency_ms": latency_s * 1e3,
+            "ratios": measured_on["machines"],
+            "nodes": batch_ms(sim.nodes, sim.window_s)}
+
+
 def run_config(config: str, args: argparse.Namespace, tmp: Path, out: Path) -> dict[str, Any]:
     started = time.monotonic()
     loads: dict[str, float] = {"start": os.getloadavg()[0]}
@@ -328,6 +350,12 @@ def run_config(config: str, args: argparse.Namespace, tmp: Path, out: Path) -> d
     (out / "route-log-summary.json").write_text(summary.to_json())
     step_done("simulated")
 
+    calibrated = None
+    if args.calibrate_on is not None:
+        calibrated = calibrated_replay(args.calibrate_on / config, model, plan, lengths, args,
+                                       client_requests(run["result"]), out)
+    step_done("calibrated")
+
     profile_data = json.loads(profile.read_text())
     wall = run["wall_s"]
     return {
@@ -341,7 +369,7 @@ def run_config(config: str, args: argparse.Namespace, tmp: Path, out: Path) -> d
                    "link_latency_ms": args.link_latency_ms, "profile_layers_timed": profile_layers,
                    "profile_grid": grid, "profile_measured_on": profile_data["measured_on"],
                    "plan": json.loads(plan.read_text())["nodes"], "files": str(out)},
-        "simulated": simulated, "measured": measured,
+        "simulated": simulated, "measured": measured, "calibrated": calibrated,
         "routed": {"out_tok_s_decode_only": summary.decode_throughput_tokens_per_s,
                    "ttft_p50": _ms(summary.prompt_latency_s.p50), "ttft_p95": _ms(summary.prompt_latency_s.p95),
                    "itl_p50": _ms(summary.decode_latency_s.p50), "itl_p95": _ms(summary.decode_latency_s.p95),
@@ -367,7 +395,7 @@ ROWS = [("output tokens/s", "out_tok_s"), ("TTFT p50 ms", "ttft_p50"), ("TTFT p9
 
 
 def table(run: dict[str, Any]) -> str:
-    c, s, m, r = run["config"], run["simulated"], run["measured"], run["routed"]
+    c, s, m, r, cal = run["config"], run["simulated"], run["measured"], run["routed"], run["calibrated"]
     loads = run["load_avg_1min"]
     lines = [f"\n{c['model']}: {c['workers']} workers × {c['threads_per_worker']} thread(s), plan "
              + ", ".join(f"{n['name']} [{n['start_layer']}, {n['end_layer']})" for n in c["plan"])
@@ -375,12 +403,23 @@ def table(run: dict[str, Any]) -> str:
              f"–{loads['client_after']:.1f} while serving; {run['cpu']['cores_busy']:.2f} of "
              f"{run['cpu']['cores']} cores busy with the server and client; the client saw "
              f"{m['tokens_per_chunk']:.1f} tokens per streamed chunk",
-             "", "| metric | simulated | measured (client) | simulated / measured | router's view (route log) |",
-             "|---|---|---|---|---|"]
+             "", "| metric | simulated | measured (client) | simulated / measured | router's view (route log) |"
+             + (" simulated, calibrated | calibrated / client | calibrated / router |" if cal else ""),
+             "|---|---|---|---|---|" + ("---|---|---|" if cal else "")]
     for label, key in ROWS:
         routed = r.get(key)
-        lines.append(f"| {label} | {s[key]:.1f} | {m[key]:.1f} | {s[key] / m[key]:.2f} | "
-                     f"{'' if routed is None else f'{routed:.1f}'} |")
+        line = (f"| {label} | {s[key]:.1f} | {m[key]:.1f} | {s[key] / m[key]:.2f} | "
+                f"{'' if routed is None else f'{routed:.1f}'} |")
+        if cal:
+            line += (f" {cal[key]:.1f} | {cal[key] / m[key]:.2f} | "
+                     f"{'' if routed is None else f'{cal[key] / routed:.2f}'} |")
+        lines.append(line)
+    if cal:
+        lines += ["", f"calibrated on {cal['from']}: links at {cal['link_latency_ms']:.2f} ms per message; batch "
+                  "times served ÷ layer profile " + "; ".join(
+                      f"{t}: decode {', '.join(f'{b}: {x:.2f}' for b, x in v['decode_ratio_by_batch'].items())}, "
+                      f"prompt {v['prompt_ratio'] if v['prompt_ratio'] is None else round(v['prompt_ratio'], 2)}"
+                      for t, v in cal["ratios"].items())]
     b = r["decode_step_ms"]
     lines += ["", f"decode step in the real run, ms (p50 / p95; {r['hops_per_step']} hop(s)): "
               + ", ".join(f"{k} {v['p50']:.2f} / {v['p95']:.2f}" for k, v in b.items())
@@ -412,6 +451,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         help="the cluster's link latency: loopback, nominal (the per-hop cost is measured, not "
                         "assumed: see the route log breakdown)")
     parser.add_argument("--profile-repeats", type=int, default=3)
+    parser.add_argument("--calibrate-on", type=Path, default=None, metavar="DIR",
+                        help="a folder an earlier run kept (--keep DIR): also simulate this run with the profile "
+                        "calibrated on that run's route log and its per-message latency (helix profile "
+                        "--from-route-log), beside the layer profile")
     parser.add_argument("--output", type=Path, help="write every figure and the configuration as JSON")
     parser.add_argument("--keep", type=Path,
                         help="keep every file (profile, plan, route log, logs) here (a new folder)")

@@ -13,6 +13,7 @@ workers and `helix profile` of the GPU suite still run as the separate processes
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -66,7 +67,8 @@ def test_the_closed_loop_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.Mon
                                          capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "closed-loop.json"
-    _load("closed_loop").main(["--configs", "tiny", "--workers", "2", "--prompts", str(PROMPTS), "--rate", "4",
+    closed_loop = _load("closed_loop")
+    closed_loop.main(["--configs", "tiny", "--workers", "2", "--prompts", str(PROMPTS), "--rate", "4",
                                "--profile-repeats", "1", "--plan-time-limit", "2", "--output", str(out),
                                "--keep", str(tmp_path / "files")])
     stdout = capsys.readouterr().out
@@ -91,6 +93,18 @@ def test_the_closed_loop_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.Mon
     files = tmp_path / "files" / "tiny"
     assert {"profile.json", "plan.json", "route-log.jsonl", "simulated.json", "client.json"} <= \
         {p.name for p in files.iterdir()}
+
+    # --calibrate-on with this run as the earlier one: the profile calibrated on its real route log
+    rows = closed_loop.client_requests(json.loads((files / "client.json").read_text()))
+    model = closed_loop.serving_load.make_model(tmp_path, "tiny")
+    args = argparse.Namespace(workers=2, scheduler="maxflow")
+    calibrated = closed_loop.calibrated_replay(files, model, files / "plan.json", files / "lengths.csv", args, rows,
+                                               tmp_path / "again")
+    assert calibrated["requests"] == PROMPTS and calibrated["link_latency_ms"] > 0
+    ((machine, ratios),) = calibrated["ratios"].items()
+    assert machine == "CPU" and all(r > 0 for r in ratios["decode_ratio_by_batch"].values())
+    for key in ("out_tok_s", "ttft_p50", "ttft_p95", "itl_p50", "itl_p95"):
+        assert calibrated[key] > 0 and math.isfinite(calibrated[key]), (key, calibrated)
 
 
 @pytest.mark.slow

@@ -56,6 +56,13 @@ def profile_command(
         help="Measure nothing: write the machine types of these measured profiles (one per file, each taken on "
              "its own machine, same model) into --output, one file for a cluster of all of them. Repeat per "
              "file.")] = None,
+    from_route_log: Annotated[Path | None, typer.Option(
+        "--from-route-log", metavar="FILE.jsonl", show_default=False,
+        help="Measure nothing: scale --base's times to what the workers of a real run took (helix serve "
+             "--route-log), and report the per-message latency to give the cluster's links.")] = None,
+    base: Annotated[Path | None, typer.Option(
+        "--base", metavar="FILE.json", show_default=False,
+        help="With --from-route-log: the measured profile the run was planned with.")] = None,
     engine: Annotated[str, typer.Option("--engine", metavar="torch|vllm", help="The worker engine to time.")]
         = "torch",
     device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="cpu, cuda or cuda:N.")] = "cpu",
@@ -105,7 +112,8 @@ def profile_command(
 
     Example: helix profile --model llama3.1-8b --device cuda -o h100.json; then
     helix plan --mix H100:4 --model llama3.1-8b --profiles h100.json. A fleet of several types: profile each
-    on its own machine, then helix profile --merge h100.json --merge l4.json -o fleet.json.
+    on its own machine, then helix profile --merge h100.json --merge l4.json -o fleet.json. Calibrated on a
+    served run: helix profile --from-route-log routes.jsonl --base cpu.json -o served.json.
     """
     from helix.planner.errors import HelixInputError
     from helix.planner.profiles.measured import MeasuredProfiles, write_measured_profile
@@ -117,6 +125,9 @@ def profile_command(
         raise HelixInputError(f"{output}: folder {output.parent} does not exist", "--output")
     if merge:
         merge_files(merge, output, model, quiet)
+        return
+    if from_route_log is not None or base is not None:
+        calibrate_file(from_route_log, base, output, model, quiet)
         return
     if model is None:
         raise HelixInputError("missing: the model to measure (or --merge FILE.json to merge measured profiles)",
@@ -164,6 +175,47 @@ def merge_files(paths: list[Path], output: Path, model: str | None, quiet: bool)
         return
     console().print(f"merged {len(paths)} measured profiles of {merged.model} ({types}); wrote profile to "
                     f"[bold]{output}[/]")
+
+
+def calibrate_file(route_log: Path | None, base: Path | None, output: Path, model: str | None, quiet: bool) -> None:
+    """`--from-route-log`: `base` scaled to the run's batch times (helix.worker.calibration)."""
+    from rich.table import Table
+
+    from helix.planner.errors import HelixInputError
+    from helix.worker.calibration import calibrate
+
+    if route_log is None or base is None:
+        raise HelixInputError("give both: --from-route-log FILE.jsonl (the run) and --base FILE.json (the profile "
+                              "it was planned with)", "--base" if base is None else "--from-route-log")
+    if model is not None:
+        raise HelixInputError("--from-route-log measures nothing: the model is the one --base was measured on; drop "
+                              "--model", "--model")
+    for path, option in ((route_log, "--from-route-log"), (base, "--base")):
+        if not path.is_file():
+            raise HelixInputError(f"{path}: no such file", option)
+    if output.resolve() == base.resolve():
+        raise HelixInputError(f"{output} is --base: write the calibrated profile elsewhere", "--output")
+    result = calibrate(route_log, base)
+    result.profile.save(output)
+    latency_ms = result.hop_latency_s * 1e3
+    if quiet:
+        ratios = ", ".join(f"{c.machine_type} decode ×{c.decode_ratio(1):.2f}" for c in result.machines)
+        print(f"{result.profile.model}: {ratios}; {latency_ms:.3g} ms per message; wrote {output}")
+        return
+    out = console()
+    table = Table(title=f"{route_log.name}: batch times served ÷ {base.name}'s ({result.steps:,} steps)")
+    for column in ("machine type", "decode batch: ratio", "decode batches", "prompt ratio", "prompt batches",
+                   "mixed (not fitted)"):
+        table.add_column(column, justify="left" if column == "machine type" else "right")
+    for c in result.machines:
+        table.add_row(c.machine_type, ", ".join(f"{b}: {r:.2f}" for b, r in c.decode_ratio_by_batch.items()),
+                      f"{c.decode_batches:,}", "-" if c.prompt_ratio is None else f"{c.prompt_ratio:.2f}",
+                      f"{c.prompt_batches:,}", f"{c.mixed_batches:,}")
+    out.print(table)
+    out.print(f"per message (router → worker → … → router, less the time at the workers): {latency_ms:.3g} ms on "
+              f"average; simulate with the cluster's links at that latency (latency_s: "
+              f"{result.hop_latency_s:.4g} in the cluster file's mesh, docs/cluster-format.md)")
+    out.print(f"wrote profile to [bold]{output}[/]")
 
 
 def summary_line(result: ProfileResult, output: Path) -> str:

@@ -1,0 +1,180 @@
+"""`helix profile --from-route-log`: a measured profile scaled to the batch times a served run's workers took.
+
+The route logs here are written by hand with batch times set to known multiples of what the profile
+predicts, so the test checks the arithmetic (grouping hops into batches, the ratios, the interpolation,
+the per-message latency) exactly; the closed-loop benchmark's test runs it on a real run's log.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from helix.cli.app import app
+from helix.planner.cluster import GpuNode
+from helix.planner.model import MODEL_CATALOG
+from helix.planner.profiles.measured import (
+    MeasuredProfileFile,
+    MeasuredProfiles,
+    sample_machine_profile,
+    write_measured_profile,
+)
+from helix.planner.profiles.roofline import RooflineProfiles
+from helix.worker.calibration import MIN_DECODE_BATCHES, calibrate
+
+MODEL = MODEL_CATALOG["llama3.1-8b"]
+NODES = [{"name": "w0", "gpu": "CPU", "start_layer": 0, "end_layer": 12},
+         {"name": "w1", "gpu": "CPU", "start_layer": 12, "end_layer": 32}]
+LAYERS = {n["name"]: n["end_layer"] - n["start_layer"] for n in NODES}
+DECODE_RATIO = {1: 2.0, 2: 3.0, 4: 4.0}
+PROMPT_RATIO = 1.5
+TRANSIT_S = 0.003  # per message
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> Path:
+    path = tmp_path / "cpu.json"
+    machine = sample_machine_profile(RooflineProfiles(MODEL), GpuNode(name="n", gpu="CPU"),
+                                     decode_batches=(1, 2, 4, 8), context_tokens_per_sequence=100)
+    write_measured_profile(path, MODEL, [machine], {"device": "test"})
+    return path
+
+
+class Log:
+    """A route log written as the router writes one: admissions, then steps whose hops carry batch timings."""
+
+    def __init__(self, base: Path) -> None:
+        data = MeasuredProfileFile.load(base)
+        self.profiles = MeasuredProfiles(MODEL, data)
+        self.per_byte = self.profiles.conventions.activation_overhead_s_per_byte * MODEL.activation_bytes
+        self.events: list[dict[str, Any]] = [{"event": "start", "t": 0.0, "model": MODEL.name, "nodes": NODES}]
+        self.t = 1.0
+        self.decoded: dict[str, int] = {}
+
+    def predicted(self, node: str, prompt: int, contexts: list[int]) -> float:
+        """What the simulator computes for the batch: layers × layer times, plus the activation copy."""
+        n = GpuNode(name=node, gpu="CPU")
+        if prompt:
+            layer = self.profiles.prompt_layer_time(n, prompt)
+        else:
+            layer = self.profiles.decode_layer_time(n, len(contexts), sum(contexts))
+        return LAYERS[node] * layer + (prompt + len(contexts)) * self.per_byte
+
+    def batch(self, members: list[tuple[str, str, int]], ratio: float, complete: bool = True) -> None:
+        """One batch per node of requests (id, phase, tokens), every node taking `ratio` × the prediction."""
+        self.t += 1.0
+        hops: dict[str, list[dict[str, Any]]] = {rid: [] for rid, _, _ in members}
+        for node in LAYERS:
+            prompt = sum(tokens for _, phase, tokens in members if phase == "prompt")
+            contexts = [100 + self.decoded.get(rid, 0) + 1 for rid, phase, _ in members if phase == "decode"]
+            compute = ratio * self.predicted(node, prompt, contexts)
+            for rid, _, _ in members:
+                hops[rid].append({"node": node, "arrived": self.t, "departed": self.t + compute, "compute_s": compute,
+                                  "batch_size": len(members) + (0 if complete else 1)})
+        for rid, phase, tokens in members:
+            if phase == "prompt":
+                self.events.append({"event": "admit", "t": self.t, "request_id": rid, "attempt": 0,
+                                    "input_tokens": 100, "expected_output_tokens": 50})
+            else:
+                self.decoded[rid] = self.decoded.get(rid, 0) + 1
+            at_hops = sum(h["departed"] - h["arrived"] for h in hops[rid])
+            self.events.append({"event": "step", "t": self.t + at_hops + 3 * TRANSIT_S, "request_id": rid,
+                                "attempt": 0, "phase": phase, "sent": self.t, "tokens": tokens, "hops": hops[rid]})
+
+    def write(self, path: Path) -> Path:
+        path.write_text("".join(json.dumps(e) + "\n" for e in self.events))
+        return path
+
+
+def full_log(base: Path, path: Path) -> Path:
+    log = Log(base)
+    for i in range(4):
+        log.batch([(f"p{i}", "prompt", 100)], PROMPT_RATIO)
+    for size, ratio in DECODE_RATIO.items():
+        for _ in range(MIN_DECODE_BATCHES):
+            log.batch([(f"p{i}", "decode", 1) for i in range(size)], ratio)
+    log.batch([("p0", "decode", 1), ("x", "prompt", 40)], 9.0)  # mixed: counted, not fitted
+    log.batch([("p1", "decode", 1)], 50.0, complete=False)  # a member is missing: not used
+    return log.write(path)
+
+
+def test_the_tables_are_scaled_by_what_the_batches_took(base: Path, tmp_path: Path) -> None:
+    result = calibrate(full_log(base, tmp_path / "routes.jsonl"), base)
+    (cal,) = result.machines
+    assert cal.decode_ratio_by_batch == pytest.approx(DECODE_RATIO)
+    assert cal.prompt_ratio == pytest.approx(PROMPT_RATIO)
+    assert (cal.decode_batches, cal.prompt_batches, cal.mixed_batches) == (2 * 3 * MIN_DECODE_BATCHES, 2 * 4, 2)
+    assert result.hop_latency_s == pytest.approx(TRANSIT_S)
+    before, after = MeasuredProfileFile.load(base).gpus["CPU"], result.profile.gpus["CPU"]
+    # batch sizes between those seen are interpolated, beyond them held at the last one seen
+    expected = {1: 2.0, 2: 3.0, 4: 4.0, 8: 4.0}
+    for batch, old, new in zip(before.decode.batch, before.decode.seconds_per_layer, after.decode.seconds_per_layer,
+                               strict=True):
+        assert new == pytest.approx(old * expected[batch]), batch
+    assert after.prompt.seconds_per_layer == pytest.approx([t * PROMPT_RATIO for t in before.prompt.seconds_per_layer])
+    assert (after.max_layers, after.memory_budget_bytes) == (before.max_layers, before.memory_budget_bytes)
+    on = result.profile.measured_on
+    assert on["device"] == "test" and on["calibrated_on"]["hop_latency_s"] == pytest.approx(TRANSIT_S)
+
+
+def test_the_cli_writes_a_profile_plan_and_simulate_read(base: Path, tmp_path: Path) -> None:
+    out = tmp_path / "served.json"
+    result = CliRunner().invoke(app, ["profile", "--from-route-log", str(full_log(base, tmp_path / "r.jsonl")),
+                                      "--base", str(base), "-o", str(out)])
+    assert result.exit_code == 0, result.stderr or result.exception
+    assert "3 ms on average" in " ".join(result.stdout.split()) and "latency_s: 0.003" in result.stdout
+    plan = tmp_path / "plan.json"
+    result = CliRunner().invoke(app, ["plan", "--mix", "CPU:2", "--model", MODEL.name, "--profiles", str(out),
+                                      "--method", "petals", "--output", str(plan), "--quiet"])
+    assert result.exit_code == 0, result.stderr or result.exception
+    result = CliRunner().invoke(app, ["simulate", "--mix", "CPU:2", "--model", MODEL.name, "--profiles", str(out),
+                                      "--plan", str(plan), "--duration", "20", "--quiet"])
+    assert result.exit_code == 0, result.stderr or result.exception
+
+
+def test_too_few_decode_batches_is_an_error_that_says_how_many(base: Path, tmp_path: Path) -> None:
+    log = Log(base)
+    log.batch([("p0", "prompt", 100)], 1.0)
+    for _ in range(3):
+        log.batch([("p0", "decode", 1)], 1.0)
+    path = log.write(tmp_path / "short.jsonl")
+    result = CliRunner().invoke(app, ["profile", "--from-route-log", str(path), "--base", str(base),
+                                      "-o", str(tmp_path / "o.json")])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"error: {path}: 6 complete decode-only batches of CPU in the log, "
+                                     f"{MIN_DECODE_BATCHES} needed: serve more requests")
+
+
+@pytest.mark.parametrize("case", ["no-base", "no-log", "model", "same-file", "other-model", "other-gpu", "no-steps"])
+def test_bad_input_is_one_line(case: str, base: Path, tmp_path: Path) -> None:
+    log = full_log(base, tmp_path / "r.jsonl")
+    out = tmp_path / "o.json"
+    args = {"no-base": ["--from-route-log", str(log)],
+            "no-log": ["--from-route-log", str(tmp_path / "missing.jsonl"), "--base", str(base)],
+            "model": ["--from-route-log", str(log), "--base", str(base), "--model", "llama2-70b"],
+            "same-file": ["--from-route-log", str(log), "--base", str(base)]}.get(case)
+    if case == "same-file":
+        out = base
+    if case in ("other-model", "other-gpu", "no-steps"):
+        events = [json.loads(line) for line in log.read_text().splitlines()]
+        if case == "other-model":
+            events[0]["model"] = "llama2-70b"
+        elif case == "other-gpu":
+            events[0]["nodes"][1]["gpu"] = "T4"
+        else:
+            events = events[:1]
+        log.write_text("".join(json.dumps(e) + "\n" for e in events))
+        args = ["--from-route-log", str(log), "--base", str(base)]
+    assert args is not None
+    result = CliRunner().invoke(app, ["profile", *args, "-o", str(out)])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (result.stderr,
+                                                                                        result.exception)
+    expected = {"no-base": "--base", "no-log": "--from-route-log", "model": "--model", "same-file": "--output",
+                "other-model": "--base", "other-gpu": "--base", "no-steps": str(log)}[case]
+    assert lines[0].startswith(f"error: {expected}"), lines[0]
+    assert case == "same-file" or not out.exists()

@@ -1,0 +1,200 @@
+"""A measured profile calibrated on a real serving run: the layer timings scaled to what the workers took.
+
+`helix profile` times decoder layers alone, one process on an idle machine. A serving worker does more per
+batch (embeddings or the LM head and sampling, padding and KV copies, the hand-off to its compute thread,
+message coding) and shares the machine with the other workers, the router and the clients, so its batches
+take longer: 1.4–3× the layer timing on the closed loop's 2-core runs (docs/closed-loop.md). The route log
+holds every batch a worker ran — each hop carries the batch's compute time and size — so the factor can be
+measured rather than guessed:
+
+* hops sharing a node, compute time and batch size are one batch (hops that share them by chance are
+  told apart by when they left); a batch is used only when every request in it is in the log (a request
+  re-routed away leaves its batch incomplete);
+* each batch is held against the time the profile predicts for it, as the simulator computes it (the
+  node's layers × the layer time of its prompt tokens and of its decodes at their context, plus the
+  activation copy) — the ratio of the two;
+* decode tables are scaled by the mean ratio of decode-only batches of each size, interpolated between
+  the sizes seen and held at the ends; prompt tables by the mean ratio of prompt-only batches. Means, not
+  medians: a node's mean batch time is what sets its throughput and the queues behind it;
+* the per-message transit (router → worker → … → router, less the time at the hops) is the mean of every
+  step's, reported as the latency to give the cluster's links, where the simulator puts the cost of
+  moving a message (docs/closed-loop.md, cause 2).
+
+Batches mixing prompts and decodes are counted, not fitted: their share of the time cannot be split.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from helix.planner.cluster import GpuNode
+from helix.planner.errors import HelixInputError
+from helix.planner.model import ModelSpec
+from helix.planner.profiles.measured import MeasuredProfileFile, MeasuredProfiles
+from helix.worker.route_log import read_route_log
+
+#: Fewer decode-only batches than this cannot calibrate anything worth simulating.
+MIN_DECODE_BATCHES = 20
+#: A batch size is fitted on its own only with at least this many batches of it.
+MIN_PER_SIZE = 5
+
+
+@dataclass
+class _Batch:
+    node: str
+    compute_s: float
+    size: int
+    members: list[tuple[str, int, int]] = field(default_factory=list)  # (phase, tokens, context)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(tokens for phase, tokens, _ in self.members if phase == "prompt")
+
+    @property
+    def decodes(self) -> int:
+        return sum(1 for phase, _, _ in self.members if phase == "decode")
+
+    @property
+    def context(self) -> int:
+        return sum(context for phase, _, context in self.members if phase == "decode")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What one machine type's batches took against the profile (ratios: measured ÷ predicted)."""
+
+    machine_type: str
+    decode_ratio_by_batch: dict[int, float]  # batch size → mean ratio (sizes with MIN_PER_SIZE batches)
+    decode_batches: int
+    prompt_ratio: float | None
+    prompt_batches: int
+    mixed_batches: int
+
+    def decode_ratio(self, batch: int) -> float:
+        sizes = sorted(self.decode_ratio_by_batch)
+        return float(np.interp(batch, sizes, [self.decode_ratio_by_batch[s] for s in sizes]))
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    profile: MeasuredProfileFile
+    machines: list[Calibration]
+    hop_latency_s: float  # mean transit per message
+    steps: int
+
+
+def _batches(events: list[dict[str, Any]]) -> tuple[list[_Batch], list[float]]:
+    """Every batch whose requests are all in the log, and every step's transit per message."""
+    inputs: dict[tuple[str, int], int] = {}
+    decoded: dict[tuple[str, int], int] = defaultdict(int)
+    groups: dict[tuple[str, float, int], list[tuple[float, tuple[str, int, int]]]] = defaultdict(list)
+    transits: list[float] = []
+    for e in events:
+        if e["event"] == "admit":
+            inputs[(e["request_id"], e["attempt"])] = int(e["input_tokens"])
+        if e["event"] != "step" or not e.get("hops"):
+            continue
+        key = (e["request_id"], e["attempt"])
+        context = 0
+        if e["phase"] == "decode":
+            decoded[key] += 1
+            context = inputs.get(key, 0) + decoded[key]
+        at_hops = sum(float(h["departed"]) - float(h["arrived"]) for h in e["hops"])
+        transits.append((float(e["t"]) - float(e["sent"]) - at_hops) / (len(e["hops"]) + 1))
+        for h in e["hops"]:
+            groups[(str(h["node"]), float(h["compute_s"]), int(h["batch_size"]))].append(
+                (float(h["departed"]), (str(e["phase"]), int(e["tokens"]), context)))
+    batches = []
+    for (node, compute_s, size), hops in groups.items():
+        hops.sort(key=lambda hop: hop[0])  # one batch's requests leave together, right after its step
+        for first in range(0, len(hops) - size + 1, size):
+            chunk = hops[first:first + size]
+            if chunk[-1][0] - chunk[0][0] <= compute_s:
+                batches.append(_Batch(node, compute_s, size, [member for _, member in chunk]))
+    return batches, transits
+
+
+def calibrate(route_log: Path, base: Path) -> CalibrationResult:
+    """`base` (a measured profile of the served model) scaled by what the run in `route_log` took."""
+    events = read_route_log(route_log)
+    data = MeasuredProfileFile.load(base)
+    start = events[0]
+    if start.get("model") not in (None, data.model):
+        raise HelixInputError(f"the run served model {start.get('model')!r}; the profile {base} is of "
+                              f"{data.model!r}", "--base")
+    spec = ModelSpec(name=data.model, **(data.model_shape or {}))
+    profiles = MeasuredProfiles(spec, data, where=str(base))
+    nodes = {n["name"]: n for n in start.get("nodes", [])}
+    batches, transits = _batches(events)
+    if not transits:
+        raise HelixInputError("no steps in the route log: serve some requests with --route-log first",
+                              str(route_log))
+    per_byte = profiles.conventions.activation_overhead_s_per_byte * spec.activation_bytes
+    ratios: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
+    mixed: dict[str, int] = defaultdict(int)
+    for b in batches:
+        info = nodes.get(b.node)
+        if info is None:
+            continue
+        label = next((lbl for lbl, entry in data.gpus.items() if entry.gpu == info.get("gpu")), None)
+        if label is None:
+            raise HelixInputError(f"node {b.node} is a {info['gpu']}, which the profile does not describe "
+                                  f"(it has {', '.join(data.gpus)})", "--base")
+        entry = data.gpus[label]
+        node = GpuNode(name=b.node, gpu=entry.gpu, gpu_count=entry.gpu_count)
+        layers = int(info["end_layer"]) - int(info["start_layer"])
+        prompt, decodes = b.prompt_tokens, b.decodes
+        if prompt and decodes:
+            mixed[label] += 1
+            continue
+        if prompt:
+            predicted = layers * profiles.prompt_layer_time(node, prompt)
+        else:
+            single = profiles.conventions.single_decode_factor if decodes == 1 else 1.0
+            predicted = layers * profiles.decode_layer_time(node, decodes, b.context) * single
+        predicted += (prompt + decodes) * per_byte
+        if predicted > 0:
+            ratios[label]["prompt" if prompt else "decode"].append((b.size, b.compute_s / predicted))
+    machines, gpus = [], {}
+    for label, entry in data.gpus.items():
+        found = ratios.get(label, {})
+        decode = found.get("decode", [])
+        if len(decode) < MIN_DECODE_BATCHES:
+            raise HelixInputError(f"{len(decode)} complete decode-only batches of {label} in the log, "
+                                  f"{MIN_DECODE_BATCHES} needed: serve more requests", str(route_log))
+        by_size: dict[int, list[float]] = defaultdict(list)
+        for size, ratio in decode:
+            by_size[size].append(ratio)
+        fitted = {s: statistics.fmean(v) for s, v in sorted(by_size.items()) if len(v) >= MIN_PER_SIZE}
+        if not fitted:  # many sizes, each seen a few times: one ratio for all
+            fitted = {min(by_size): statistics.fmean(r for _, r in decode)}
+        prompt = [r for _, r in found.get("prompt", [])]
+        cal = Calibration(label, fitted, len(decode), statistics.fmean(prompt) if prompt else None, len(prompt),
+                          mixed[label])
+        machines.append(cal)
+        table = entry.model_dump(exclude_none=True)
+        table["decode"]["seconds_per_layer"] = [t * cal.decode_ratio(b) for b, t in
+                                                zip(entry.decode.batch, entry.decode.seconds_per_layer, strict=True)]
+        table["decode"]["seconds_per_context_token"] = entry.decode.seconds_per_context_token * cal.decode_ratio(
+            entry.decode.batch[len(entry.decode.batch) // 2])
+        if cal.prompt_ratio is not None:
+            table["prompt"]["seconds_per_layer"] = [t * cal.prompt_ratio for t in entry.prompt.seconds_per_layer]
+        gpus[label] = table
+    hop_latency = statistics.fmean(transits)
+    measured_on = {**data.measured_on, "calibrated_on": {
+        "route_log": str(route_log), "base_profile": str(base), "steps": len(transits),
+        "hop_latency_s": hop_latency,
+        "machines": {c.machine_type: {"decode_ratio_by_batch": c.decode_ratio_by_batch,
+                                      "decode_batches": c.decode_batches, "prompt_ratio": c.prompt_ratio,
+                                      "prompt_batches": c.prompt_batches, "mixed_batches_not_fitted": c.mixed_batches}
+                     for c in machines}}}
+    profile = MeasuredProfileFile.from_data(
+        {"schema_version": 1, "model": data.model, "model_shape": data.model_shape, "measured_on": measured_on,
+         "gpus": gpus}, str(base))
+    return CalibrationResult(profile, machines, hop_latency, len(transits))
