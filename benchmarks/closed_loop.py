@@ -271,11 +271,11 @@ def simulate_replay(cluster_file: Path, model: Path, profile: Path, plan_file: P
     return result, requests_csv
 
 
-def calibrated_replay(earlier: Path, model: Path, plan: Path, lengths: Path, args: argparse.Namespace,
+def calibrated_replay(earlier: Path, cluster: Path, model: Path, plan: Path, lengths: Path, scheduler: str,
                       rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
     """The same replay with the profile calibrated on an earlier run's route log (`helix profile
-    --from-route-log`: its batch times served ÷ its layer profile's) and the cluster's links at that run's
-    mean per-message latency. The plan is the one served: made with this run's layer profile."""
+    --from-route-log`: its batch times served ÷ its layer profile's, how they varied, and what each
+    message cost beyond its link). The plan is the one served: made with this run's layer profile."""
     for name in ("route-log.jsonl", "profile.json"):
         if not (earlier / name).is_file():
             raise SystemExit(f"--calibrate-on: {earlier / name} is missing (keep a run with --keep DIR first)")
@@ -285,10 +285,9 @@ def calibrated_replay(earlier: Path, model: Path, plan: Path, lengths: Path, arg
     helix("profile", "--from-route-log", str(earlier / "route-log.jsonl"), "--base", str(earlier / "profile.json"),
           "--output", str(profile), "--quiet")
     measured_on = json.loads(profile.read_text())["measured_on"]["calibrated_on"]
-    latency_s = measured_on["hop_latency_s"]
-    cluster = loopback_cluster(args.workers, latency_s * 1e3, calibration / "cluster.yaml")
-    sim, requests_csv = simulate_replay(cluster, model, profile, plan, lengths, args.scheduler, rows, calibration)
-    return {**simulated_figures(sim, requests_csv), "from": str(earlier), "link_latency_ms": latency_s * 1e3,
+    sim, requests_csv = simulate_replay(cluster, model, profile, plan, lengths, scheduler, rows, calibration)
+    return {**simulated_figures(sim, requests_csv), "from": str(earlier),
+            "message_overhead_mean_ms": measured_on["hop_latency_s"] * 1e3,
             "ratios": measured_on["machines"],
             "nodes": batch_ms(sim.nodes, sim.window_s)}
 
@@ -352,7 +351,7 @@ def run_config(config: str, args: argparse.Namespace, tmp: Path, out: Path) -> d
 
     calibrated = None
     if args.calibrate_on is not None:
-        calibrated = calibrated_replay(args.calibrate_on / config, model, plan, lengths, args,
+        calibrated = calibrated_replay(args.calibrate_on / config, cluster, model, plan, lengths, args.scheduler,
                                        client_requests(run["result"]), out)
     step_done("calibrated")
 
@@ -415,8 +414,8 @@ def table(run: dict[str, Any]) -> str:
                      f"{'' if routed is None else f'{cal[key] / routed:.2f}'} |")
         lines.append(line)
     if cal:
-        lines += ["", f"calibrated on {cal['from']}: links at {cal['link_latency_ms']:.2f} ms per message; batch "
-                  "times served ÷ layer profile " + "; ".join(
+        lines += ["", f"calibrated on {cal['from']}: {cal['message_overhead_mean_ms']:.2f} ms per message on average "
+                  "beyond the links; batch times served ÷ layer profile " + "; ".join(
                       f"{t}: decode {', '.join(f'{b}: {x:.2f}' for b, x in v['decode_ratio_by_batch'].items())}, "
                       f"prompt {v['prompt_ratio'] if v['prompt_ratio'] is None else round(v['prompt_ratio'], 2)}"
                       for t, v in cal["ratios"].items())]

@@ -28,6 +28,7 @@ the cluster state, the workload and the results live in their own modules.
 from __future__ import annotations
 
 import math
+import random
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable
@@ -68,6 +69,7 @@ class Step:
     sim: GpuSim | None  # the stage the link leads to; None: back to the coordinator
     start: int  # first layer run on the stage
     layers: int  # layers run on the stage
+    overhead: tuple[float, ...] | None = None  # seconds a message spends beyond the link, equally likely
 
 
 @dataclass(slots=True, eq=False)
@@ -155,6 +157,7 @@ class GpuSim:
     wake_at: float = math.inf  # time of the one live wake-up event (inf: none)
     wake_token: int = 0  # wake-up events carrying an older token are stale
     stats: NodeStats = field(default_factory=NodeStats)
+    batch_factors: tuple[float, ...] | None = None  # equally likely multiples of a batch's time
 
 
 class Engine:
@@ -162,7 +165,7 @@ class Engine:
 
     def __init__(self, loop: EventLoop, state: ClusterState, scheduler: Scheduler, cluster: Cluster,
                  model: ModelSpec, profiles: Profiles, limits: dict[str, BatchLimits],
-                 conventions: BatchConventions, window: tuple[float, float]) -> None:
+                 conventions: BatchConventions, window: tuple[float, float], seed: int = 0) -> None:
         self.loop, self.state, self.scheduler, self.cluster = loop, state, scheduler, cluster
         self.model, self.profiles, self.conventions = model, profiles, conventions
         self.window = window
@@ -170,6 +173,13 @@ class Engine:
         self.on_iteration_done: Callable[[Flight, float], None] = lambda flight, now: None
         self.on_request_done: Callable[[Flight], None] = lambda flight: None
         self.nodes = {name: GpuSim(cluster.node_map[name], s, limits[name]) for name, s in state.nodes.items()}
+        #: Nodes of a profile calibrated on a served run vary (`Profiles.serving_variation`); the draws
+        #: come from their own stream, so a profile without variation simulates exactly as before.
+        self._variation = {name: profiles.serving_variation(sim.node) for name, sim in self.nodes.items()}
+        for name, sim in self.nodes.items():
+            variation = self._variation[name]
+            sim.batch_factors = None if variation is None else variation.batch_time_factors
+        self._choice = random.Random(f"{seed}-serving-variation").choice
         self._links: dict[tuple[str, str], Link] = {}
         self._steps: dict[tuple[str, str, int, int], Step] = {}
         self.in_flight = 0
@@ -199,7 +209,10 @@ class Engine:
         key = (src, dst, start, end)
         found = self._steps.get(key)
         if found is None:
-            found = self._steps[key] = Step(self.link(src, dst), self.nodes.get(dst), start, end - start)
+            # a message into a node costs what that node's process adds; one back, what its sender's does
+            variation = self._variation[dst] if dst in self._variation else self._variation.get(src)
+            found = self._steps[key] = Step(self.link(src, dst), self.nodes.get(dst), start, end - start,
+                                            None if variation is None else variation.message_overhead_s)
         return found
 
     def _path(self, route: Route) -> tuple[Step, ...]:
@@ -238,7 +251,10 @@ class Engine:
             free = link.free_at
             start = now if now > free else free
             link.free_at = done = start + flight.tokens * link.seconds_per_token
-            flight.arrived_at = arrival = done + link.latency_s
+            arrival = done + link.latency_s
+            if step.overhead is not None:
+                arrival += self._choice(step.overhead)
+            flight.arrived_at = arrival
             flight.sent_at = start
             sim = step.sim
             if sim is None:
@@ -317,6 +333,8 @@ class Engine:
             if sim.next_arrival < math.inf:
                 self._wake_at(sim, sim.next_arrival)
             return
+        if sim.batch_factors is not None:
+            duration *= self._choice(sim.batch_factors)
         sim.busy = True
         sim.batch = batch
         stats = sim.stats

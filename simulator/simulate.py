@@ -246,7 +246,7 @@ def simulate(
     conventions = profiles.conventions
     recorder = Recorder((warmup_s, duration_s), duration_s, record_requests)
     loop = EventLoop()
-    engine = Engine(loop, state, sched, cluster, model, profiles, limits, conventions, (warmup_s, duration_s))
+    engine = Engine(loop, state, sched, cluster, model, profiles, limits, conventions, (warmup_s, duration_s), seed)
     driver = _Driver(engine, sched, workload, recorder, seed, offline_kv_target if offline else None)
     arrivals: ArrivalProcess | None = None
     if offline:

@@ -13,7 +13,6 @@ workers and `helix profile` of the GPU suite still run as the separate processes
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import math
@@ -97,10 +96,9 @@ def test_the_closed_loop_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.Mon
     # --calibrate-on with this run as the earlier one: the profile calibrated on its real route log
     rows = closed_loop.client_requests(json.loads((files / "client.json").read_text()))
     model = closed_loop.serving_load.make_model(tmp_path, "tiny")
-    args = argparse.Namespace(workers=2, scheduler="maxflow")
-    calibrated = closed_loop.calibrated_replay(files, model, files / "plan.json", files / "lengths.csv", args, rows,
-                                               tmp_path / "again")
-    assert calibrated["requests"] == PROMPTS and calibrated["link_latency_ms"] > 0
+    calibrated = closed_loop.calibrated_replay(files, files / "cluster.yaml", model, files / "plan.json",
+                                               files / "lengths.csv", "maxflow", rows, tmp_path / "again")
+    assert calibrated["requests"] == PROMPTS and calibrated["message_overhead_mean_ms"] > 0
     ((machine, ratios),) = calibrated["ratios"].items()
     assert machine == "CPU" and all(r > 0 for r in ratios["decode_ratio_by_batch"].values())
     for key in ("out_tok_s", "ttft_p50", "ttft_p95", "itl_p50", "itl_p95"):

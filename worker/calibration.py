@@ -16,9 +16,13 @@ measured rather than guessed:
 * decode tables are scaled by the mean ratio of decode-only batches of each size, interpolated between
   the sizes seen and held at the ends; prompt tables by the mean ratio of prompt-only batches. Means, not
   medians: a node's mean batch time is what sets its throughput and the queues behind it;
-* the per-message transit (router → worker → … → router, less the time at the hops) is the mean of every
-  step's, reported as the latency to give the cluster's links, where the simulator puts the cost of
-  moving a message (docs/closed-loop.md, cause 2).
+* batch times vary around those means (a worker waits for a core, a step runs beside another process's):
+  each batch's ratio over its kind's mean, pooled, is kept as the distribution of a batch's time
+  (`serving.batch_time_factors`, 40 equally likely values, mean 1);
+* every step's transit per message (router → worker → … → router, less the time at the hops, divided by
+  the messages) is kept as the distribution of what a message costs beyond its link
+  (`serving.message_overhead_s`): on a loopback run that is nearly all of it (docs/closed-loop.md,
+  cause 2). The simulator draws from both (`Profiles.serving_variation`).
 
 Batches mixing prompts and decodes are counted, not fitted: their share of the time cannot be split.
 """
@@ -43,6 +47,16 @@ from helix.worker.route_log import read_route_log
 MIN_DECODE_BATCHES = 20
 #: A batch size is fitted on its own only with at least this many batches of it.
 MIN_PER_SIZE = 5
+#: Equally likely values kept of each measured distribution (their quantiles at the midpoints).
+QUANTILES = 40
+
+
+def _quantiles(values: list[float], mean_one: bool = False) -> list[float]:
+    """QUANTILES values standing for `values`, each equally likely; scaled to mean 1 if asked."""
+    points = np.percentile(values, (np.arange(QUANTILES) + 0.5) * 100 / QUANTILES)
+    if mean_one:
+        points = points / points.mean()
+    return [float(p) for p in points]
 
 
 @dataclass
@@ -177,6 +191,8 @@ def calibrate(route_log: Path, base: Path) -> CalibrationResult:
         prompt = [r for _, r in found.get("prompt", [])]
         cal = Calibration(label, fitted, len(decode), statistics.fmean(prompt) if prompt else None, len(prompt),
                           mixed[label])
+        spread = [r / cal.decode_ratio(size) for size, r in decode]
+        spread += [r / cal.prompt_ratio for r in prompt] if cal.prompt_ratio else []
         machines.append(cal)
         table = entry.model_dump(exclude_none=True)
         table["decode"]["seconds_per_layer"] = [t * cal.decode_ratio(b) for b, t in
@@ -185,6 +201,8 @@ def calibrate(route_log: Path, base: Path) -> CalibrationResult:
             entry.decode.batch[len(entry.decode.batch) // 2])
         if cal.prompt_ratio is not None:
             table["prompt"]["seconds_per_layer"] = [t * cal.prompt_ratio for t in entry.prompt.seconds_per_layer]
+        table["serving"] = {"batch_time_factors": _quantiles(spread, mean_one=True),
+                            "message_overhead_s": _quantiles([max(0.0, t) for t in transits])}
         gpus[label] = table
     hop_latency = statistics.fmean(transits)
     measured_on = {**data.measured_on, "calibrated_on": {

@@ -59,7 +59,7 @@ def profile_command(
     from_route_log: Annotated[Path | None, typer.Option(
         "--from-route-log", metavar="FILE.jsonl", show_default=False,
         help="Measure nothing: scale --base's times to what the workers of a real run took (helix serve "
-             "--route-log), and report the per-message latency to give the cluster's links.")] = None,
+             "--route-log), and keep how batch times and messages varied, for the simulator.")] = None,
     base: Annotated[Path | None, typer.Option(
         "--base", metavar="FILE.json", show_default=False,
         help="With --from-route-log: the measured profile the run was planned with.")] = None,
@@ -213,8 +213,8 @@ def calibrate_file(route_log: Path | None, base: Path | None, output: Path, mode
                       f"{c.prompt_batches:,}", f"{c.mixed_batches:,}")
     out.print(table)
     out.print(f"per message (router → worker → … → router, less the time at the workers): {latency_ms:.3g} ms on "
-              f"average; simulate with the cluster's links at that latency (latency_s: "
-              f"{result.hop_latency_s:.4g} in the cluster file's mesh, docs/cluster-format.md)")
+              f"average; the file keeps its spread and that of the batch times, and the simulator draws from both "
+              f"for every message and batch of these machine types")
     out.print(f"wrote profile to [bold]{output}[/]")
 
 

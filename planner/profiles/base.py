@@ -76,6 +76,17 @@ class BatchConventions:
 
 
 @dataclass(frozen=True)
+class ServingVariation:
+    """How a served node's work varies around the table's means (measured on a served run by `helix
+    profile --from-route-log`): equally likely multiples of a batch's time, and equally likely seconds
+    a message into or out of the node spends beyond its link (waking the process, decoding, handing
+    the step to its thread). The simulator draws one of each per batch and per message."""
+
+    batch_time_factors: tuple[float, ...]
+    message_overhead_s: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class RangeChoice:
     """Every range of `layers` layers that costs a node the same: its starts and its tokens/s.
 
@@ -148,6 +159,11 @@ class Profiles(ABC):
                            prompt_max_tokens=min(default.prompt_max_tokens, kv_total) if kv_total > 0
                            else default.prompt_max_tokens,
                            decode_max_tokens=self.workload.max_batch_requests)
+
+    def serving_variation(self, node: GpuNode) -> ServingVariation | None:
+        """None: batches take the table's time and messages their link's (every source but a profile
+        calibrated on a served run)."""
+        return None
 
     # --- the range view (exact for unequal layers) ------------------------------------------------
     def layer_classes(self) -> tuple[int, ...]:
@@ -326,6 +342,9 @@ class MixedPrecisionProfiles(Profiles):
 
     def batch_limits(self, node: GpuNode, layers: int) -> BatchLimits:
         return self._for(node).batch_limits(node, layers)
+
+    def serving_variation(self, node: GpuNode) -> ServingVariation | None:
+        return self._for(node).serving_variation(node)
 
     def throughput(self, node: GpuNode, layers: int) -> float:
         return self._for(node).throughput(node, layers)

@@ -23,7 +23,7 @@ from helix.planner.cluster import GpuNode
 from helix.planner.errors import HelixInputError, pydantic_message
 from helix.planner.gpus import resolve_gpu
 from helix.planner.model import ARCHITECTURE_FIELDS, MODEL_ALIASES, ModelSpec
-from helix.planner.profiles.base import Profiles, WorkloadAssumptions
+from helix.planner.profiles.base import Profiles, ServingVariation, WorkloadAssumptions
 from helix.planner.profiles.roofline import typical_kv_bytes_per_token
 from helix.planner.textfiles import read_text
 
@@ -76,6 +76,24 @@ class DecodeTable(BaseModel):
         return self
 
 
+class ServingTable(BaseModel):
+    """What a served run measured beyond the tables (`helix profile --from-route-log`): equally likely
+    multiples of a batch's time (mean 1) and equally likely seconds a message spends beyond its link."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    batch_time_factors: list[float] = Field(min_length=1)
+    message_overhead_s: list[float] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _valid(self) -> ServingTable:
+        if any(f <= 0 for f in self.batch_time_factors):
+            raise ValueError("batch_time_factors must be > 0")
+        if any(s < 0 for s in self.message_overhead_s):
+            raise ValueError("message_overhead_s must be >= 0")
+        return self
+
+
 class MachineProfile(BaseModel):
     """What one machine type (GPU model × GPUs per node) does with the file's model."""
 
@@ -90,6 +108,7 @@ class MachineProfile(BaseModel):
         default=None, gt=0, description="bytes for weights + KV cache; fills counts missing from the table")
     prompt: PromptTable
     decode: DecodeTable
+    serving: ServingTable | None = Field(default=None, description="variation measured on a served run")
 
     @field_validator("gpu")
     @classmethod
@@ -325,6 +344,12 @@ class MeasuredProfiles(Profiles):
 
     def max_layers(self, node: GpuNode) -> int:
         return min(self.entry(node).max_layers, self.model.num_layers)
+
+    def serving_variation(self, node: GpuNode) -> ServingVariation | None:
+        serving = self.entry(node).serving
+        if serving is None:
+            return None
+        return ServingVariation(tuple(serving.batch_time_factors), tuple(serving.message_overhead_s))
 
     def kv_capacity_tokens(self, node: GpuNode, layers: int) -> int:
         if layers < 1:
