@@ -188,11 +188,11 @@ def calibrate(route_log: Path, base: Path) -> CalibrationResult:
         fitted = {s: statistics.fmean(v) for s, v in sorted(by_size.items()) if len(v) >= MIN_PER_SIZE}
         if not fitted:  # many sizes, each seen a few times: one ratio for all
             fitted = {min(by_size): statistics.fmean(r for _, r in decode)}
-        prompt = [r for _, r in found.get("prompt", [])]
-        cal = Calibration(label, fitted, len(decode), statistics.fmean(prompt) if prompt else None, len(prompt),
-                          mixed[label])
+        prompt_ratios = [r for _, r in found.get("prompt", [])]
+        cal = Calibration(label, fitted, len(decode), statistics.fmean(prompt_ratios) if prompt_ratios else None,
+                          len(prompt_ratios), mixed[label])
         spread = [r / cal.decode_ratio(size) for size, r in decode]
-        spread += [r / cal.prompt_ratio for r in prompt] if cal.prompt_ratio else []
+        spread += [r / cal.prompt_ratio for r in prompt_ratios] if cal.prompt_ratio else []
         machines.append(cal)
         table = entry.model_dump(exclude_none=True)
         table["decode"]["seconds_per_layer"] = [t * cal.decode_ratio(b) for b, t in

@@ -134,12 +134,12 @@ def profile_command(
                               "--model")
     if memory_bytes is not None and not (math.isfinite(memory_bytes) and memory_bytes >= 1):
         raise HelixInputError(f"must be a positive number of bytes, got {memory_bytes}", "--memory-bytes")
-    base = DEFAULT_GRIDS["cuda" if device.startswith("cuda") else "cpu"]
+    defaults = DEFAULT_GRIDS["cuda" if device.startswith("cuda") else "cpu"]
     grid = Grid(
-        prompt_tokens=parse_ints(prompt_tokens, "--prompt-tokens") or base.prompt_tokens,
-        decode_batches=parse_ints(decode_batches, "--decode-batches") or base.decode_batches,
-        contexts=parse_ints(contexts, "--contexts") or base.contexts,
-        prompt_length=base.prompt_length if prompt_length is None else prompt_length,
+        prompt_tokens=parse_ints(prompt_tokens, "--prompt-tokens") or defaults.prompt_tokens,
+        decode_batches=parse_ints(decode_batches, "--decode-batches") or defaults.decode_batches,
+        contexts=parse_ints(contexts, "--contexts") or defaults.contexts,
+        prompt_length=defaults.prompt_length if prompt_length is None else prompt_length,
         warmup=warmup, repeats=repeats)
     settings = ProfileSettings(model=model, engine=engine, device=device, dtype=dtype, layers=layers, grid=grid,
                                memory_bytes=None if memory_bytes is None else int(memory_bytes),
