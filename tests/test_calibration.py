@@ -206,6 +206,23 @@ def test_the_cli_writes_a_profile_plan_and_simulate_read(base: Path, tmp_path: P
     assert result.exit_code == 0, result.stderr or result.exception
 
 
+def test_without_a_measured_profile_the_roofline_is_calibrated(base: Path, tmp_path: Path) -> None:
+    """A run not planned with a measured profile (`helix serve --local` plans its own): --model tabulates the
+    roofline for the machine types in the log, and the same batches give the same ratios against it."""
+    log = full_log(base, tmp_path / "r.jsonl")  # batch times are multiples of the roofline's (base samples it)
+    out = tmp_path / "served.json"
+    result = CliRunner().invoke(app, ["profile", "--from-route-log", str(log), "--model", MODEL.name, "-o", str(out),
+                                      "--quiet"])
+    assert result.exit_code == 0, result.stderr or result.exception
+    on = MeasuredProfileFile.load(out).measured_on
+    assert on["source"] == "roofline" and on["calibrated_on"]["base_profile"] == f"the roofline of {MODEL.name}"
+    ratios = on["calibrated_on"]["machines"]["CPU"]
+    # the two tabulations of the roofline read context differently (at 100 tokens, and at 1,000 with a
+    # slope for others), about 1% apart at the log's contexts; the prompt tables sample the same function
+    assert {int(k): v for k, v in ratios["decode_ratio_by_batch"].items()} == pytest.approx(DECODE_RATIO, rel=0.02)
+    assert ratios["prompt_ratio"] == pytest.approx(PROMPT_RATIO, rel=0.02)
+
+
 def test_too_few_decode_batches_is_an_error_that_says_how_many(base: Path, tmp_path: Path) -> None:
     log = Log(base)
     log.batch([("p0", "prompt", 100)], 1.0)
@@ -244,7 +261,7 @@ def test_bad_input_is_one_line(case: str, base: Path, tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (result.stderr,
                                                                                         result.exception)
-    expected = {"no-base": "--base", "no-log": "--from-route-log", "model": "--model", "same-file": "--output",
+    expected = {"no-base": "--base", "no-log": "--from-route-log", "model": "--base", "same-file": "--output",
                 "other-model": "--base", "other-gpu": "--base", "no-steps": str(log)}[case]
     assert lines[0].startswith(f"error: {expected}"), lines[0]
     assert case == "same-file" or not out.exists()

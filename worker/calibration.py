@@ -40,7 +40,13 @@ import numpy as np
 from helix.planner.cluster import GpuNode
 from helix.planner.errors import HelixInputError
 from helix.planner.model import ModelSpec
-from helix.planner.profiles.measured import MeasuredProfileFile, MeasuredProfiles
+from helix.planner.profiles.measured import (
+    MeasuredProfileFile,
+    MeasuredProfiles,
+    model_shape,
+    sample_machine_profile,
+)
+from helix.planner.profiles.roofline import RooflineProfiles
 from helix.worker.route_log import read_route_log
 
 #: Fewer decode-only batches than this cannot calibrate anything worth simulating.
@@ -134,16 +140,31 @@ def _batches(events: list[dict[str, Any]]) -> tuple[list[_Batch], list[float]]:
     return batches, transits
 
 
-def calibrate(route_log: Path, base: Path) -> CalibrationResult:
-    """`base` (a measured profile of the served model) scaled by what the run in `route_log` took."""
+def roofline_base(model: ModelSpec, route_log: Path) -> MeasuredProfileFile:
+    """The roofline's times for every machine type the run used, tabulated as a measured file: the base to
+    calibrate when the run was not planned with a measured profile."""
+    start = read_route_log(route_log)[0]
+    gpus = sorted({str(n["gpu"]) for n in start.get("nodes", []) if n.get("gpu")})
+    if not gpus:
+        raise HelixInputError("the route log's start event lists no nodes with their GPU types", str(route_log))
+    roofline = RooflineProfiles(model)
+    machines = [sample_machine_profile(roofline, GpuNode(name="n", gpu=gpu)) for gpu in gpus]
+    return MeasuredProfileFile(schema_version=1, model=model.name, model_shape=model_shape(model),
+                               measured_on={"source": "roofline"}, gpus={m.machine_type: m for m in machines})
+
+
+def calibrate(route_log: Path, base: Path | MeasuredProfileFile) -> CalibrationResult:
+    """`base` (a measured profile of the served model, or the roofline's as `roofline_base` tabulates it)
+    scaled by what the run in `route_log` took."""
     events = read_route_log(route_log)
-    data = MeasuredProfileFile.load(base)
+    where = str(base) if isinstance(base, Path) else f"the roofline of {base.model}"
+    data = MeasuredProfileFile.load(base) if isinstance(base, Path) else base
     start = events[0]
-    if start.get("model") not in (None, data.model):
+    if isinstance(base, Path) and start.get("model") not in (None, data.model):
         raise HelixInputError(f"the run served model {start.get('model')!r}; the profile {base} is of "
                               f"{data.model!r}", "--base")
     spec = ModelSpec(name=data.model, **(data.model_shape or {}))
-    profiles = MeasuredProfiles(spec, data, where=str(base))
+    profiles = MeasuredProfiles(spec, data, where=where)
     nodes = {n["name"]: n for n in start.get("nodes", [])}
     batches, transits = _batches(events)
     if not transits:
@@ -206,7 +227,7 @@ def calibrate(route_log: Path, base: Path) -> CalibrationResult:
         gpus[label] = table
     hop_latency = statistics.fmean(transits)
     measured_on = {**data.measured_on, "calibrated_on": {
-        "route_log": str(route_log), "base_profile": str(base), "steps": len(transits),
+        "route_log": str(route_log), "base_profile": where, "steps": len(transits),
         "hop_latency_s": hop_latency,
         "machines": {c.machine_type: {"decode_ratio_by_batch": c.decode_ratio_by_batch,
                                       "decode_batches": c.decode_batches, "prompt_ratio": c.prompt_ratio,
@@ -214,5 +235,5 @@ def calibrate(route_log: Path, base: Path) -> CalibrationResult:
                      for c in machines}}}
     profile = MeasuredProfileFile.from_data(
         {"schema_version": 1, "model": data.model, "model_shape": data.model_shape, "measured_on": measured_on,
-         "gpus": gpus}, str(base))
+         "gpus": gpus}, where)
     return CalibrationResult(profile, machines, hop_latency, len(transits))

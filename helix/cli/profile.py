@@ -62,7 +62,8 @@ def profile_command(
              "--route-log), and keep how batch times and messages varied, for the simulator.")] = None,
     base: Annotated[Path | None, typer.Option(
         "--base", metavar="FILE.json", show_default=False,
-        help="With --from-route-log: the measured profile the run was planned with.")] = None,
+        help="With --from-route-log: the measured profile the run was planned with (or --model: the "
+             "roofline's times for the model, when it was not planned with one).")] = None,
     engine: Annotated[str, typer.Option("--engine", metavar="torch|vllm", help="The worker engine to time.")]
         = "torch",
     device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="cpu, cuda or cuda:N.")] = "cpu",
@@ -182,20 +183,22 @@ def calibrate_file(route_log: Path | None, base: Path | None, output: Path, mode
     from rich.table import Table
 
     from helix.planner.errors import HelixInputError
-    from helix.worker.calibration import calibrate
+    from helix.planner.hf_config import resolve_model
+    from helix.worker.calibration import calibrate, roofline_base
 
-    if route_log is None or base is None:
-        raise HelixInputError("give both: --from-route-log FILE.jsonl (the run) and --base FILE.json (the profile "
-                              "it was planned with)", "--base" if base is None else "--from-route-log")
-    if model is not None:
-        raise HelixInputError("--from-route-log measures nothing: the model is the one --base was measured on; drop "
-                              "--model", "--model")
+    if route_log is None:
+        raise HelixInputError("--base calibrates nothing without the run: give --from-route-log FILE.jsonl",
+                              "--from-route-log")
+    if (base is None) == (model is None):
+        raise HelixInputError("give one of --base FILE.json (the measured profile the run was planned with) or "
+                              "--model NAME|DIR (the roofline's times for the model)", "--base")
     for path, option in ((route_log, "--from-route-log"), (base, "--base")):
-        if not path.is_file():
+        if path is not None and not path.is_file():
             raise HelixInputError(f"{path}: no such file", option)
-    if output.resolve() == base.resolve():
+    if base is not None and output.resolve() == base.resolve():
         raise HelixInputError(f"{output} is --base: write the calibrated profile elsewhere", "--output")
-    result = calibrate(route_log, base)
+    result = calibrate(route_log, base if base is not None else roofline_base(resolve_model(str(model)), route_log))
+    base_name = base.name if base is not None else f"the roofline of {result.profile.model}"
     result.profile.save(output)
     latency_ms = result.hop_latency_s * 1e3
     if quiet:
@@ -203,7 +206,7 @@ def calibrate_file(route_log: Path | None, base: Path | None, output: Path, mode
         print(f"{result.profile.model}: {ratios}; {latency_ms:.3g} ms per message; wrote {output}")
         return
     out = console()
-    table = Table(title=f"{route_log.name}: batch times served ÷ {base.name}'s ({result.steps:,} steps)")
+    table = Table(title=f"{route_log.name}: batch times served ÷ {base_name}'s ({result.steps:,} steps)")
     for column in ("machine type", "decode batch: ratio", "decode batches", "prompt ratio", "prompt batches",
                    "mixed (not fitted)"):
         table.add_column(column, justify="left" if column == "machine type" else "right")
