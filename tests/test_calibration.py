@@ -114,6 +114,7 @@ def test_the_tables_are_scaled_by_what_the_batches_took(base: Path, tmp_path: Pa
     assert cal.prompt_ratio == pytest.approx(PROMPT_RATIO)
     assert (cal.decode_batches, cal.prompt_batches, cal.mixed_batches) == (2 * 3 * MIN_DECODE_BATCHES, 2 * 4, 2)
     assert result.hop_latency_s == pytest.approx(TRANSIT_S)
+    assert cal.prompt_tokens_seen == (100, 100) and cal.context_seen is not None and cal.context_seen[0] > 100
     before, after = MeasuredProfileFile.load(base).gpus["CPU"], result.profile.gpus["CPU"]
     # batch sizes between those seen are interpolated, beyond them held at the last one seen
     expected = {1: 2.0, 2: 3.0, 4: 4.0, 8: 4.0}

@@ -39,6 +39,7 @@ import numpy as np
 
 from helix.planner.cluster import GpuNode
 from helix.planner.errors import HelixInputError
+from helix.planner.gpus import resolve_gpu
 from helix.planner.model import ModelSpec
 from helix.planner.profiles.measured import (
     MeasuredProfileFile,
@@ -95,6 +96,10 @@ class Calibration:
     prompt_ratio: float | None
     prompt_batches: int
     mixed_batches: int
+    #: What the run covered: a ratio is a multiple, so times far outside these (a fixed per-batch cost
+    #: dominating a short run's prompts, say) are extrapolated, not measured.
+    prompt_tokens_seen: tuple[int, int] | None  # (least, most) prompt tokens in a fitted prompt batch
+    context_seen: tuple[int, int] | None  # (least, most) context per sequence in a fitted decode batch
 
     def decode_ratio(self, batch: int) -> float:
         sizes = sorted(self.decode_ratio_by_batch)
@@ -144,7 +149,7 @@ def roofline_base(model: ModelSpec, route_log: Path) -> MeasuredProfileFile:
     """The roofline's times for every machine type the run used, tabulated as a measured file: the base to
     calibrate when the run was not planned with a measured profile."""
     start = read_route_log(route_log)[0]
-    gpus = sorted({str(n["gpu"]) for n in start.get("nodes", []) if n.get("gpu")})
+    gpus = sorted({resolve_gpu(str(n["gpu"])).name for n in start.get("nodes", []) if n.get("gpu")})
     if not gpus:
         raise HelixInputError("the route log's start event lists no nodes with their GPU types", str(route_log))
     roofline = RooflineProfiles(model)
@@ -173,11 +178,13 @@ def calibrate(route_log: Path, base: Path | MeasuredProfileFile) -> CalibrationR
     per_byte = profiles.conventions.activation_overhead_s_per_byte * spec.activation_bytes
     ratios: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
     mixed: dict[str, int] = defaultdict(int)
+    seen: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for b in batches:
         info = nodes.get(b.node)
         if info is None:
             continue
-        label = next((lbl for lbl, entry in data.gpus.items() if entry.gpu == info.get("gpu")), None)
+        gpu = resolve_gpu(str(info.get("gpu"))).name  # the plan may name it by an alias ("cpu")
+        label = next((lbl for lbl, entry in data.gpus.items() if entry.gpu == gpu), None)
         if label is None:
             raise HelixInputError(f"node {b.node} is a {info['gpu']}, which the profile does not describe "
                                   f"(it has {', '.join(data.gpus)})", "--base")
@@ -196,6 +203,7 @@ def calibrate(route_log: Path, base: Path | MeasuredProfileFile) -> CalibrationR
         predicted += (prompt + decodes) * per_byte
         if predicted > 0:
             ratios[label]["prompt" if prompt else "decode"].append((b.size, b.compute_s / predicted))
+            seen[label]["prompt" if prompt else "decode"].append(prompt or b.context // decodes)
     machines, gpus = [], {}
     for label, entry in data.gpus.items():
         found = ratios.get(label, {})
@@ -210,8 +218,10 @@ def calibrate(route_log: Path, base: Path | MeasuredProfileFile) -> CalibrationR
         if not fitted:  # many sizes, each seen a few times: one ratio for all
             fitted = {min(by_size): statistics.fmean(r for _, r in decode)}
         prompt_ratios = [r for _, r in found.get("prompt", [])]
+        span = {kind: (min(v), max(v)) if v else None for kind, v in
+                (("prompt", seen[label]["prompt"]), ("decode", seen[label]["decode"]))}
         cal = Calibration(label, fitted, len(decode), statistics.fmean(prompt_ratios) if prompt_ratios else None,
-                          len(prompt_ratios), mixed[label])
+                          len(prompt_ratios), mixed[label], span["prompt"], span["decode"])
         spread = [r / cal.decode_ratio(size) for size, r in decode]
         spread += [r / cal.prompt_ratio for r in prompt_ratios] if cal.prompt_ratio else []
         machines.append(cal)
@@ -231,7 +241,8 @@ def calibrate(route_log: Path, base: Path | MeasuredProfileFile) -> CalibrationR
         "hop_latency_s": hop_latency,
         "machines": {c.machine_type: {"decode_ratio_by_batch": c.decode_ratio_by_batch,
                                       "decode_batches": c.decode_batches, "prompt_ratio": c.prompt_ratio,
-                                      "prompt_batches": c.prompt_batches, "mixed_batches_not_fitted": c.mixed_batches}
+                                      "prompt_batches": c.prompt_batches, "mixed_batches_not_fitted": c.mixed_batches,
+                                      "prompt_tokens_seen": c.prompt_tokens_seen, "context_seen": c.context_seen}
                      for c in machines}}}
     profile = MeasuredProfileFile.from_data(
         {"schema_version": 1, "model": data.model, "model_shape": data.model_shape, "measured_on": measured_on,

@@ -215,6 +215,12 @@ def calibrate_file(route_log: Path | None, base: Path | None, output: Path, mode
                       f"{c.decode_batches:,}", "-" if c.prompt_ratio is None else f"{c.prompt_ratio:.2f}",
                       f"{c.prompt_batches:,}", f"{c.mixed_batches:,}")
     out.print(table)
+    for c in result.machines:
+        prompts = "no prompt batch" if c.prompt_tokens_seen is None else \
+            "prompt batches of {}–{} tokens".format(*c.prompt_tokens_seen)
+        contexts = "no decode batch" if c.context_seen is None else "{}–{} tokens of context".format(*c.context_seen)
+        out.print(f"{c.machine_type}: measured at {prompts} and decodes of {contexts}; the ratios are multiples, so "
+                  f"times far outside these are extrapolated (simulate with the run's lengths: --lengths)")
     out.print(f"per message (router → worker → … → router, less the time at the workers): {latency_ms:.3g} ms on "
               f"average; the file keeps its spread and that of the batch times, and the simulator draws from both "
               f"for every message and batch of these machine types")
