@@ -145,10 +145,9 @@ def _batches(events: list[dict[str, Any]]) -> tuple[list[_Batch], list[float]]:
     return batches, transits
 
 
-def roofline_base(model: ModelSpec, route_log: Path) -> MeasuredProfileFile:
-    """The roofline's times for every machine type the run used, tabulated as a measured file: the base to
-    calibrate when the run was not planned with a measured profile."""
-    start = read_route_log(route_log)[0]
+def _roofline_base(model: ModelSpec, start: dict[str, Any], route_log: Path) -> MeasuredProfileFile:
+    """The roofline's times for every machine type the run used (its `start` event), tabulated as a
+    measured file: the base to calibrate when the run was not planned with a measured profile."""
     gpus = sorted({resolve_gpu(str(n["gpu"])).name for n in start.get("nodes", []) if n.get("gpu")})
     if not gpus:
         raise HelixInputError("the route log's start event lists no nodes with their GPU types", str(route_log))
@@ -158,16 +157,20 @@ def roofline_base(model: ModelSpec, route_log: Path) -> MeasuredProfileFile:
                                measured_on={"source": "roofline"}, gpus={m.machine_type: m for m in machines})
 
 
-def calibrate(route_log: Path, base: Path | MeasuredProfileFile) -> CalibrationResult:
-    """`base` (a measured profile of the served model, or the roofline's as `roofline_base` tabulates it)
-    scaled by what the run in `route_log` took."""
+def calibrate(route_log: Path, base: Path | ModelSpec) -> CalibrationResult:
+    """`base` (a measured profile of the served model; or the model, whose roofline times are tabulated
+    for the machine types of the run) scaled by what the run in `route_log` took."""
     events = read_route_log(route_log)
-    where = str(base) if isinstance(base, Path) else f"the roofline of {base.model}"
-    data = MeasuredProfileFile.load(base) if isinstance(base, Path) else base
     start = events[0]
-    if isinstance(base, Path) and start.get("model") not in (None, data.model):
-        raise HelixInputError(f"the run served model {start.get('model')!r}; the profile {base} is of "
-                              f"{data.model!r}", "--base")
+    if isinstance(base, ModelSpec):
+        where = f"the roofline of {base.name}"
+        data = _roofline_base(base, start, route_log)
+    else:
+        where = str(base)
+        data = MeasuredProfileFile.load(base)
+        if start.get("model") not in (None, data.model):
+            raise HelixInputError(f"the run served model {start.get('model')!r}; the profile {base} is of "
+                                  f"{data.model!r}", "--base")
     spec = ModelSpec(name=data.model, **(data.model_shape or {}))
     profiles = MeasuredProfiles(spec, data, where=where)
     nodes = {n["name"]: n for n in start.get("nodes", [])}

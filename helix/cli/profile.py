@@ -184,7 +184,7 @@ def calibrate_file(route_log: Path | None, base: Path | None, output: Path, mode
 
     from helix.planner.errors import HelixInputError
     from helix.planner.hf_config import resolve_model
-    from helix.worker.calibration import calibrate, roofline_base
+    from helix.worker.calibration import calibrate
 
     if route_log is None:
         raise HelixInputError("--base calibrates nothing without the run: give --from-route-log FILE.jsonl",
@@ -197,7 +197,7 @@ def calibrate_file(route_log: Path | None, base: Path | None, output: Path, mode
             raise HelixInputError(f"{path}: no such file", option)
     if base is not None and output.resolve() == base.resolve():
         raise HelixInputError(f"{output} is --base: write the calibrated profile elsewhere", "--output")
-    result = calibrate(route_log, base if base is not None else roofline_base(resolve_model(str(model)), route_log))
+    result = calibrate(route_log, base if base is not None else resolve_model(str(model)))
     base_name = base.name if base is not None else f"the roofline of {result.profile.model}"
     result.profile.save(output)
     latency_ms = result.hop_latency_s * 1e3
