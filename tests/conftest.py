@@ -53,11 +53,13 @@ def one_torch_thread() -> Iterator[None]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Files with end-to-end tests run first. They start servers and wait on them, minutes of wall time
-    per file; pytest-xdist hands out whole files (--dist loadfile) in this order, so the last files left
-    are short CPU-bound ones, not a 40-second serve that runs alone while the other cores idle."""
+    """Files with end-to-end tests run first, then files with slow tests, then the rest. End-to-end files
+    start servers and wait on them, minutes of wall time per file; pytest-xdist hands out whole files
+    (--dist loadfile) in this order, so the last files left are short CPU-bound ones, not a 40-second
+    serve or search that runs alone while the other cores idle."""
     e2e = {item.path for item in items if item.get_closest_marker("e2e")}
-    items.sort(key=lambda item: item.path not in e2e)  # stable: the order within each group is kept
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: (item.path not in e2e, item.path not in slow))  # stable within each group
 
 
 @functools.cache

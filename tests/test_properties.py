@@ -54,6 +54,7 @@ def test_every_heuristic_plan_validates_and_reports_its_max_flow(problem: Placem
         assert plan.objective_tokens_per_s == pytest.approx(recomputed, rel=1e-6, abs=1e-3), method
 
 
+@pytest.mark.slow
 @milp_examples
 @given(problems())
 def test_milp_is_at_least_every_heuristic(problem: PlacementProblem) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import subprocess
 import sys
 
@@ -217,20 +218,32 @@ def test_one_layer_of_slack_is_proven_by_the_node_every_request_passes() -> None
     assert plan.bound_tokens_per_s == pytest.approx(plan.objective_tokens_per_s, abs=1e-2)
 
 
-@pytest.mark.parametrize("mix", [
-    {"A100-40G": 1, "L4": 2, "T4": 3}, {"A100-40G": 1, "L4": 2, "T4": 4}, {"A100-40G": 2, "L4": 1, "T4": 2},
-    {"L4": 4, "T4": 3}, {"A100-40G": 1, "L4": 1, "T4": 5}, {"A100-40G": 3, "T4": 2}, {"L4": 3, "T4": 5},
+@pytest.mark.parametrize(("mix", "regions"), [
+    ({"A100-40G": 1, "L4": 2, "T4": 3}, 1), ({"A100-40G": 1, "L4": 2, "T4": 3}, 2),
+    ({"A100-40G": 1, "L4": 2, "T4": 4}, 1), ({"A100-40G": 2, "L4": 1, "T4": 2}, 1),
+    ({"A100-40G": 2, "L4": 1, "T4": 2}, 2), ({"L4": 4, "T4": 3}, 1), ({"A100-40G": 1, "L4": 1, "T4": 5}, 1),
+    ({"A100-40G": 3, "T4": 2}, 1),
 ])
-def test_the_exclusive_layer_bound_holds_every_placement(mix: dict[str, int]) -> None:
-    """Slack of 1 to 12 layers, one region and two: no heuristic's plan nor the MILP's exceeds the bound,
-    and where it is finite it is below the network-free coverage of the whole cluster."""
-    for cluster in (make_cluster(mix), multi_region({"us": mix, "eu": {"T4": 1}}, seed=3)):
-        problem = PlacementProblem(cluster, MODEL, RooflineProfiles(MODEL))
-        bound = exclusive_layer_bound(problem)
-        plans = [plan_placement(problem, m, work_limit(1)) for m in ("petals", "swarm", "separate", "sp-plus")]
-        plans.append(plan_placement(problem, "milp", work_limit(1, selection="max-flow")))
-        best = max(p.objective_tokens_per_s for p in plans)
-        assert best <= bound * (1 + 1e-9), (mix, cluster.name, best, bound)
+def test_the_exclusive_layer_bound_holds_every_placement(mix: dict[str, int], regions: int) -> None:
+    """Slack of 1 to 8 layers, one region and two: no heuristic's plan nor the MILP's exceeds the bound.
+    (With more slack, or where no node is wide enough, the bound is infinite and there is nothing to hold.)"""
+    cluster = make_cluster(mix) if regions == 1 else multi_region({"us": mix, "eu": {"T4": 1}}, seed=3)
+    problem = PlacementProblem(cluster, MODEL, RooflineProfiles(MODEL))
+    bound = exclusive_layer_bound(problem)
+    assert bound < math.inf
+    plans = [plan_placement(problem, m, work_limit(1)) for m in ("petals", "swarm", "separate", "sp-plus")]
+    plans.append(plan_placement(problem, "milp", work_limit(1, selection="max-flow")))
+    best = max(p.objective_tokens_per_s for p in plans)
+    assert best <= bound * (1 + 1e-9), (mix, cluster.name, best, bound)
+
+
+@pytest.mark.parametrize("mix", [{"A100-40G": 1, "L4": 2, "T4": 4}, {"L4": 3, "T4": 5}, {"A100-40G": 3, "T4": 2}])
+def test_with_much_slack_the_exclusive_layer_bound_claims_nothing(mix: dict[str, int]) -> None:
+    """12–15 layers of slack: no node holds more than twice the slack, so no layer is provably held once."""
+    problem = PlacementProblem(multi_region({"us": mix, "eu": {"T4": 1}}, seed=3), MODEL, RooflineProfiles(MODEL))
+    counts = most_layers(problem)
+    assert counts is not None and sum(counts.values()) - MODEL.num_layers >= 11
+    assert exclusive_layer_bound(problem) == math.inf
 
 
 def test_a_cluster_with_room_to_spare_is_not_forced() -> None:
