@@ -389,6 +389,13 @@ def _ms(seconds: float | None) -> float:
 # -- the report -------------------------------------------------------------------------------------------
 
 
+def _prompt_fit_text(machine: dict[str, Any]) -> str:
+    """A calibrated machine's prompt fit as printed: fixed ms per layer + the multiple."""
+    if machine["prompt_ratio"] is None:
+        return "not fitted"
+    return f"{machine.get('prompt_fixed_s_per_layer', 0.0) * 1e3:.3g} ms/layer + ×{machine['prompt_ratio']:.2f}"
+
+
 ROWS = [("output tokens/s", "out_tok_s"), ("TTFT p50 ms", "ttft_p50"), ("TTFT p95 ms", "ttft_p95"),
         ("ITL p50 ms", "itl_p50"), ("ITL p95 ms", "itl_p95"), ("TPOT p50 ms", "tpot_p50"), ("TPOT p95 ms", "tpot_p95")]
 
@@ -417,7 +424,7 @@ def table(run: dict[str, Any]) -> str:
         lines += ["", f"calibrated on {cal['from']}: {cal['message_overhead_mean_ms']:.2f} ms per message on average "
                   "beyond the links; batch times served ÷ layer profile " + "; ".join(
                       f"{t}: decode {', '.join(f'{b}: {x:.2f}' for b, x in v['decode_ratio_by_batch'].items())}, "
-                      f"prompt {v['prompt_ratio'] if v['prompt_ratio'] is None else round(v['prompt_ratio'], 2)}"
+                      f"prompt {_prompt_fit_text(v)}"
                       for t, v in cal["ratios"].items())]
     b = r["decode_step_ms"]
     lines += ["", f"decode step in the real run, ms (p50 / p95; {r['hops_per_step']} hop(s)): "

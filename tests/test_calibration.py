@@ -69,14 +69,16 @@ class Log:
             layer = self.profiles.decode_layer_time(n, len(contexts), sum(contexts))
         return LAYERS[node] * layer + (prompt + len(contexts)) * self.per_byte
 
-    def batch(self, members: list[tuple[str, str, int]], ratio: float, complete: bool = True) -> None:
-        """One batch per node of requests (id, phase, tokens), every node taking `ratio` × the prediction."""
+    def batch(self, members: list[tuple[str, str, int]], ratio: float, complete: bool = True,
+              fixed_s_per_layer: float = 0.0) -> None:
+        """One batch per node of requests (id, phase, tokens), every node taking `ratio` × the prediction
+        (plus `fixed_s_per_layer` for each of its layers)."""
         self.t += 1.0
         hops: dict[str, list[dict[str, Any]]] = {rid: [] for rid, _, _ in members}
         for node in LAYERS:
             prompt = sum(tokens for _, phase, tokens in members if phase == "prompt")
             contexts = [100 + self.decoded.get(rid, 0) + 1 for rid, phase, _ in members if phase == "decode"]
-            compute = ratio * self.predicted(node, prompt, contexts)
+            compute = LAYERS[node] * fixed_s_per_layer + ratio * self.predicted(node, prompt, contexts)
             for rid, _, _ in members:
                 hops[rid].append({"node": node, "arrived": self.t, "departed": self.t + compute, "compute_s": compute,
                                   "batch_size": len(members) + (0 if complete else 1)})
@@ -129,6 +131,67 @@ def test_the_tables_are_scaled_by_what_the_batches_took(base: Path, tmp_path: Pa
     assert after.serving is not None
     assert after.serving.batch_time_factors == pytest.approx([1.0] * QUANTILES)
     assert after.serving.message_overhead_s == pytest.approx([TRANSIT_S] * QUANTILES)
+
+
+def _prompt_log(base: Path, lengths: list[int], fixed: float, ratio: float) -> Log:
+    log = Log(base)
+    for i, tokens in enumerate(lengths):
+        log.batch([(f"p{i}", "prompt", tokens)], ratio, fixed_s_per_layer=fixed)
+    for _ in range(MIN_DECODE_BATCHES):
+        log.batch([("p0", "decode", 1)], 2.0)
+    return log
+
+
+def test_a_fixed_cost_per_prompt_batch_is_fitted_apart_from_the_multiple(base: Path, tmp_path: Path) -> None:
+    """Prompt batches of 20–320 tokens that each took a fixed cost per layer (four times the profile's time
+    for 20 tokens) more than 1.5× the profile: both are recovered, so a 2,000-token prompt costs that cost
+    plus 1.5× — where the mean ratio of those batches (the fixed cost counted as a multiple) would have made
+    it about twice as slow."""
+    node = GpuNode(name="w0", gpu="CPU")
+    fixed, ratio = 4 * Log(base).profiles.prompt_layer_time(node, 20), 1.5
+    log = _prompt_log(base, [20, 40, 80, 160, 320], fixed, ratio)
+    (cal,) = calibrate(log.write(tmp_path / "r.jsonl"), base).machines
+    assert cal.prompt_batches == 10
+    assert cal.prompt_fixed_s_per_layer == pytest.approx(fixed, rel=1e-6)
+    assert cal.prompt_ratio == pytest.approx(ratio, rel=1e-6)
+    served = MeasuredProfiles(MODEL, calibrate(log.write(tmp_path / "r.jsonl"), base).profile)
+    truth = fixed + ratio * log.profiles.prompt_layer_time(node, 2000)
+    assert served.prompt_layer_time(node, 2000) == pytest.approx(truth, rel=1e-3)
+    mean_ratio = sum((fixed * LAYERS[n] + ratio * log.predicted(n, t, [])) / log.predicted(n, t, [])
+                     for t in (20, 40, 80, 160, 320) for n in LAYERS) / 10
+    assert mean_ratio * log.profiles.prompt_layer_time(node, 2000) > 1.8 * truth
+    # every batch took exactly what the fit says: no spread
+    factors = calibrate(log.write(tmp_path / "r.jsonl"), base).profile.gpus["CPU"].serving.batch_time_factors  # type: ignore[union-attr]
+    assert factors == pytest.approx([1.0] * QUANTILES)
+
+
+@pytest.mark.parametrize(("lengths", "why"), [([100, 110, 120, 130, 140], "too narrow a span"),
+                                              ([20, 40, 80], "too few batches")])
+def test_without_room_to_tell_them_apart_the_prompt_ratio_is_the_mean(base: Path, tmp_path: Path,
+                                                                       lengths: list[int], why: str) -> None:
+    (cal,) = calibrate(_prompt_log(base, lengths, 0.0, 1.5).write(tmp_path / "r.jsonl"), base).machines
+    assert cal.prompt_fixed_s_per_layer == 0.0, why
+    assert cal.prompt_ratio == pytest.approx(1.5), why
+
+
+def test_an_unphysical_fit_falls_back_to_the_mean_ratio(base: Path, tmp_path: Path) -> None:
+    """Longer prompts that took less (noise on a busy machine): a negative multiple is not a profile."""
+    log = Log(base)
+    lengths = [20, 40, 80, 160, 320]
+    for i, tokens in enumerate(lengths):
+        log.batch([(f"p{i}", "prompt", tokens)], 1.0 / tokens)  # every prompt batch took the same ~time
+    for _ in range(MIN_DECODE_BATCHES):
+        log.batch([("p0", "decode", 1)], 2.0)
+    events = [json.loads(line) for line in log.write(tmp_path / "r.jsonl").read_text().splitlines()]
+    for e in events:  # and the longest ones less than that
+        for h in e.get("hops", []) if e.get("tokens", 0) >= 160 and e.get("phase") == "prompt" else []:
+            h["compute_s"] *= 0.2
+            h["departed"] = h["arrived"] + h["compute_s"]
+    path = tmp_path / "r2.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+    (cal,) = calibrate(path, base).machines
+    assert cal.prompt_fixed_s_per_layer == 0.0
+    assert cal.prompt_ratio is not None and cal.prompt_ratio > 0
 
 
 def test_the_spread_is_kept_as_equally_likely_values_of_mean_one(base: Path, tmp_path: Path) -> None:

@@ -14,8 +14,14 @@ measured rather than guessed:
   node's layers × the layer time of its prompt tokens and of its decodes at their context, plus the
   activation copy) — the ratio of the two;
 * decode tables are scaled by the mean ratio of decode-only batches of each size, interpolated between
-  the sizes seen and held at the ends; prompt tables by the mean ratio of prompt-only batches. Means, not
-  medians: a node's mean batch time is what sets its throughput and the queues behind it;
+  the sizes seen and held at the ends. Means, not medians: a node's mean batch time is what sets its
+  throughput and the queues behind it;
+* prompt tables get a fixed cost per layer plus a multiple of their times, fitted by least squares to the
+  prompt-only batches (which keeps their mean): a worker's fixed per-step cost does not grow with the
+  prompt, and as a multiple it made prompts far longer than the run's absurdly slow (the tiny model's
+  ratio against the roofline was 583 on prompts of 15–234 tokens). Where the batches span too few prompt
+  lengths to tell the two apart, or the fit is not physical (a negative cost or multiple), the mean ratio
+  alone, as for decodes;
 * batch times vary around those means (a worker waits for a core, a step runs beside another process's):
   each batch's ratio over its kind's mean, pooled, is kept as the distribution of a batch's time
   (`serving.batch_time_factors`, 40 equally likely values, mean 1);
@@ -56,6 +62,10 @@ MIN_DECODE_BATCHES = 20
 MIN_PER_SIZE = 5
 #: Equally likely values kept of each measured distribution (their quantiles at the midpoints).
 QUANTILES = 40
+#: The prompt fit takes a fixed cost only from at least this many prompt-only batches spanning at least
+#: this factor of prompt lengths; otherwise a fixed cost and a multiple cannot be told apart.
+MIN_PROMPT_FIT_BATCHES = 8
+MIN_PROMPT_FIT_SPAN = 2.0
 
 
 def _quantiles(values: list[float], mean_one: bool = False) -> list[float]:
@@ -93,7 +103,8 @@ class Calibration:
     machine_type: str
     decode_ratio_by_batch: dict[int, float]  # batch size → mean ratio (sizes with MIN_PER_SIZE batches)
     decode_batches: int
-    prompt_ratio: float | None
+    prompt_ratio: float | None  # the multiple of the prompt table's times (after the fixed cost)
+    prompt_fixed_s_per_layer: float  # the fixed cost added to every prompt time, per layer (0: ratio alone)
     prompt_batches: int
     mixed_batches: int
     #: What the run covered: a ratio is a multiple, so times far outside these (a fixed per-batch cost
@@ -145,6 +156,26 @@ def _batches(events: list[dict[str, Any]]) -> tuple[list[_Batch], list[float]]:
     return batches, transits
 
 
+def _prompt_fit(samples: list[tuple[int, int, float, float]]) -> tuple[float, float] | None:
+    """(fixed seconds per layer, multiple) for prompt batches of (prompt tokens, layers, predicted, measured).
+
+    measured ≈ layers × fixed + multiple × predicted, by least squares; with the ratio's mean where the
+    lengths span too little or the fit comes out unphysical. None: no prompt batches.
+    """
+    if not samples:
+        return None
+    ratio = statistics.fmean(measured / predicted for _, _, predicted, measured in samples)
+    tokens = [t for t, _, _, _ in samples]
+    if len(samples) < MIN_PROMPT_FIT_BATCHES or max(tokens) < MIN_PROMPT_FIT_SPAN * min(tokens):
+        return 0.0, ratio
+    design = np.array([[layers, predicted] for _, layers, predicted, _ in samples], dtype=np.float64)
+    measured = np.array([m for _, _, _, m in samples], dtype=np.float64)
+    (fixed, multiple), *_ = np.linalg.lstsq(design, measured, rcond=None)
+    if not (fixed >= 0 and multiple > 0):
+        return 0.0, ratio
+    return float(fixed), float(multiple)
+
+
 def _roofline_base(model: ModelSpec, start: dict[str, Any], route_log: Path) -> MeasuredProfileFile:
     """The roofline's times for every machine type the run used (its `start` event), tabulated as a
     measured file: the base to calibrate when the run was not planned with a measured profile."""
@@ -180,6 +211,7 @@ def calibrate(route_log: Path, base: Path | ModelSpec) -> CalibrationResult:
                               str(route_log))
     per_byte = profiles.conventions.activation_overhead_s_per_byte * spec.activation_bytes
     ratios: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
+    prompts: dict[str, list[tuple[int, int, float, float]]] = defaultdict(list)  # tokens, layers, predicted, took
     mixed: dict[str, int] = defaultdict(int)
     seen: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for b in batches:
@@ -207,6 +239,8 @@ def calibrate(route_log: Path, base: Path | ModelSpec) -> CalibrationResult:
         if predicted > 0:
             ratios[label]["prompt" if prompt else "decode"].append((b.size, b.compute_s / predicted))
             seen[label]["prompt" if prompt else "decode"].append(prompt or b.context // decodes)
+            if prompt:
+                prompts[label].append((prompt, layers, predicted, b.compute_s))
     machines, gpus = [], {}
     for label, entry in data.gpus.items():
         found = ratios.get(label, {})
@@ -220,21 +254,23 @@ def calibrate(route_log: Path, base: Path | ModelSpec) -> CalibrationResult:
         fitted = {s: statistics.fmean(v) for s, v in sorted(by_size.items()) if len(v) >= MIN_PER_SIZE}
         if not fitted:  # many sizes, each seen a few times: one ratio for all
             fitted = {min(by_size): statistics.fmean(r for _, r in decode)}
-        prompt_ratios = [r for _, r in found.get("prompt", [])]
         span = {kind: (min(v), max(v)) if v else None for kind, v in
                 (("prompt", seen[label]["prompt"]), ("decode", seen[label]["decode"]))}
-        cal = Calibration(label, fitted, len(decode), statistics.fmean(prompt_ratios) if prompt_ratios else None,
-                          len(prompt_ratios), mixed[label], span["prompt"], span["decode"])
+        fit = _prompt_fit(prompts[label])
+        fixed, multiple = fit if fit is not None else (0.0, None)
+        cal = Calibration(label, fitted, len(decode), multiple, fixed, len(prompts[label]), mixed[label],
+                          span["prompt"], span["decode"])
         spread = [r / cal.decode_ratio(size) for size, r in decode]
-        spread += [r / cal.prompt_ratio for r in prompt_ratios] if cal.prompt_ratio else []
+        if multiple is not None:
+            spread += [took / (layers * fixed + multiple * predicted) for _, layers, predicted, took in prompts[label]]
         machines.append(cal)
         table = entry.model_dump(exclude_none=True)
         table["decode"]["seconds_per_layer"] = [t * cal.decode_ratio(b) for b, t in
                                                 zip(entry.decode.batch, entry.decode.seconds_per_layer, strict=True)]
         table["decode"]["seconds_per_context_token"] = entry.decode.seconds_per_context_token * cal.decode_ratio(
             entry.decode.batch[len(entry.decode.batch) // 2])
-        if cal.prompt_ratio is not None:
-            table["prompt"]["seconds_per_layer"] = [t * cal.prompt_ratio for t in entry.prompt.seconds_per_layer]
+        if multiple is not None:
+            table["prompt"]["seconds_per_layer"] = [fixed + t * multiple for t in entry.prompt.seconds_per_layer]
         table["serving"] = {"batch_time_factors": _quantiles(spread, mean_one=True),
                             "message_overhead_s": _quantiles([max(0.0, t) for t in transits])}
         gpus[label] = table
@@ -244,6 +280,7 @@ def calibrate(route_log: Path, base: Path | ModelSpec) -> CalibrationResult:
         "hop_latency_s": hop_latency,
         "machines": {c.machine_type: {"decode_ratio_by_batch": c.decode_ratio_by_batch,
                                       "decode_batches": c.decode_batches, "prompt_ratio": c.prompt_ratio,
+                                      "prompt_fixed_s_per_layer": c.prompt_fixed_s_per_layer,
                                       "prompt_batches": c.prompt_batches, "mixed_batches_not_fitted": c.mixed_batches,
                                       "prompt_tokens_seen": c.prompt_tokens_seen, "context_seen": c.context_seen}
                      for c in machines}}}

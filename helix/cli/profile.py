@@ -207,20 +207,20 @@ def calibrate_file(route_log: Path | None, base: Path | None, output: Path, mode
         return
     out = console()
     table = Table(title=f"{route_log.name}: batch times served ÷ {base_name}'s ({result.steps:,} steps)")
-    for column in ("machine type", "decode batch: ratio", "decode batches", "prompt ratio", "prompt batches",
-                   "mixed (not fitted)"):
+    for column in ("machine type", "decode batch: ratio", "decode batches", "prompt: fixed ms/layer + ratio",
+                   "prompt batches", "mixed (not fitted)"):
         table.add_column(column, justify="left" if column == "machine type" else "right")
     for c in result.machines:
+        prompt = "-" if c.prompt_ratio is None else f"{c.prompt_fixed_s_per_layer * 1e3:.3g} + ×{c.prompt_ratio:.2f}"
         table.add_row(c.machine_type, ", ".join(f"{b}: {r:.2f}" for b, r in c.decode_ratio_by_batch.items()),
-                      f"{c.decode_batches:,}", "-" if c.prompt_ratio is None else f"{c.prompt_ratio:.2f}",
-                      f"{c.prompt_batches:,}", f"{c.mixed_batches:,}")
+                      f"{c.decode_batches:,}", prompt, f"{c.prompt_batches:,}", f"{c.mixed_batches:,}")
     out.print(table)
     for c in result.machines:
         prompts = "no prompt batch" if c.prompt_tokens_seen is None else \
             "prompt batches of {}–{} tokens".format(*c.prompt_tokens_seen)
         contexts = "no decode batch" if c.context_seen is None else "{}–{} tokens of context".format(*c.context_seen)
-        out.print(f"{c.machine_type}: measured at {prompts} and decodes of {contexts}; the ratios are multiples, so "
-                  f"times far outside these are extrapolated (simulate with the run's lengths: --lengths)")
+        out.print(f"{c.machine_type}: measured at {prompts} and decodes of {contexts}; times far outside these are "
+                  f"extrapolated (simulate with the run's lengths: --lengths)")
     out.print(f"per message (router → worker → … → router, less the time at the workers): {latency_ms:.3g} ms on "
               f"average; the file keeps its spread and that of the batch times, and the simulator draws from both "
               f"for every message and batch of these machine types")
