@@ -288,6 +288,7 @@ def calibrated_replay(earlier: Path, cluster: Path, model: Path, plan: Path, len
     sim, requests_csv = simulate_replay(cluster, model, profile, plan, lengths, scheduler, rows, calibration)
     return {**simulated_figures(sim, requests_csv), "from": str(earlier),
             "message_overhead_mean_ms": measured_on["hop_latency_s"] * 1e3,
+            "prompt_message_overhead_mean_ms": (measured_on.get("prompt_hop_latency_s") or 0.0) * 1e3,
             "ratios": measured_on["machines"],
             "nodes": batch_ms(sim.nodes, sim.window_s)}
 
@@ -421,8 +422,9 @@ def table(run: dict[str, Any]) -> str:
                      f"{'' if routed is None else f'{cal[key] / routed:.2f}'} |")
         lines.append(line)
     if cal:
-        lines += ["", f"calibrated on {cal['from']}: {cal['message_overhead_mean_ms']:.2f} ms per message on average "
-                  "beyond the links; batch times served ÷ layer profile " + "; ".join(
+        lines += ["", f"calibrated on {cal['from']}: {cal['message_overhead_mean_ms']:.2f} ms per message of a decode "
+                  f"step, {cal['prompt_message_overhead_mean_ms']:.2f} of a prompt pass, on average beyond the links; "
+                  "batch times served ÷ layer profile " + "; ".join(
                       f"{t}: decode {', '.join(f'{b}: {x:.2f}' for b, x in v['decode_ratio_by_batch'].items())}, "
                       f"prompt {_prompt_fit_text(v)}"
                       for t, v in cal["ratios"].items())]

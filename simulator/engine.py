@@ -69,7 +69,9 @@ class Step:
     sim: GpuSim | None  # the stage the link leads to; None: back to the coordinator
     start: int  # first layer run on the stage
     layers: int  # layers run on the stage
-    overhead: tuple[float, ...] | None = None  # seconds a message spends beyond the link, equally likely
+    #: Seconds a message spends beyond the link, equally likely: a decode's, then a prompt pass's (indexed
+    #: by `Flight.prompt`); None: nothing beyond the link.
+    overhead: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -211,8 +213,9 @@ class Engine:
         if found is None:
             # a message into a node costs what that node's process adds; one back, what its sender's does
             variation = self._variation[dst] if dst in self._variation else self._variation.get(src)
-            found = self._steps[key] = Step(self.link(src, dst), self.nodes.get(dst), start, end - start,
-                                            None if variation is None else variation.message_overhead_s)
+            found = self._steps[key] = Step(
+                self.link(src, dst), self.nodes.get(dst), start, end - start,
+                None if variation is None else (variation.message_overhead_s, variation.prompt_message_overhead_s))
         return found
 
     def _path(self, route: Route) -> tuple[Step, ...]:
@@ -253,7 +256,7 @@ class Engine:
             link.free_at = done = start + flight.tokens * link.seconds_per_token
             arrival = done + link.latency_s
             if step.overhead is not None:
-                arrival += self._choice(step.overhead)
+                arrival += self._choice(step.overhead[flight.prompt])
             flight.arrived_at = arrival
             flight.sent_at = start
             sim = step.sim

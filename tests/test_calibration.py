@@ -37,7 +37,8 @@ NODES = [{"name": "w0", "gpu": "CPU", "start_layer": 0, "end_layer": 12},
 LAYERS = {n["name"]: n["end_layer"] - n["start_layer"] for n in NODES}
 DECODE_RATIO = {1: 2.0, 2: 3.0, 4: 4.0}
 PROMPT_RATIO = 1.5
-TRANSIT_S = 0.003  # per message
+TRANSIT_S = 0.003  # per message of a decode step
+PROMPT_TRANSIT_S = 0.005  # per message of a prompt pass
 
 
 @pytest.fixture
@@ -89,7 +90,8 @@ class Log:
             else:
                 self.decoded[rid] = self.decoded.get(rid, 0) + 1
             at_hops = sum(h["departed"] - h["arrived"] for h in hops[rid])
-            self.events.append({"event": "step", "t": self.t + at_hops + 3 * TRANSIT_S, "request_id": rid,
+            transit = PROMPT_TRANSIT_S if phase == "prompt" else TRANSIT_S
+            self.events.append({"event": "step", "t": self.t + at_hops + 3 * transit, "request_id": rid,
                                 "attempt": 0, "phase": phase, "sent": self.t, "tokens": tokens, "hops": hops[rid]})
 
     def write(self, path: Path) -> Path:
@@ -116,6 +118,7 @@ def test_the_tables_are_scaled_by_what_the_batches_took(base: Path, tmp_path: Pa
     assert cal.prompt_ratio == pytest.approx(PROMPT_RATIO)
     assert (cal.decode_batches, cal.prompt_batches, cal.mixed_batches) == (2 * 3 * MIN_DECODE_BATCHES, 2 * 4, 2)
     assert result.hop_latency_s == pytest.approx(TRANSIT_S)
+    assert result.prompt_hop_latency_s == pytest.approx(PROMPT_TRANSIT_S)
     assert cal.prompt_tokens_seen == (100, 100) and cal.context_seen is not None and cal.context_seen[0] > 100
     before, after = MeasuredProfileFile.load(base).gpus["CPU"], result.profile.gpus["CPU"]
     # batch sizes between those seen are interpolated, beyond them held at the last one seen
@@ -127,10 +130,11 @@ def test_the_tables_are_scaled_by_what_the_batches_took(base: Path, tmp_path: Pa
     assert (after.max_layers, after.memory_budget_bytes) == (before.max_layers, before.memory_budget_bytes)
     on = result.profile.measured_on
     assert on["device"] == "test" and on["calibrated_on"]["hop_latency_s"] == pytest.approx(TRANSIT_S)
-    # every batch took exactly its kind's mean here, and every message the same
+    # every batch took exactly its kind's mean here, and every message of a phase the same
     assert after.serving is not None
     assert after.serving.batch_time_factors == pytest.approx([1.0] * QUANTILES)
     assert after.serving.message_overhead_s == pytest.approx([TRANSIT_S] * QUANTILES)
+    assert after.serving.prompt_message_overhead_s == pytest.approx([PROMPT_TRANSIT_S] * QUANTILES)
 
 
 def _prompt_log(base: Path, lengths: list[int], fixed: float, ratio: float) -> Log:
@@ -223,8 +227,9 @@ class _One:
         return {"one": "request"}
 
 
-def _lone_decode_latency(profile: Path, tmp_path: Path, serving: dict[str, list[float]] | None) -> float:
-    """Its mean decode step, on a two-stage pipeline of CPU nodes: coordinator → w0 → w1 → coordinator."""
+def _lone_request(profile: Path, tmp_path: Path, serving: dict[str, list[float]] | None) -> tuple[float, float]:
+    """Its prompt latency and mean decode step, on a two-stage pipeline of CPU nodes: coordinator → w0 → w1 →
+    coordinator."""
     data = json.loads(profile.read_text())
     if serving is not None:
         data["gpus"]["CPU"]["serving"] = serving
@@ -240,7 +245,11 @@ def _lone_decode_latency(profile: Path, tmp_path: Path, serving: dict[str, list[
     result = simulate(cluster, MODEL, profiles, plan, mode="online", duration_s=60, warmup_s=0,
                       workload=Workload(lengths=_One(), arrivals=_One()), drain=True)  # type: ignore[arg-type]
     assert result.requests_finished == 1
-    return result.decode_latency_s.mean
+    return result.prompt_latency_s.mean, result.decode_latency_s.mean
+
+
+def _lone_decode_latency(profile: Path, tmp_path: Path, serving: dict[str, list[float]] | None) -> float:
+    return _lone_request(profile, tmp_path, serving)[1]
 
 
 def test_the_simulator_draws_batch_times_and_message_costs_from_the_spread(base: Path, tmp_path: Path) -> None:
@@ -255,12 +264,22 @@ def test_the_simulator_draws_batch_times_and_message_costs_from_the_spread(base:
     assert thrice - plain == pytest.approx(2 * (twice - plain)) and twice > plain
 
 
+def test_a_prompt_passs_messages_draw_from_their_own_costs(base: Path, tmp_path: Path) -> None:
+    """Given apart, a prompt pass's message costs add to its three messages and leave the decode steps alone;
+    not given, a prompt's messages cost what a decode's do."""
+    same = _lone_request(base, tmp_path, {"batch_time_factors": [1.0], "message_overhead_s": [0.01]})
+    apart = _lone_request(base, tmp_path, {"batch_time_factors": [1.0], "message_overhead_s": [0.01],
+                                           "prompt_message_overhead_s": [0.05]})
+    assert apart[1] == same[1]
+    assert apart[0] - same[0] == pytest.approx(3 * (0.05 - 0.01))
+
+
 def test_the_cli_writes_a_profile_plan_and_simulate_read(base: Path, tmp_path: Path) -> None:
     out = tmp_path / "served.json"
     result = CliRunner().invoke(app, ["profile", "--from-route-log", str(full_log(base, tmp_path / "r.jsonl")),
                                       "--base", str(base), "-o", str(out)])
     assert result.exit_code == 0, result.stderr or result.exception
-    assert "3 ms on average" in " ".join(result.stdout.split())
+    assert "3 ms on average for a decode step's, 5 ms for a prompt pass's" in " ".join(result.stdout.split())
     plan = tmp_path / "plan.json"
     result = CliRunner().invoke(app, ["plan", "--mix", "CPU:2", "--model", MODEL.name, "--profiles", str(out),
                                       "--method", "petals", "--output", str(plan), "--quiet"])

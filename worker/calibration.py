@@ -26,9 +26,11 @@ measured rather than guessed:
   each batch's ratio over its kind's mean, pooled, is kept as the distribution of a batch's time
   (`serving.batch_time_factors`, 40 equally likely values, mean 1);
 * every step's transit per message (router → worker → … → router, less the time at the hops, divided by
-  the messages) is kept as the distribution of what a message costs beyond its link
-  (`serving.message_overhead_s`): on a loopback run that is nearly all of it (docs/closed-loop.md,
-  cause 2). The simulator draws from both (`Profiles.serving_variation`).
+  the messages) is kept as the distribution of what a message costs beyond its link, decode steps'
+  (`serving.message_overhead_s`) and prompt passes' (`serving.prompt_message_overhead_s`) apart: a
+  prompt's messages carry its input and make room for a new request, 1.3–1.5× a decode's on the
+  closed loop's runs. On a loopback run that is nearly all of the transit (docs/closed-loop.md,
+  cause 2). The simulator draws from these (`Profiles.serving_variation`).
 
 Batches mixing prompts and decodes are counted, not fitted: their share of the time cannot be split.
 """
@@ -121,16 +123,17 @@ class Calibration:
 class CalibrationResult:
     profile: MeasuredProfileFile
     machines: list[Calibration]
-    hop_latency_s: float  # mean transit per message
+    hop_latency_s: float  # mean transit per message of a decode step
+    prompt_hop_latency_s: float | None  # the same of a prompt pass (None: no prompt step in the log)
     steps: int
 
 
-def _batches(events: list[dict[str, Any]]) -> tuple[list[_Batch], list[float]]:
-    """Every batch whose requests are all in the log, and every step's transit per message."""
+def _batches(events: list[dict[str, Any]]) -> tuple[list[_Batch], dict[str, list[float]]]:
+    """Every batch whose requests are all in the log, and every step's transit per message, by phase."""
     inputs: dict[tuple[str, int], int] = {}
     decoded: dict[tuple[str, int], int] = defaultdict(int)
     groups: dict[tuple[str, float, int], list[tuple[float, tuple[str, int, int]]]] = defaultdict(list)
-    transits: list[float] = []
+    transits: dict[str, list[float]] = {"prompt": [], "decode": []}
     for e in events:
         if e["event"] == "admit":
             inputs[(e["request_id"], e["attempt"])] = int(e["input_tokens"])
@@ -142,7 +145,8 @@ def _batches(events: list[dict[str, Any]]) -> tuple[list[_Batch], list[float]]:
             decoded[key] += 1
             context = inputs.get(key, 0) + decoded[key]
         at_hops = sum(float(h["departed"]) - float(h["arrived"]) for h in e["hops"])
-        transits.append((float(e["t"]) - float(e["sent"]) - at_hops) / (len(e["hops"]) + 1))
+        transits["decode" if e["phase"] == "decode" else "prompt"].append(
+            (float(e["t"]) - float(e["sent"]) - at_hops) / (len(e["hops"]) + 1))
         for h in e["hops"]:
             groups[(str(h["node"]), float(h["compute_s"]), int(h["batch_size"]))].append(
                 (float(h["departed"]), (str(e["phase"]), int(e["tokens"]), context)))
@@ -206,7 +210,8 @@ def calibrate(route_log: Path, base: Path | ModelSpec) -> CalibrationResult:
     profiles = MeasuredProfiles(spec, data, where=where)
     nodes = {n["name"]: n for n in start.get("nodes", [])}
     batches, transits = _batches(events)
-    if not transits:
+    every_transit = transits["prompt"] + transits["decode"]
+    if not every_transit:
         raise HelixInputError("no steps in the route log: serve some requests with --route-log first",
                               str(route_log))
     per_byte = profiles.conventions.activation_overhead_s_per_byte * spec.activation_bytes
@@ -272,12 +277,15 @@ def calibrate(route_log: Path, base: Path | ModelSpec) -> CalibrationResult:
         if multiple is not None:
             table["prompt"]["seconds_per_layer"] = [fixed + t * multiple for t in entry.prompt.seconds_per_layer]
         table["serving"] = {"batch_time_factors": _quantiles(spread, mean_one=True),
-                            "message_overhead_s": _quantiles([max(0.0, t) for t in transits])}
+                            "message_overhead_s": _quantiles([max(0.0, t) for t in transits["decode"]])}
+        if transits["prompt"]:
+            table["serving"]["prompt_message_overhead_s"] = _quantiles([max(0.0, t) for t in transits["prompt"]])
         gpus[label] = table
-    hop_latency = statistics.fmean(transits)
+    hop_latency = statistics.fmean(transits["decode"]) if transits["decode"] else statistics.fmean(every_transit)
+    prompt_hop_latency = statistics.fmean(transits["prompt"]) if transits["prompt"] else None
     measured_on = {**data.measured_on, "calibrated_on": {
-        "route_log": str(route_log), "base_profile": where, "steps": len(transits),
-        "hop_latency_s": hop_latency,
+        "route_log": str(route_log), "base_profile": where, "steps": len(every_transit),
+        "hop_latency_s": hop_latency, "prompt_hop_latency_s": prompt_hop_latency,
         "machines": {c.machine_type: {"decode_ratio_by_batch": c.decode_ratio_by_batch,
                                       "decode_batches": c.decode_batches, "prompt_ratio": c.prompt_ratio,
                                       "prompt_fixed_s_per_layer": c.prompt_fixed_s_per_layer,
@@ -287,4 +295,4 @@ def calibrate(route_log: Path, base: Path | ModelSpec) -> CalibrationResult:
     profile = MeasuredProfileFile.from_data(
         {"schema_version": 1, "model": data.model, "model_shape": data.model_shape, "measured_on": measured_on,
          "gpus": gpus}, where)
-    return CalibrationResult(profile, machines, hop_latency, len(transits))
+    return CalibrationResult(profile, machines, hop_latency, prompt_hop_latency, len(every_transit))

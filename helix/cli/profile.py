@@ -201,9 +201,11 @@ def calibrate_file(route_log: Path | None, base: Path | None, output: Path, mode
     base_name = base.name if base is not None else f"the roofline of {result.profile.model}"
     result.profile.save(output)
     latency_ms = result.hop_latency_s * 1e3
+    prompt_ms = "" if result.prompt_hop_latency_s is None else \
+        f", {result.prompt_hop_latency_s * 1e3:.3g} ms for a prompt pass's"
     if quiet:
         ratios = ", ".join(f"{c.machine_type} decode ×{c.decode_ratio(1):.2f}" for c in result.machines)
-        print(f"{result.profile.model}: {ratios}; {latency_ms:.3g} ms per message; wrote {output}")
+        print(f"{result.profile.model}: {ratios}; {latency_ms:.3g} ms per message{prompt_ms}; wrote {output}")
         return
     out = console()
     table = Table(title=f"{route_log.name}: batch times served ÷ {base_name}'s ({result.steps:,} steps)")
@@ -222,8 +224,8 @@ def calibrate_file(route_log: Path | None, base: Path | None, output: Path, mode
         out.print(f"{c.machine_type}: measured at {prompts} and decodes of {contexts}; times far outside these are "
                   f"extrapolated (simulate with the run's lengths: --lengths)")
     out.print(f"per message (router → worker → … → router, less the time at the workers): {latency_ms:.3g} ms on "
-              f"average; the file keeps its spread and that of the batch times, and the simulator draws from both "
-              f"for every message and batch of these machine types")
+              f"average for a decode step's{prompt_ms}; the file keeps their spread and that of the batch times, and "
+              f"the simulator draws from them for every message and batch of these machine types")
     out.print(f"wrote profile to [bold]{output}[/]")
 
 

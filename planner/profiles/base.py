@@ -80,10 +80,13 @@ class ServingVariation:
     """How a served node's work varies around the table's means (measured on a served run by `helix
     profile --from-route-log`): equally likely multiples of a batch's time, and equally likely seconds
     a message into or out of the node spends beyond its link (waking the process, decoding, handing
-    the step to its thread). The simulator draws one of each per batch and per message."""
+    the step to its thread), a decode's and a prompt's apart (a prompt's first message makes room for
+    a new request and carries its whole input). The simulator draws one of each per batch and per
+    message."""
 
     batch_time_factors: tuple[float, ...]
     message_overhead_s: tuple[float, ...]
+    prompt_message_overhead_s: tuple[float, ...]
 
 
 @dataclass(frozen=True)

@@ -78,19 +78,21 @@ class DecodeTable(BaseModel):
 
 class ServingTable(BaseModel):
     """What a served run measured beyond the tables (`helix profile --from-route-log`): equally likely
-    multiples of a batch's time (mean 1) and equally likely seconds a message spends beyond its link."""
+    multiples of a batch's time (mean 1) and equally likely seconds a message spends beyond its link,
+    a decode step's and (where measured apart) a prompt pass's."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     batch_time_factors: list[float] = Field(min_length=1)
     message_overhead_s: list[float] = Field(min_length=1)
+    prompt_message_overhead_s: list[float] | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _valid(self) -> ServingTable:
         if any(f <= 0 for f in self.batch_time_factors):
             raise ValueError("batch_time_factors must be > 0")
-        if any(s < 0 for s in self.message_overhead_s):
-            raise ValueError("message_overhead_s must be >= 0")
+        if any(s < 0 for s in [*self.message_overhead_s, *(self.prompt_message_overhead_s or [])]):
+            raise ValueError("message_overhead_s and prompt_message_overhead_s must be >= 0")
         return self
 
 
@@ -349,7 +351,9 @@ class MeasuredProfiles(Profiles):
         serving = self.entry(node).serving
         if serving is None:
             return None
-        return ServingVariation(tuple(serving.batch_time_factors), tuple(serving.message_overhead_s))
+        decode = tuple(serving.message_overhead_s)
+        prompt = decode if serving.prompt_message_overhead_s is None else tuple(serving.prompt_message_overhead_s)
+        return ServingVariation(tuple(serving.batch_time_factors), decode, prompt)
 
     def kv_capacity_tokens(self, node: GpuNode, layers: int) -> int:
         if layers < 1:
