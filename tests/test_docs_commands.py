@@ -1,4 +1,5 @@
-"""Every `helix …` command in README.md and docs/*.md runs as written, so an example cannot rot.
+"""Every `helix …` command in README.md, docs/*.md and the commands' own --help runs as written, so an
+example cannot rot.
 
 Commands are taken from the fenced code blocks, in document order, and run in one scratch folder per
 document that holds what the docs assume (`examples/`, `../shared/`), so a plan one example writes is
@@ -11,8 +12,9 @@ the plan the next one reads. What runs, and how:
   simulation 20 simulated seconds, a HelixCluster spec (`-f`) a copy with those limits; it must exit 0
   (a dry run may also exit 3, "not served": its gate judged 20 simulated seconds, not the spec's);
 * a command that starts a server (serve, worker, router, operator), an experiment run, one sent to
-  the background, or one that reads a file the docs only imagine (`lab.yaml`, `./tiny`, a live
-  cluster's `nodes.yaml`) is parsed by the real command line (options, types, choices), not run;
+  the background, one that needs a GPU (`--device cuda`), or one that reads a file the docs only
+  imagine (`lab.yaml`, `./tiny`, a live cluster's `nodes.yaml`) is parsed by the real command line
+  (options, types, choices), not run;
 * a usage synopsis (`helix plan (--cluster FILE | …) [--seed N]`) must name a real subcommand.
 """
 
@@ -249,8 +251,9 @@ def check(command: DocCommand, text: str, cwd: Path) -> str | None:
         return f"no helix subcommand {args[0]!r}"
     if "$" in " ".join(args):
         return "uses a shell variable the test cannot give a value"
-    if background or (path and path[0] in LONG_RUNNING and path != ["experiment", "list"] and
-                      command.error is None) or missing_inputs(args, cwd):
+    needs_gpu = ("--device", "cuda") in words_with_options(args)
+    if background or needs_gpu or (path and path[0] in LONG_RUNNING and path != ["experiment", "list"] and
+                                   command.error is None) or missing_inputs(args, cwd):
         try:
             parse_only(args)
         except typer.TyperException as exc:  # click's usage errors (typer's own copy of click)
@@ -266,6 +269,35 @@ def check(command: DocCommand, text: str, cwd: Path) -> str | None:
         (cwd / target).parent.mkdir(parents=True, exist_ok=True)
         (cwd / target).write_text(result.stdout, encoding="utf-8")
     return None
+
+
+def help_examples() -> list[DocCommand]:
+    """The `helix …` examples of every command's --help (its "Example:" or "Examples:" paragraph)."""
+    found = []
+
+    def walk(command: Any, path: tuple[str, ...]) -> None:
+        match = re.search(r"Examples?: (.*?)(?:\n\s*\n|\Z)", command.help or "", re.S)
+        if match:
+            paragraph = " ".join(match[1].split())
+            for text in re.findall(r"helix [^;()]*?(?=\s*(?:;|\(|\.\s|\.$|$|\bthen\b|&&|\|))", paragraph):
+                found.append(DocCommand(Path(" ".join(("helix", *path, "--help"))), len(found) + 1, text, None))
+        for name, sub in sorted(getattr(command, "commands", {}).items()):
+            walk(sub, (*path, name))
+
+    walk(helix_command(app), ())
+    return found
+
+
+def test_every_example_in_the_help_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    examples = help_examples()
+    assert len(examples) > 20 and {c.doc.name for c in examples} >= {"helix plan --help", "helix simulate --help"}
+    (tmp_path / "shared").symlink_to(REPO.parent / "shared")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "examples").symlink_to(REPO / "examples")
+    monkeypatch.chdir(work)
+    failures = [f"{c.doc.name}: {c.text}\n    {problem}" for c in examples if (problem := check(c, c.text, work))]
+    assert not failures, "\n".join(failures)
 
 
 def expect_error(result: Any, shown: str) -> str | None:

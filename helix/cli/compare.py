@@ -102,7 +102,7 @@ def compare_command(
     """Simulate every placement method with every scheduler and print the decode-throughput grid.
 
     Without a cluster option it uses the built-in example cluster (4 A100-40G, 8 L4, 12 T4).
-    Example: helix compare --mix A100-40G:2,L4:4,T4:4 --methods greedy-flow,petals,swarm --duration 600
+    Example: helix compare --mix A100-40G:4,L4:8,T4:12 --methods greedy-flow,petals,swarm --duration 600
     """
     from helix.cli.simulate_options import (
         check_methods,

@@ -160,7 +160,7 @@ def simulate_command(
 ) -> None:
     """Simulate serving a plan; with no arguments, the paper's 24-node example beside Swarm and Petals.
 
-    Examples: helix simulate; helix simulate --mix A100-40G:2,L4:4 --method greedy-flow --duration 600;
+    Examples: helix simulate; helix simulate --mix A100-40G:4,L4:8,T4:12 --method greedy-flow --duration 600;
     helix simulate --cluster c.yaml --plan plan.json --scheduler swarm --mode online --rate 2 -o r.json;
     helix simulate -f examples/helixcluster.yaml --nodes examples/nodes.yaml (the operator's rollout gate)
     """
