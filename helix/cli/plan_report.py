@@ -198,16 +198,21 @@ def selection_items(record: dict[str, Any]) -> list[tuple[str, str]]:
     baselines = [c for c in shortlist if c.get("baseline") and c.get("screen_decode_tokens_per_s") is not None]
     best_baseline = max(baselines, key=lambda c: c["screen_decode_tokens_per_s"], default=None)
 
+    optimum = by_label.get("max-flow")
+
     def named(c: dict[str, Any]) -> str:
         if c is entry:
             return "served plan"
         if c is best_baseline:
-            return f"best baseline {c['label']}"
-        if c is by_label.get("max-flow"):
+            return f"best baseline {c['label']}" + (" (also the max-flow optimum)" if c is optimum else "")
+        if c is optimum:
             return "max-flow optimum" + ("" if c["label"] == "max-flow" else f" (= {c['label']})")
         return c["label"]
 
-    compared = [entry] + [c for c in (best_baseline, by_label.get("max-flow")) if c is not None and c is not entry]
+    compared = [entry]
+    for c in (best_baseline, optimum):
+        if c is not None and all(c is not seen for seen in compared):
+            compared.append(c)
     screened = [f"{named(c)} {c['screen_decode_tokens_per_s']:.1f}" for c in compared
                 if c.get("screen_decode_tokens_per_s") is not None]
     finals = [c for c in shortlist if c.get("simulated_decode_tokens_per_s")]
