@@ -170,14 +170,13 @@ def print_grid(console: Console, runs: list[Run], methods: list[str], schedulers
     """Rows = placement, columns = scheduler, cells = decode tokens/s; the best cell bold."""
     from rich.table import Table
 
-    from helix.cli.simulate_report import cluster_text, workload_text
+    from helix.cli.simulate_report import cluster_text, window_text, workload_text
 
     cell = {(r.method, r.scheduler): r for r in runs}
     best = max(r.result.decode_throughput_tokens_per_s for r in runs)
     first = runs[0].result
-    w0, w1 = first.window_s
     table = Table(title=f"decode tokens/s — {inputs.model.name} on {inputs.cluster.name} ({cluster_text(inputs)}), "
-                        f"{first.config.get('mode')}, {w0:g}–{w1:g} s", title_justify="left")
+                        f"{first.config.get('mode')}, {window_text(first.window_s)}", title_justify="left")
     table.add_column("placement \\ scheduler", no_wrap=True)
     table.add_column("max flow", justify="right", style="dim")
     for s in schedulers:

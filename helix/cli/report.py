@@ -56,18 +56,18 @@ def print_report(result: SimulationResult) -> None:
     """The simulator's tables (throughput, latency percentiles, nodes) for a real run."""
     from rich.table import Table
 
-    from helix.cli.simulate_report import latency_table, node_table, stdout_console
+    from helix.cli.simulate_report import latency_table, node_table, stdout_console, window_text
 
     console = stdout_console()
     c = result.config
-    w0, w1 = result.window_s
+    window = window_text(result.window_s)
     w = c.get("workload", {})
     plan = c.get("plan") or {}
     statuses = c.get("requests_by_status") or {}
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
-    grid.add_row("decode throughput", f"{result.decode_throughput_tokens_per_s:,.1f} tokens/s over {w0:g}–{w1:g} s")
+    grid.add_row("decode throughput", f"{result.decode_throughput_tokens_per_s:,.1f} tokens/s over {window}")
     grid.add_row("total throughput", f"{result.total_throughput_tokens_per_s:,.1f} tokens/s (prompt + decode tokens)")
     grid.add_row("max flow", f"{result.max_flow_tokens_per_s:,.1f} tokens/s (the plan's)")
     grid.add_row("requests", f"{result.requests_admitted:,} admitted, {result.requests_finished:,} finished, "

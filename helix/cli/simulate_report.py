@@ -37,6 +37,11 @@ class Run:
     result: SimulationResult
 
 
+
+def window_text(window: tuple[float, float]) -> str:
+    """A measurement window as people read it: to the tenth of a second, no trailing zeros (300 / 7 → 42.9)."""
+    return "–".join(f"{t:,.1f}".rstrip("0").rstrip(".") for t in window) + " s"
+
 def stdout_console() -> Console:
     return console()
 
@@ -134,11 +139,11 @@ def print_result(console: Console, run: Run, inputs: Inputs) -> None:
     from helix.simulator.simulate import overload
 
     r, c = run.result, run.result.config
-    w0, w1 = r.window_s
+    window = window_text(r.window_s)
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
-    grid.add_row("decode throughput", f"{r.decode_throughput_tokens_per_s:,.1f} tokens/s over {w0:g}–{w1:g} s")
+    grid.add_row("decode throughput", f"{r.decode_throughput_tokens_per_s:,.1f} tokens/s over {window}")
     grid.add_row("total throughput", f"{r.total_throughput_tokens_per_s:,.1f} tokens/s (prompt + decode tokens)")
     grid.add_row("max flow", f"{r.max_flow_tokens_per_s:,.1f} tokens/s (the placement's, for comparison)")
     grid.add_row("compute bound", f"{r.compute_bound_tokens_per_s:,.1f} tokens/s (network ignored)")
@@ -200,13 +205,13 @@ def print_comparison(console: Console, runs: Sequence[Run], inputs: Inputs) -> N
     from helix.simulator.simulate import overload
 
     first = runs[0].result
-    w0, w1 = first.window_s
+    window = window_text(first.window_s)
     c = first.config
     title = (f"{inputs.model.name} on {inputs.cluster.name} ({cluster_text(inputs)}), {c.get('mode')}, "
-             f"decode measured over {w0:g}–{w1:g} s")
+             f"decode measured over {window}")
     console.print(comparison_table(runs, title))
     milp = next((r.plan for r in runs if r.method == "milp"), None)
-    notes = [f"Throughput over {w0:g}–{w1:g} s; prompt latency = arrival → first token, decode latency = per "
+    notes = [f"Throughput over {window}; prompt latency = arrival → first token, decode latency = per "
              f"token; max flow = the placement's; vs {runs[0].label} = decode relative to the first row.",
              f"Same workload for all: {c.get('mode')}, {workload_text(c)}; {c.get('profiles', {}).get('source', '?')} "
              f"profiles; seed {c.get('seed')}."]
