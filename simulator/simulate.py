@@ -40,7 +40,8 @@ from helix.simulator.requests import ArrivalProcess, PoissonArrivals, Request, W
 from helix.simulator.results import Recorder, SimulationResult
 from helix.simulator.schedulers import Scheduler, make_scheduler
 
-#: Default online load: this fraction of the plan's max flow, in requests of mean length.
+#: Default online load: this fraction of what the plan serves (the served-throughput estimate, not the max
+#: flow, which a KV-bound plan serves a small share of), in requests of mean length.
 ONLINE_DEFAULT_LOAD = 0.7
 #: A run covers at most one simulated day: memory is per simulated second, and CPU per event.
 MAX_DURATION_S = 86_400
@@ -253,7 +254,8 @@ def simulate(
         driver.start_offline()
     else:
         mean_tokens = workload.lengths.mean_input_tokens + workload.lengths.mean_output_tokens
-        arrivals = workload.arrivals or PoissonArrivals(ONLINE_DEFAULT_LOAD * flow.value / mean_tokens)
+        arrivals = workload.arrivals or PoissonArrivals(ONLINE_DEFAULT_LOAD * _served_tokens_per_s(
+            cluster, model, profiles, plan, workload) / mean_tokens)
         driver.start_online(arrivals, seed, duration_s, warmup_s)
     if progress is not None:
         _report_progress(loop, progress, duration_s, recorder, engine, started)
@@ -280,6 +282,18 @@ def simulate(
     return recorder.result(engine.nodes, flow.value,
                            bound if bound is not None else compute_bound(cluster, model, profiles),
                            loop.now, time.monotonic() - started, loop.events, config)
+
+
+def _served_tokens_per_s(cluster: Cluster, model: ModelSpec, profiles: Profiles, plan: Plan,
+                         workload: Workload) -> float:
+    """What the plan serves, by the planner's served-throughput estimate at the workload's mean lengths."""
+    from helix.planner.placement.base import PlacementProblem
+    from helix.planner.placement.served import served_estimate
+
+    ranges = {n.name: (n.start_layer, n.end_layer) for n in plan.nodes}
+    lengths = (workload.lengths.mean_input_tokens, workload.lengths.mean_output_tokens)
+    return served_estimate(PlacementProblem(cluster, model, profiles), ranges, plan.partial_inference,
+                           lengths=lengths).tokens_per_s
 
 
 def overload(result: SimulationResult) -> str | None:

@@ -25,6 +25,7 @@ from helix.simulator.simulate import Progress
 
 SMALL_MIX = "A100-80G:2,L4:4,T4:4"  # 10 nodes, just enough VRAM for llama2-70b
 FAST = ("--mix", SMALL_MIX, "--method", "greedy-flow", "--lengths", "short")
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "clusters"
 WIDE = {"COLUMNS": "200"}
 PERCENTILE_KEYS = {"count", "mean", "p5", "p25", "p50", "p75", "p95", "p99"}
 
@@ -142,6 +143,25 @@ def test_online_overload_is_flagged_with_numbers() -> None:
     code, out, err = run("simulate", *FAST, "--mode", "online", "--rate", "0.5", "--duration", "40", "--warmup", "10")
     assert code == 0, err
     assert "overloaded" not in out
+
+
+def test_the_default_online_rate_is_what_the_plan_serves_not_its_max_flow(tmp_path: Path) -> None:
+    """The geo example is KV-bound: 70% of its max flow is 4.2 requests/s, six times what it serves, so the
+    default run was always overloaded. The default is 70% of the served estimate, and is not."""
+    output = tmp_path / "r.json"
+    code, out, err = run("simulate", "--cluster", str(EXAMPLES / "geo-3region.yaml"), "--method", "greedy-flow",
+                         "--mode", "online", "--duration", "700", "-o", str(output))
+    assert code == 0, err
+    data = json.loads(output.read_text())
+    mean_tokens = 763 + 232  # the default lengths' means
+    rate = data["config"]["workload"]["rate_per_s"]
+    assert rate < 0.3 * data["max_flow_tokens_per_s"] / mean_tokens
+    assert "overloaded" not in " ".join(out.split())
+    code, out, err = run("simulate", "--cluster", str(EXAMPLES / "geo-3region.yaml"), "--method", "greedy-flow",
+                         "--mode", "online", "--duration", "700",
+                         "--rate", f"{0.7 * data['max_flow_tokens_per_s'] / mean_tokens:.3f}")
+    assert code == 0, err
+    assert "overloaded" in " ".join(out.split())
 
 
 def test_lengths_from_a_csv_trace(tmp_path: Path) -> None:
