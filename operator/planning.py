@@ -38,9 +38,9 @@ from helix.planner.cluster import Cluster
 from helix.planner.errors import HelixInputError
 from helix.planner.hf_config import model_from_hf_dict
 from helix.planner.model import MODEL_CATALOG, ModelSpec, catalog_model
-from helix.planner.placement.base import PlacementOptions, PlacementProblem, plan_placement
+from helix.planner.placement.base import PROGRESS_EVERY_S, PlacementOptions, PlacementProblem, plan_placement
 from helix.planner.placement.heuristics import check_fits
-from helix.planner.plan import Plan
+from helix.planner.plan import Plan, ProgressPoint
 from helix.planner.profiles.base import Profiles
 from helix.planner.profiles.loader import load_profiles
 from helix.planner.validate import validate_plan
@@ -163,7 +163,11 @@ def _plan_text(plan: Plan) -> str:
     text = f"{plan.objective_tokens_per_s:,.1f} tokens/s on {len(plan.nodes)} nodes ({plan.status}"
     if plan.gap is not None and plan.gap > 0:
         text += f", gap {plan.gap:.1%}"
-    return text + f", {plan.solve_seconds:.1f} s)"
+    text += f", {plan.solve_seconds:.1f} s)"
+    selection = plan.config.get("selection") or {}
+    if selection.get("chosen_by") is not None:  # selection compared candidates: say which one is served
+        text += f"; plan selection ({selection['chosen_by']}) serves {selection['chosen']}"
+    return text
 
 
 class _Planning:
@@ -173,6 +177,7 @@ class _Planning:
                  progress: Callable[[str], None] | None = None) -> None:
         self.spec, self.previous, self.name = spec, previous, name
         self.progress = progress
+        self._searched = (-1.0, 0.0)  # the MILP's best max flow and when it was last said
         self.summary: list[str] = []
         self.now = _now()
         self.discovery: Discovery | None = None
@@ -208,7 +213,8 @@ class _Planning:
         from helix.planner.placement import milp  # noqa: F401
 
         problem = PlacementProblem(cluster, model, profiles)
-        options = dataclasses.replace(placement_options(spec), stage=self.progress)
+        options = dataclasses.replace(placement_options(spec), stage=self.progress,
+                                      progress=None if self.progress is None else self.searching)
         self.keep_current(problem, options)
         try:
             check_fits(problem)
@@ -244,6 +250,16 @@ class _Planning:
     def say(self, text: str) -> None:
         if self.progress is not None:
             self.progress(text)
+
+    def searching(self, point: ProgressPoint) -> None:
+        """The MILP's search: each better plan, and otherwise its best and bound every PROGRESS_EVERY_S (the
+        bound moves on nearly every step of the solver)."""
+        if (point.objective_tokens_per_s == self._searched[0]
+                and point.seconds - self._searched[1] < PROGRESS_EVERY_S):
+            return
+        self._searched = (point.objective_tokens_per_s, point.seconds)
+        bound = "" if point.bound_tokens_per_s is None else f", bound {point.bound_tokens_per_s:,.1f}"
+        self.say(f"milp {point.seconds:5.1f} s: best max flow {point.objective_tokens_per_s:,.1f} tokens/s{bound}")
 
     @property
     def kept_value(self) -> float:

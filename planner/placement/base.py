@@ -34,6 +34,11 @@ class PlacementProblem:
         return self.model.num_layers
 
 
+#: A step that runs longer says how far it has got at least this often (seconds of wall time: what a
+#: person watching waits, not a budget; nothing it prints changes the plan).
+PROGRESS_EVERY_S = 3.0
+
+
 @dataclass(frozen=True)
 class PlacementOptions:
     """Knobs shared by all methods; heuristics ignore the solver ones."""
@@ -54,7 +59,8 @@ class PlacementOptions:
     workload: Workload | None = field(default=None, compare=False)
     progress: Callable[[ProgressPoint], None] | None = field(default=None, compare=False)
     #: What the planner is doing after the max-flow search, one line per step (selection's candidate
-    #: search and each of its simulations), for a person watching; None: silent.
+    #: search and each of its simulations, and how far a long step has got every PROGRESS_EVERY_S), for a
+    #: person watching; None: silent.
     stage: Callable[[str], None] | None = field(default=None, compare=False)
     #: True once the user stopped the run (Ctrl-C): a search that could run long ends at its next check.
     stopped: Callable[[], bool] = field(default=lambda: False, compare=False)

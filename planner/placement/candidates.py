@@ -22,10 +22,11 @@ cluster's size); the clock is only a safety cap and Ctrl-C cuts the search short
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from helix.planner.placement.base import PlacementOptions, PlacementProblem, Ranges
+from helix.planner.placement.base import PROGRESS_EVERY_S, PlacementOptions, PlacementProblem, Ranges
 from helix.planner.placement.budget import WallCap
 from helix.planner.placement.greedy import neighbours
 from helix.planner.placement.heuristics import Tables
@@ -82,6 +83,7 @@ class ServedSearch:
         lengths = (options.workload or Workload()).lengths
         self.lengths = (lengths.mean_input_tokens, lengths.mean_output_tokens)
         self._scores: dict[tuple[tuple[str, int, int], ...], ServedEstimate] = {}
+        self._said = time.monotonic()  # when the last progress line went out
 
     def _over(self) -> bool:
         return self.evals_left <= 0 or self.cap.over()
@@ -93,7 +95,17 @@ class ServedSearch:
             self.evals_left -= 1
             found = self._scores[key] = served_estimate(self.problem, ranges, self.options.partial_inference,
                                                         lengths=self.lengths)
+            self._progress()
         return found
+
+    def _progress(self) -> None:
+        now = time.monotonic()
+        if self.options.stage is not None and now - self._said >= PROGRESS_EVERY_S:
+            self._said = now
+            done = self.evals_budget - self.evals_left
+            best = max(e.tokens_per_s for e in self._scores.values())
+            self.options.stage(f"selection: {done:,} of {self.evals_budget:,} estimate evaluations, best served "
+                               f"estimate so far {best:,.1f} tokens/s")
 
     def family(self) -> list[Candidate]:
         """Balanced joins over per-type layer counts: every type at each LAYER_BUDGETS share of its

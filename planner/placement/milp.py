@@ -43,6 +43,7 @@ from ortools.util.python.sorted_interval_list import Domain
 from helix.planner.flow import can_follow, compute_bound, link_capacity, max_flow, range_capacity
 from helix.planner.placement.base import (
     PLACEMENT_METHODS,
+    PROGRESS_EVERY_S,
     PlacementOptions,
     PlacementProblem,
     PlacementResult,
@@ -269,6 +270,7 @@ class _Progress:
         self.points: list[ProgressPoint] = []
         self.best_objective = 0.0
         self.bound: float | None = None
+        self._said = started  # when the hook last heard from the search
 
     def improved(self, value: float) -> None:
         self.best_objective = value
@@ -278,13 +280,26 @@ class _Progress:
         self.bound = bound
         self._record()
 
+    def _point(self) -> ProgressPoint:
+        return ProgressPoint(seconds=round(time.monotonic() - self.started, 3),
+                             objective_tokens_per_s=round(self.best_objective, 3),
+                             bound_tokens_per_s=None if self.bound is None else round(self.bound, 3))
+
     def _record(self) -> None:
-        point = ProgressPoint(seconds=round(time.monotonic() - self.started, 3),
-                              objective_tokens_per_s=round(self.best_objective, 3),
-                              bound_tokens_per_s=None if self.bound is None else round(self.bound, 3))
+        point = self._point()
         self.points.append(point)
+        self._tell(point)
+
+    def _tell(self, point: ProgressPoint) -> None:
         if self.options.progress is not None:
+            self._said = time.monotonic()
             self.options.progress(point)
+
+    def heartbeat(self) -> None:
+        """While the solver finds nothing new, the incumbent and bound again every PROGRESS_EVERY_S, so a
+        person watching sees the search is alive (not recorded: the record keeps what changed)."""
+        if self.options.progress is not None and time.monotonic() - self._said >= PROGRESS_EVERY_S:
+            self._tell(self._point())
 
 
 class _Offer(cp_model.CpSolverSolutionCallback):
@@ -411,6 +426,7 @@ class _Search:
         worker.start()
         while worker.is_alive():
             worker.join(0.1)
+            self.progress.heartbeat()
         self.stopper.solver = None
         self.last_status = outcome[0] if outcome else cp_model.UNKNOWN
         self.dtime_used += solver.deterministic_time
