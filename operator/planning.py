@@ -259,7 +259,9 @@ class _Planning:
             return
         self._searched = (point.objective_tokens_per_s, point.seconds)
         bound = "" if point.bound_tokens_per_s is None else f", bound {point.bound_tokens_per_s:,.1f}"
-        self.say(f"milp {point.seconds:5.1f} s: best max flow {point.objective_tokens_per_s:,.1f} tokens/s{bound}")
+        best = (f"best max flow {point.objective_tokens_per_s:,.1f} tokens/s" if point.objective_tokens_per_s > 0
+                else "no placement yet")
+        self.say(f"milp {point.seconds:5.1f} s: {best}{bound}")
 
     @property
     def kept_value(self) -> float:

@@ -300,3 +300,18 @@ def test_dry_run_without_edits_plans_once() -> None:
     assert result.endpoint == "http://small-router.ml.svc:8000"
     assert result.outcome.rollout and result.objects_error is None
     assert {o["metadata"]["namespace"] for o in result.objects} == {"ml"}
+
+
+def test_the_dry_run_shows_the_milps_search_and_which_plan_selection_serves() -> None:
+    hc = HelixCluster.model_validate({"metadata": {"name": "small", "namespace": "ml"}, "spec": {
+        "model": {"name": "llama3.1-8b", "weights": "pvc://models/llama3.1-8b"},
+        "placement": {"method": "milp", "timeLimitSeconds": 2}, "slo": {"simulationSeconds": 20}}})
+    calls: list[str] = []
+    result = dry_run(hc, [node("a"), node("b", gpu="T4"), node("c", gpu="T4")], progress=calls.append)
+    searched = [c for c in calls if c.startswith("milp ")]
+    assert searched and all(re.fullmatch(r"milp +[\d.]+ s: (best max flow [\d,.]+ tokens/s|no placement yet)"
+                                         r"(, bound [\d,.]+)?", c) for c in searched), searched
+    placed = next(line for line in result.outcome.summary if line.startswith("placement milp"))
+    assert result.outcome.plan is not None
+    selection = result.outcome.plan.config["selection"]
+    assert f"plan selection ({selection['chosen_by']}) serves {selection['chosen']}" in placed

@@ -44,6 +44,21 @@ def test_small_cluster_is_solved_to_proven_optimality() -> None:
     assert objectives == sorted(objectives) and objectives[-1] == pytest.approx(plan.objective_tokens_per_s)
 
 
+def test_while_nothing_improves_the_search_repeats_its_best_for_a_person_watching(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the heartbeat at every poll, the hook hears the same best and bound again between changes; the
+    plan's progress record keeps only what changed."""
+    monkeypatch.setattr(milp_module, "PROGRESS_EVERY_S", 0.0)
+    problem = problem_for(single_region({"L4": 8, "T4": 8}))
+    heard: list[ProgressPoint] = []
+    plan = plan_placement(problem, "milp", work_limit(2, progress=heard.append, selection="max-flow"))
+    recorded = plan.progress
+    assert len(heard) > len(recorded)
+    states = {(p.objective_tokens_per_s, p.bound_tokens_per_s) for p in recorded} | {(0.0, None)}  # before any
+    assert {(p.objective_tokens_per_s, p.bound_tokens_per_s) for p in heard} <= states
+    assert [p.seconds for p in heard] == sorted(p.seconds for p in heard)
+
+
 def test_bound_is_never_below_the_objective_on_a_network_bound_cluster() -> None:
     cluster = multi_region({"us": {"A100-80G": 2, "L4": 2}, "eu": {"L40S": 2, "T4": 3}}, seed=3)
     problem = problem_for(cluster)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from helix.planner.errors import HelixInputError
 from helix.planner.flow import max_flow
 from helix.planner.generators import multi_region, single_region
 from helix.planner.model import MODEL_CATALOG
+from helix.planner.placement import candidates as candidates_module
 from helix.planner.placement.base import PlacementOptions, PlacementProblem, plan_placement
 from helix.planner.placement.budget import SearchBudget, WallCap
 from helix.planner.placement.candidates import Candidate
@@ -58,6 +60,24 @@ def test_max_flow_selection_is_the_milp_optimum() -> None:
     check_plan(problem, plan)
     assert plan.config["selection"] == {"mode": "max-flow", "resolved": "max-flow", "chosen": MAX_FLOW_LABEL}
     assert plan.objective_tokens_per_s == pytest.approx(plan.config["max_flow_optimum_tokens_per_s"], abs=1e-3)
+
+
+def test_the_estimate_search_says_how_far_it_has_got(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the progress interval at zero, every fresh evaluation is a line: counts rise to what was spent,
+    and the best estimate so far never falls; the plan is the one a silent search gives."""
+    monkeypatch.setattr(candidates_module, "PROGRESS_EVERY_S", 0.0)
+    problem = problem_for()
+    lines: list[str] = []
+    plan = plan_placement(problem, "milp", work_limit(3, selection="estimate", stage=lines.append))
+    counts = [(int(m[1].replace(",", "")), float(m[2].replace(",", ""))) for line in lines
+              if (m := re.fullmatch(r"selection: ([\d,]+) of [\d,]+ estimate evaluations, best served estimate so "
+                                    r"far ([\d,.]+) tokens/s", line))]
+    assert len(counts) == plan.config["selection"]["estimate_evaluations"]
+    assert [c for c, _ in counts] == list(range(1, len(counts) + 1))
+    assert [b for _, b in counts] == sorted(b for _, b in counts)
+    silent = plan_placement(problem, "milp", work_limit(3, selection="estimate"))
+    assert [(n.name, n.start_layer, n.end_layer) for n in plan.nodes] == \
+        [(n.name, n.start_layer, n.end_layer) for n in silent.nodes]
 
 
 def test_estimate_selection_serves_the_best_estimate_and_reports_the_max_flow_it_gave_up() -> None:
