@@ -281,7 +281,7 @@ def test_simulate_without_a_cluster_runs_the_example(tmp_path: Path) -> None:
     assert code == 0, err
     text = " ".join(out.split())
     for word in ("paper-single-24", "Helix", "Swarm", "Petals", "milp + maxflow", "swarm + swarm", "petals + swarm",
-                 "vs Helix", "1.00×", "decode measured over 5–40 s", "MILP:"):
+                 "vs Helix", "1.00×", "decode measured over 5–40 s", "MILP (", "plan selection ("):
         assert word in text, word
     data = json.loads(output.read_text())
     assert [r["system"] for r in data["runs"]] == ["Helix", "Swarm", "Petals"]

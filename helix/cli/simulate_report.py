@@ -93,7 +93,7 @@ def workload_text(config: dict[str, Any]) -> str:
     return text
 
 
-def _compact_table(title: str) -> Any:
+def _compact_table(title: str | None) -> Any:
     """The result tables' style: no vertical rules, so they fit an 80-column terminal."""
     from rich import box
     from rich.table import Table
@@ -165,7 +165,7 @@ def print_result(console: Console, run: Run, inputs: Inputs) -> None:
     console.print(node_table(r))
 
 
-def comparison_table(runs: Sequence[Run], title: str) -> Any:
+def comparison_table(runs: Sequence[Run], title: str | None = None) -> Any:
     """Runs side by side: throughput, latency medians and tails, max flow, decode relative to the first run.
 
     Compact (no vertical rules, two-line headers) so the eleven numbers fit a 90-column terminal.
@@ -209,7 +209,8 @@ def print_comparison(console: Console, runs: Sequence[Run], inputs: Inputs) -> N
     c = first.config
     title = (f"{inputs.model.name} on {inputs.cluster.name} ({cluster_text(inputs)}), {c.get('mode')}, "
              f"decode measured over {window}")
-    console.print(comparison_table(runs, title))
+    console.print(title)  # its own line: as the table's title it wrapped mid-phrase at the table's width
+    console.print(comparison_table(runs))
     milp = next((r.plan for r in runs if r.method == "milp"), None)
     notes = [f"Throughput over {window}; prompt latency = arrival → first token, decode latency = per "
              f"token; max flow = the placement's; vs {runs[0].label} = decode relative to the first row.",
@@ -218,8 +219,7 @@ def print_comparison(console: Console, runs: Sequence[Run], inputs: Inputs) -> N
     if any(r.method == "petals" and r.scheduler == "swarm" for r in runs):
         notes.append("Petals has no scheduler of ours; it runs with Swarm's, the closest to its client-side routing.")
     if milp is not None:
-        gap = "" if milp.gap is None else f", gap {milp.gap:.1%}"
-        notes.append(f"MILP: {milp.status}{gap} after {milp.solve_seconds:.1f} s.")
+        notes.append(milp_note(milp))
     if (inverted := max_flow_inversion(runs)) is not None:
         notes.append(inverted)
     notes += [f"{r.label}: {warning}" for r in runs if (warning := overload(r.result)) is not None]
@@ -228,6 +228,21 @@ def print_comparison(console: Console, runs: Sequence[Run], inputs: Inputs) -> N
                  "--output results.json.")
     for line in notes:
         console.print(f"[dim]{line}[/]")
+
+
+def milp_note(plan: Plan) -> str:
+    """How the MILP's plan came about, in words: its status, and what its gap measures."""
+    selection = plan.config.get("selection") or {}
+    text = f"MILP ({plan.solve_seconds:.1f} s): {plan.status}"
+    if selection.get("chosen_by"):
+        text += (f" — plan selection ({selection['chosen_by']}) serves {selection['chosen']}, of "
+                 f"{len(selection.get('shortlist', []))} shortlisted")
+    if plan.gap is not None and plan.bound_tokens_per_s is not None:
+        text += (f"; its max flow is {plan.gap:.1%} below the proven bound "
+                 f"({plan.bound_tokens_per_s:,.0f} tokens/s)")
+        if plan.status in ("simulation-selected", "estimate-selected"):
+            text += ", given up for served throughput"
+    return text + "."
 
 
 def max_flow_inversion(runs: Sequence[Run]) -> str | None:
