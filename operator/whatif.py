@@ -33,7 +33,7 @@ from helix.operator.discovery import (
 from helix.operator.gpus import RESOURCE_GPU, gpu_usage
 from helix.operator.planning import PlanningOutcome, PreviousPlan, plan_for, plan_hash
 from helix.operator.settings import DEFAULT_ROUTER_IMAGE, DEFAULT_WORKER_IMAGE
-from helix.planner.errors import HelixInputError, pydantic_message
+from helix.planner.errors import HelixInputError, pydantic_message, yaml_message
 from helix.planner.generators import split_machine_type
 from helix.planner.gpus import resolve_gpu
 from helix.planner.textfiles import read_text
@@ -124,7 +124,7 @@ def _load_yaml(path: Path) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise HelixInputError(f"malformed YAML: {exc}".replace("\n", " "), str(path)) from exc
+        raise HelixInputError(yaml_message(exc), str(path)) from exc
 
 
 def parse_addition(text: str) -> NodeAddition:

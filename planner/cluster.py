@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from helix.planner.errors import HelixInputError, pydantic_message
+from helix.planner.errors import HelixInputError, pydantic_message, yaml_message
 from helix.planner.gpus import resolve_gpu
 from helix.planner.textfiles import read_text
 
@@ -214,7 +214,7 @@ def cluster_from_dict(data: Any, where: str) -> Cluster:
     try:
         return Cluster.model_validate(data)
     except ValidationError as exc:
-        raise HelixInputError(pydantic_message(exc), where) from exc
+        raise HelixInputError(pydantic_message(exc, data), where) from exc
     except HelixInputError as exc:  # unknown GPU type raised from a validator
         raise HelixInputError(str(exc), where) from exc
 
@@ -224,7 +224,7 @@ def load_cluster_yaml(path: Path) -> Cluster:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise HelixInputError(f"malformed YAML: {exc}".replace("\n", " "), str(path)) from exc
+        raise HelixInputError(yaml_message(exc), str(path)) from exc
     return cluster_from_dict(data, str(path))
 
 

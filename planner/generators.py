@@ -28,8 +28,11 @@ def parse_mix(text: str, where: str = "--mix") -> dict[str, int]:
     mix: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, count = part.partition(":")
-        if not sep or not name.strip() or not count.strip().isdigit() or int(count) <= 0:
+        if not sep or not name.strip() or not count.strip():
             raise HelixInputError(f"bad GPU mix entry {part!r}; write TYPE:COUNT, e.g. L4:8", where)
+        if not count.strip().isdigit() or int(count) <= 0:
+            raise HelixInputError(f"bad GPU mix entry {part!r}: the count must be a whole number of at least 1",
+                                  where)
         gpu, per_node = split_machine_type(name.strip(), where)
         key = gpu if per_node == 1 else f"{gpu}x{per_node}"
         mix[key] = mix.get(key, 0) + int(count)

@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from helix.planner.errors import HelixInputError, pydantic_message
+from helix.planner.errors import HelixInputError, pydantic_message, yaml_message
 from helix.planner.textfiles import read_text
 
 
@@ -118,8 +118,10 @@ def load_plan(path: Path) -> Plan:
     text = read_text(path, "plan")
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise HelixInputError(f"malformed plan file: {exc}".replace("\n", " "), str(path)) from exc
+    except json.JSONDecodeError as exc:
+        raise HelixInputError(f"malformed plan file: {exc}", str(path)) from exc
+    except yaml.YAMLError as exc:
+        raise HelixInputError(f"malformed plan file: {yaml_message(exc)}", str(path)) from exc
     try:
         return Plan.model_validate(data)
     except ValidationError as exc:

@@ -124,29 +124,29 @@ def test_without_nodes_drops_their_links(tmp_path: Path) -> None:
 
 
 BAD_INPUTS = {
-    "unknown-gpu": ("nodes: [{name: a, gpu: B9000}]", ["nodes.0.gpu", "unknown GPU type 'B9000'", "T4"]),
+    "unknown-gpu": ("nodes: [{name: a, gpu: B9000}]", ["nodes[0] (a).gpu", "unknown GPU type 'B9000'", "T4"]),
     "duplicate-node": ("nodes: [{name: a, gpu: T4}, {name: a, gpu: L4}]", ["duplicate node name 'a'"]),
     "node-named-coordinator": ("nodes: [{name: coordinator, gpu: T4}]", ["coordinator"]),
     "negative-link-bandwidth": (
         "nodes: [{name: a, gpu: T4}]\nlinks: [{from: coordinator, to: a, bandwidth_bps: -1e9}]",
-        ["links.0.bandwidth_bps", "greater than 0"]),
+        ["links[0].bandwidth_bps", "greater than 0"]),
     "zero-mesh-bandwidth": (
         "nodes: [{name: a, gpu: T4}]\nmesh: {intra_region: {bandwidth_bps: 0}}",
         ["mesh.intra_region.bandwidth_bps", "greater than 0"]),
-    "negative-nic": ("nodes: [{name: a, gpu: T4, nic_out_bps: -5}]", ["nodes.0.nic_out_bps"]),
+    "negative-nic": ("nodes: [{name: a, gpu: T4, nic_out_bps: -5}]", ["nodes[0] (a).nic_out_bps"]),
     "negative-latency": (
         "nodes: [{name: a, gpu: T4}]\nlinks: [{from: coordinator, to: a, bandwidth_bps: 1e9, latency_s: -1}]",
-        ["links.0.latency_s"]),
-    "zero-gpu-count": ("nodes: [{name: a, gpu: T4, gpu_count: 0}]", ["nodes.0.gpu_count"]),
+        ["links[0].latency_s"]),
+    "zero-gpu-count": ("nodes: [{name: a, gpu: T4, gpu_count: 0}]", ["nodes[0] (a).gpu_count"]),
     "link-to-unknown-node": (
         "nodes: [{name: a, gpu: T4}]\nlinks: [{from: a, to: ghost, bandwidth_bps: 1e9}]",
         ["links[0]", "unknown node 'ghost'"]),
     "self-link": ("nodes: [{name: a, gpu: T4}]\nlinks: [{from: a, to: a, bandwidth_bps: 1e9}]", ["itself"]),
     "link-missing-bandwidth": ("nodes: [{name: a, gpu: T4}]\nlinks: [{from: coordinator, to: a}]",
-                               ["links.0.bandwidth_bps"]),
-    "unknown-field": ("nodes: [{name: a, gpu: T4, colour: red}]", ["nodes.0.colour"]),
-    "bandwidth-not-a-number": ("nodes: [{name: a, gpu: T4, nic_in_bps: fast}]", ["nodes.0.nic_in_bps"]),
-    "malformed-yaml": ("nodes: [\n  - {name: a\n", ["malformed YAML"]),
+                               ["links[0].bandwidth_bps"]),
+    "unknown-field": ("nodes: [{name: a, gpu: T4, colour: red}]", ["nodes[0] (a).colour"]),
+    "bandwidth-not-a-number": ("nodes: [{name: a, gpu: T4, nic_in_bps: fast}]", ["nodes[0] (a).nic_in_bps"]),
+    "malformed-yaml": ("nodes: [\n  - {name: a\n", ["malformed YAML at line 2, column 3:"]),
     "empty-nodes": ("nodes: []", ["no GPU nodes"]),
     "missing-nodes": ("name: x", ["nodes"]),
     "empty-file": ("", ["expected a mapping with 'nodes'"]),

@@ -40,14 +40,14 @@ def describe_input_error(exc: BaseException) -> str | None:
     import yaml
     from pydantic import ValidationError
 
-    from helix.planner.errors import HelixInputError, pydantic_message
+    from helix.planner.errors import HelixInputError, pydantic_message, yaml_message
 
     if isinstance(exc, HelixInputError):
         return error_line(str(exc))  # its text already reads "<where>: <message>"
     if isinstance(exc, ValidationError):
         return error_line(pydantic_message(exc), exc.title)
     if isinstance(exc, yaml.YAMLError):
-        return error_line(f"malformed YAML: {exc}")
+        return error_line(yaml_message(exc))
     if isinstance(exc, OSError):
         where = exc.filename if exc.filename is not None else None
         return error_line(exc.strerror or str(exc), None if where is None else str(where))

@@ -103,6 +103,8 @@ def load_cluster(
     if cluster_file is not None:
         source = str(cluster_file)
         suffix = cluster_file.suffix.lower()
+        if cluster_file.is_dir():
+            raise HelixInputError("is a directory; give a cluster file (.yaml/.yml, or Helix's .ini)", source)
         if suffix not in CLUSTER_SUFFIXES:
             raise HelixInputError(f"unknown cluster file type {cluster_file.suffix or '(none)'!r}: expected .yaml/"
                                   ".yml (our format) or .ini (Helix's)", source)
