@@ -56,7 +56,7 @@ def print_report(result: SimulationResult) -> None:
     """The simulator's tables (throughput, latency percentiles, nodes) for a real run."""
     from rich.table import Table
 
-    from helix.cli.simulate_report import latency_table, node_table, stdout_console, window_text
+    from helix.cli.simulate_report import MAX_FLOW_NOTE, latency_table, node_table, stdout_console, window_text
 
     console = stdout_console()
     c = result.config
@@ -69,7 +69,7 @@ def print_report(result: SimulationResult) -> None:
     grid.add_column()
     grid.add_row("decode throughput", f"{result.decode_throughput_tokens_per_s:,.1f} tokens/s over {window}")
     grid.add_row("total throughput", f"{result.total_throughput_tokens_per_s:,.1f} tokens/s (prompt + decode tokens)")
-    grid.add_row("max flow", f"{result.max_flow_tokens_per_s:,.1f} tokens/s (the plan's)")
+    grid.add_row("max flow", f"{result.max_flow_tokens_per_s:,.1f} tokens/s ({MAX_FLOW_NOTE})")
     grid.add_row("requests", f"{result.requests_admitted:,} admitted, {result.requests_finished:,} finished, "
                              f"{c.get('requests_dropped', 0):,} refused, {c.get('reroutes', 0):,} re-routed"
                  + (f"; by status: {', '.join(f'{k} {v}' for k, v in sorted(statuses.items()))}" if statuses else ""))

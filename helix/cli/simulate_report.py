@@ -38,6 +38,10 @@ class Run:
 
 
 
+#: Beside a served throughput, what the max flow is: often many times more, and not a forecast.
+MAX_FLOW_NOTE = ("the placement's ceiling: prompt + decode tokens its layers pass with every batch full; what is "
+                 "served is also bounded by the KV cache each layer holds and the pipeline's depth")
+
 def window_text(window: tuple[float, float]) -> str:
     """A measurement window as people read it: to the tenth of a second, no trailing zeros (300 / 7 → 42.9)."""
     return "–".join(f"{t:,.1f}".rstrip("0").rstrip(".") for t in window) + " s"
@@ -145,7 +149,7 @@ def print_result(console: Console, run: Run, inputs: Inputs) -> None:
     grid.add_column()
     grid.add_row("decode throughput", f"{r.decode_throughput_tokens_per_s:,.1f} tokens/s over {window}")
     grid.add_row("total throughput", f"{r.total_throughput_tokens_per_s:,.1f} tokens/s (prompt + decode tokens)")
-    grid.add_row("max flow", f"{r.max_flow_tokens_per_s:,.1f} tokens/s (the placement's, for comparison)")
+    grid.add_row("max flow", f"{r.max_flow_tokens_per_s:,.1f} tokens/s ({MAX_FLOW_NOTE})")
     grid.add_row("compute bound", f"{r.compute_bound_tokens_per_s:,.1f} tokens/s (network ignored)")
     grid.add_row("requests", f"{r.requests_admitted:,} admitted, {r.requests_finished:,} finished, "
                              f"{c.get('requests_dropped', 0):,} refused by the scheduler")
