@@ -248,6 +248,16 @@ def test_simulation_view_rate_and_status() -> None:
     assert "7/100 s simulated" in view.status_text() and "in flight 7" in view.status_text()
 
 
+def test_off_a_terminal_a_line_every_tenth_or_sooner_when_a_tenth_is_slow(capsys: pytest.CaptureFixture[str]) -> None:
+    """Lines at 10% and 20% of a fast run; a slow stretch (wall seconds past PROGRESS_EVERY_S) adds one."""
+    view = SimulationView("x", 100.0, interactive=False)
+    walls = {k: 0.01 * k + (5.0 if k >= 14 else 0.0) for k in range(1, 21)}  # a 5 s stall before 14%
+    for k in range(1, 21):
+        view.update(Progress(float(k), 100.0, 50 * k, 7, walls[k]))
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split("%")[0] for line in lines] == ["x:  10", "x:  14", "x:  20"]
+
+
 def test_default_window() -> None:
     assert resolve_window(None, None, 1400.0) == (1400.0, 200.0)
     assert resolve_window(None, None, 6000.0, 600.0) == (6000.0, 600.0)

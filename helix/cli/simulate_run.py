@@ -84,7 +84,8 @@ class SimulationView:
 
     `update` is `simulate()`'s progress hook (every 1% of simulated time). On a terminal rich's
     Live redraws `__rich__`; elsewhere one compact line per 10% goes to stderr, so CI logs show
-    that a long run is alive without a line per percent.
+    that a long run is alive without a line per percent — and one sooner when a tenth takes longer
+    than PROGRESS_EVERY_S of wall time, so no wait is silent for long.
     """
 
     #: The decode rate shown is over the last this many progress points (5% of the run).
@@ -97,6 +98,7 @@ class SimulationView:
         self.started = time.monotonic()
         self.points: deque[Progress] = deque(maxlen=self.RATE_POINTS + 1)
         self._next_log = 10
+        self._logged_at = 0.0  # wall seconds of the last line
 
     @property
     def latest(self) -> Progress | None:
@@ -115,9 +117,12 @@ class SimulationView:
         self.points.append(point)
         if self.interactive:
             return
+        from helix.planner.placement.base import PROGRESS_EVERY_S  # loaded already: the run was planned
+
         percent = 100 * point.simulated_s / point.duration_s
-        if percent + 1e-6 >= self._next_log:
+        if percent + 1e-6 >= self._next_log or point.wall_s - self._logged_at >= PROGRESS_EVERY_S:
             self._next_log = int(percent + 1e-6) // 10 * 10 + 10
+            self._logged_at = point.wall_s
             print(f"{self.label}: {percent:3.0f}%  {self.status_text()}", file=sys.stderr, flush=True)
 
     def status_text(self) -> str:
