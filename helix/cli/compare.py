@@ -175,8 +175,9 @@ def print_grid(console: Console, runs: list[Run], methods: list[str], schedulers
     cell = {(r.method, r.scheduler): r for r in runs}
     best = max(r.result.decode_throughput_tokens_per_s for r in runs)
     first = runs[0].result
-    table = Table(title=f"decode tokens/s — {inputs.model.name} on {inputs.cluster.name} ({cluster_text(inputs)}), "
-                        f"{first.config.get('mode')}, {window_text(first.window_s)}", title_justify="left")
+    title = (f"decode tokens/s — {inputs.model.name} on {inputs.cluster.name} ({cluster_text(inputs)}), "
+             f"{first.config.get('mode')}, {window_text(first.window_s)}")
+    table = Table()
     table.add_column("placement \\ scheduler", no_wrap=True)
     table.add_column("max flow", justify="right", style="dim")
     for s in schedulers:
@@ -185,6 +186,7 @@ def print_grid(console: Console, runs: list[Run], methods: list[str], schedulers
         values = [cell[(m, s)].result.decode_throughput_tokens_per_s for s in schedulers]
         texts = [f"[bold green]{v:,.1f}[/]" if v == best else f"{v:,.1f}" for v in values]
         table.add_row(m, f"{cell[(m, schedulers[0])].result.max_flow_tokens_per_s:,.1f}", *texts)
+    console.print(title)  # its own line: as the table's title it wrapped at the table's width
     console.print(table)
     wall = sum(r.result.wall_s for r in runs)
     console.print(f"[dim]Each placement is made once and served by every scheduler on the same workload: "
