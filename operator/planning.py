@@ -38,7 +38,7 @@ from helix.planner.cluster import Cluster
 from helix.planner.errors import HelixInputError
 from helix.planner.hf_config import model_from_hf_dict
 from helix.planner.model import MODEL_CATALOG, ModelSpec, catalog_model
-from helix.planner.placement.base import PROGRESS_EVERY_S, PlacementOptions, PlacementProblem, plan_placement
+from helix.planner.placement.base import PlacementOptions, PlacementProblem, plan_placement, progress_due
 from helix.planner.placement.heuristics import check_fits
 from helix.planner.plan import Plan, ProgressPoint
 from helix.planner.profiles.base import Profiles
@@ -177,7 +177,7 @@ class _Planning:
                  progress: Callable[[str], None] | None = None) -> None:
         self.spec, self.previous, self.name = spec, previous, name
         self.progress = progress
-        self._searched = (-1.0, 0.0)  # the MILP's best max flow and when it was last said
+        self._searched: ProgressPoint | None = None  # the MILP's progress last said
         self.summary: list[str] = []
         self.now = _now()
         self.discovery: Discovery | None = None
@@ -252,12 +252,10 @@ class _Planning:
             self.progress(text)
 
     def searching(self, point: ProgressPoint) -> None:
-        """The MILP's search: each better plan, and otherwise its best and bound every PROGRESS_EVERY_S (the
-        bound moves on nearly every step of the solver)."""
-        if (point.objective_tokens_per_s == self._searched[0]
-                and point.seconds - self._searched[1] < PROGRESS_EVERY_S):
+        """The MILP's search, as often as `progress_due` says a person watching wants it."""
+        if not progress_due(point, self._searched):
             return
-        self._searched = (point.objective_tokens_per_s, point.seconds)
+        self._searched = point
         bound = "" if point.bound_tokens_per_s is None else f", bound {point.bound_tokens_per_s:,.1f}"
         best = (f"best max flow {point.objective_tokens_per_s:,.1f} tokens/s" if point.objective_tokens_per_s > 0
                 else "no placement yet")

@@ -276,7 +276,6 @@ class MilpView:
     progress point is one plain line on stderr.
     """
 
-
     def __init__(self, time_limit_s: float, interactive: bool) -> None:
         self.time_limit_s = time_limit_s
         self.interactive = interactive
@@ -296,13 +295,9 @@ class MilpView:
         self.latest = point
         if self.interactive:
             return
-        last = self._logged
-        from helix.planner.placement.base import PROGRESS_EVERY_S  # loaded already: the search is running
+        from helix.planner.placement.base import progress_due  # loaded already: the search is running
 
-        # each better plan at once; otherwise a line every PROGRESS_EVERY_S at most (the bound moves
-        # constantly) and at least (the search's heartbeat repeats its best and bound while nothing changes)
-        if (last is None or point.objective_tokens_per_s != last.objective_tokens_per_s
-                or point.seconds - last.seconds >= PROGRESS_EVERY_S):
+        if progress_due(point, self._logged):
             self._logged = point
             print(f"milp {point.seconds:7.1f} s  {_progress_text(point)}", file=sys.stderr, flush=True)
 

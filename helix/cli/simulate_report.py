@@ -37,14 +37,15 @@ class Run:
     result: SimulationResult
 
 
-
 #: Beside a served throughput, what the max flow is: often many times more, and not a forecast.
 MAX_FLOW_NOTE = ("the placement's ceiling: prompt + decode tokens its layers pass with every batch full; what is "
                  "served is also bounded by the KV cache each layer holds and the pipeline's depth")
 
+
 def window_text(window: tuple[float, float]) -> str:
     """A measurement window as people read it: to the tenth of a second, no trailing zeros (300 / 7 → 42.9)."""
     return "–".join(f"{t:,.1f}".rstrip("0").rstrip(".") for t in window) + " s"
+
 
 def stdout_console() -> Console:
     return console()

@@ -39,6 +39,14 @@ class PlacementProblem:
 PROGRESS_EVERY_S = 3.0
 
 
+def progress_due(point: ProgressPoint, last: ProgressPoint | None) -> bool:
+    """Whether a person watching the MILP should hear `point`, the last one told being `last`: each better
+    plan at once, otherwise every PROGRESS_EVERY_S at most (the bound moves on nearly every step) and at
+    least (the search's heartbeat repeats its best and bound while nothing changes)."""
+    return (last is None or point.objective_tokens_per_s != last.objective_tokens_per_s
+            or point.seconds - last.seconds >= PROGRESS_EVERY_S)
+
+
 @dataclass(frozen=True)
 class PlacementOptions:
     """Knobs shared by all methods; heuristics ignore the solver ones."""
