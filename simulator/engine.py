@@ -184,6 +184,9 @@ class Engine:
         self._choice = random.Random(f"{seed}-serving-variation").choice
         self._links: dict[tuple[str, str], Link] = {}
         self._steps: dict[tuple[str, str, int, int], Step] = {}
+        #: One steps tuple per distinct route, shared by its requests: a hop reads `Flight.steps`, and
+        #: thousands of requests reading a few shared tuples stay in the CPU's cache.
+        self._paths: dict[Route, tuple[Step, ...]] = {}
         self.in_flight = 0
         self._overhead_per_token = model.activation_bytes * conventions.activation_overhead_s_per_byte
         #: Layers of one cost: a range takes layers × one layer's time (the dense fast path).
@@ -220,6 +223,12 @@ class Engine:
 
     def _path(self, route: Route) -> tuple[Step, ...]:
         """The steps of a route: one into each of its nodes, then one back to the coordinator."""
+        found = self._paths.get(route)
+        if found is None:
+            found = self._paths[route] = self._new_path(route)
+        return found
+
+    def _new_path(self, route: Route) -> tuple[Step, ...]:
         coord = self.state.coordinator
         sources = [coord, *(h.node for h in route[:-1])]
         steps = [self._step(a, h.node, h.start_layer, h.end_layer) for a, h in zip(sources, route, strict=True)]
