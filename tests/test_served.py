@@ -100,7 +100,7 @@ def test_where_requests_meet_full_nodes_the_admitted_mix_is_shorter(monkeypatch:
     """The offline feeder discards a refused request and draws another, and a long one is refused
     more often: on s06 `homogeneous` every way ends at full nodes (the simulator refuses 1.5
     requests per admission, and the admitted mean input falls from 719 to 443 tokens), so the
-    estimate serves the mix that fits a full node (418); `separate` never refuses and keeps the
+    estimate serves the mix that fits a full node (462); `separate` never refuses and keeps the
     drawn mix."""
     drawn, refused = served.request_mixes(served.Workload().lengths)
     assert refused.input_tokens < 0.65 * drawn.input_tokens

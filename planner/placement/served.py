@@ -47,7 +47,7 @@ Refusals also change what is served. The offline feeder discards a refused reque
 another, and a request is refused where its KV does not fit the room a full node has left, so a
 long one is refused more often: the requests admitted into a full node are the length distribution
 weighted by the chance that a request of that length finds room (`request_mixes` plays the
-feeder's refusals out on one full node: mean input 418 tokens of the drawn 719). Which requests
+feeder's refusals out on one full node: mean input 462 tokens of the drawn 724). Which requests
 meet full nodes comes from a fluid of the scheduler (`admission`): requests split over usable
 edges by flow, full nodes skipped, kept filling past the first refusal (the feeder draws again at
 the next fill) until the pooled KV target or until every way is full. The share of the flow that
@@ -121,10 +121,13 @@ class Mix:
 def request_mixes(lengths: LengthSampler) -> tuple[Mix, Mix]:
     """The mix drawn, and the mix admitted where a node's KV room refuses requests (module docstring).
 
-    Played out, not derived: a node kept full, every finished request and every returned prompt pass
-    admitting fresh requests until the first that does not fit, which is discarded (the offline
-    feeder, simulate.py). A request lives its output tokens (round trips); its prompt pass returns
-    after one. Seeded, so the same lengths give the same mixes everywhere.
+    Played out, not derived, by the offline feeder's rules (simulate.py): a node filled until the
+    first request that does not fit, then one draw at every returned prompt pass and every finished
+    request, admitted if it fits the room left and discarded if not. A request lives its output
+    tokens (round trips); its prompt pass returns after one. Seeded, so the same lengths give the
+    same mixes everywhere. (Filling until the first refusal at every event instead, as the feeder
+    did before it admitted one request per event, packs the node tighter and admits a shorter mix:
+    418 input tokens, where the simulator's refusing runs admit 440–620.)
     """
     rng = random.Random("helix-served-mix")
     expected = max(1, round(lengths.mean_output_tokens))  # what admission reserves (simulate.py's driver)
@@ -134,18 +137,26 @@ def request_mixes(lengths: LengthSampler) -> tuple[Mix, Mix]:
     admitted: list[tuple[int, int]] = []
     now = 0.0
     filled = 10 * _REFUSAL_NODE_REQUESTS
-    while len(admitted) < filled + _REFUSAL_ADMISSIONS:
-        while True:
-            tokens_in, tokens_out = lengths.sample(rng)
-            drawn.append((tokens_in, tokens_out))
-            if tokens_in + expected > room:
-                break
-            room -= tokens_in + expected
-            admitted.append((tokens_in, tokens_out))
-            heapq.heappush(events, (now + 1.0, len(drawn), 0.0))
-            heapq.heappush(events, (now + 1.0 + tokens_out, len(drawn), tokens_in + expected))
+
+    def attempt() -> bool:
+        """Draw one request and admit it if it fits the room left (a refused one is discarded)."""
+        nonlocal room
+        tokens_in, tokens_out = lengths.sample(rng)
+        drawn.append((tokens_in, tokens_out))
+        if tokens_in + expected > room:
+            return False
+        room -= tokens_in + expected
+        admitted.append((tokens_in, tokens_out))
+        heapq.heappush(events, (now + 1.0, len(drawn), 0.0))
+        heapq.heappush(events, (now + 1.0 + tokens_out, len(drawn), tokens_in + expected))
+        return True
+
+    while attempt():  # the initial fill: until the first refusal
+        pass
+    while len(admitted) < filled + _REFUSAL_ADMISSIONS:  # then one draw per event, as the feeder does
         now, _, freed = heapq.heappop(events)
         room += freed
+        attempt()
 
     def mix(requests: list[tuple[int, int]]) -> Mix:
         ins, outs = np.array(requests, dtype=float).T
