@@ -43,6 +43,9 @@ from helix.simulator.events import EventLoop
 from helix.simulator.requests import Request
 from helix.simulator.schedulers import Scheduler
 
+#: Distinct routes whose steps tuples are kept for reuse (`Engine._path`); past this the cache starts over.
+PATHS_KEPT = 1 << 16
+
 
 @dataclass(slots=True, eq=False)
 class Link:
@@ -225,6 +228,8 @@ class Engine:
         """The steps of a route: one into each of its nodes, then one back to the coordinator."""
         found = self._paths.get(route)
         if found is None:
+            if len(self._paths) >= PATHS_KEPT:  # flow-blind schedulers draw routes without end: stay bounded
+                self._paths.clear()
             found = self._paths[route] = self._new_path(route)
         return found
 
