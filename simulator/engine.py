@@ -191,6 +191,7 @@ class Engine:
         #: thousands of requests reading a few shared tuples stay in the CPU's cache.
         self._paths: dict[Route, tuple[Step, ...]] = {}
         self.in_flight = 0
+        self.request_hops = 0  # counted per send, not per hop: one add per batch (`SimulationResult.request_hops`)
         self._overhead_per_token = model.activation_bytes * conventions.activation_overhead_s_per_byte
         #: Layers of one cost: a range takes layers × one layer's time (the dense fast path).
         self._uniform = profiles.uniform
@@ -253,6 +254,7 @@ class Engine:
     def _issue(self, flight: Flight, now: float) -> None:
         flight.hop = -1
         flight.iteration_start = now
+        self.request_hops += 1
         self._send_all((flight,), now)
 
     def _send_all(self, flights: list[Flight] | tuple[Flight, ...], now: float) -> None:
@@ -534,6 +536,7 @@ class Engine:
             for flight in batch:
                 src = flight.route[flight.hop - 1].node if flight.hop else coord
                 on_hop_done(src, name, now - flight.sent_at)
+        self.request_hops += len(batch)
         self._send_all(batch, now)
         self._start_batch(sim)
 

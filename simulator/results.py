@@ -89,6 +89,9 @@ class SimulationResult(BaseModel):
     simulated_s: float
     wall_s: float
     events: int
+    #: Requests moved one hop on (into a node or back to the coordinator): the work an event carries,
+    #: several per node batch; simulation speed per event depends on it, per request-hop far less.
+    request_hops: int
     config: dict[str, Any]
     _requests: list[Request] = PrivateAttr(default_factory=list)
 
@@ -144,7 +147,7 @@ class Recorder:
             self.requests.append(flight.request)
 
     def result(self, nodes: dict[str, GpuSim], max_flow: float, compute_bound: float, simulated_s: float,
-               wall_s: float, events: int, config: dict[str, Any]) -> SimulationResult:
+               wall_s: float, events: int, request_hops: int, config: dict[str, Any]) -> SimulationResult:
         w0, w1 = self.window
         span = w1 - w0
         node_rows = []
@@ -167,6 +170,6 @@ class Recorder:
             requests_finished=self.finished, decode_tokens_in_window=self.decode_tokens,
             prompt_tokens_in_window=self.prompt_tokens, decode_tokens_total=self.decode_total,
             decode_tokens_per_second=list(self.per_second[:-1]), nodes=node_rows, simulated_s=round(simulated_s, 6),
-            wall_s=round(wall_s, 3), events=events, config=config)
+            wall_s=round(wall_s, 3), events=events, request_hops=request_hops, config=config)
         result._requests = self.requests
         return result

@@ -281,7 +281,7 @@ def simulate(
     bound = plan.compute_bound_tokens_per_s
     return recorder.result(engine.nodes, flow.value,
                            bound if bound is not None else compute_bound(cluster, model, profiles),
-                           loop.now, time.monotonic() - started, loop.events, config)
+                           loop.now, time.monotonic() - started, loop.events, engine.request_hops, config)
 
 
 def _served_tokens_per_s(cluster: Cluster, model: ModelSpec, profiles: Profiles, plan: Plan,
