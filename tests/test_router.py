@@ -857,6 +857,9 @@ def test_route_log_summarizes_into_simulation_results(served: ServedModel, tmp_p
         assert {n.name for n in result.nodes} == {"a", "b", "c"}
         assert sum(n.tokens for n in result.nodes if n.start_layer == 0) == 15 + 25
         assert result.config["workload"]["output_mean"] == 6.0
+        steps = [e for e in read_route_log(r.route_log) if e["event"] == "step"]
+        assert len(steps) == 5 * 6  # a prompt pass and five decode steps per request
+        assert result.request_hops == sum(len(e["hops"]) + 1 for e in steps) >= 2 * len(steps)
         out = CliRunner().invoke(cli_app, ["report", "--route-log", str(r.route_log), "-o",
                                            str(tmp_path / "results.json")])
         assert out.exit_code == 0, out.output

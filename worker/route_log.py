@@ -148,6 +148,7 @@ def summarize(events: Iterable[dict[str, Any]] | Path | str, warmup_s: float = 0
     outputs: list[int] = []
     statuses: dict[str, int] = {}
     reroutes = 0
+    request_hops = 0  # into each node of a step, then back to the router
 
     for e in events:
         kind, t = e["event"], float(e["t"])
@@ -157,6 +158,7 @@ def summarize(events: Iterable[dict[str, Any]] | Path | str, warmup_s: float = 0
                 arrivals[str(e["request_id"])] = float(e.get("arrival", t))
         elif kind == "step":
             _hops(nodes, e, w0, w1)
+            request_hops += len(e.get("hops", ())) + 1
             if e.get("phase") == "prompt":
                 if inside(t):
                     prompt_tokens += int(e.get("tokens", 0))
@@ -219,7 +221,7 @@ def summarize(events: Iterable[dict[str, Any]] | Path | str, warmup_s: float = 0
         requests_admitted=admitted, requests_finished=finished, decode_tokens_in_window=decode_tokens,
         prompt_tokens_in_window=prompt_tokens, decode_tokens_total=decode_total,
         decode_tokens_per_second=per_second[:-1], nodes=node_rows, simulated_s=round(t_end - t0, 6),
-        wall_s=round(t_end - t0, 3), events=len(events), config=config)
+        wall_s=round(t_end - t0, 3), events=len(events), request_hops=request_hops, config=config)
 
 
 def _hops(nodes: dict[str, _NodeAcc], step: dict[str, Any], w0: float, w1: float) -> None:
