@@ -7,13 +7,16 @@ profiles. Every case is planned with every heuristic served as it is and with th
 scheduler, the default workload, one seed), and the table shows cluster × method → simulated
 decode tokens/s, the default plan's ratio to the best baseline, and the served estimate's Spearman
 rank correlation with the simulator over a broader pool of placements per case (the heuristics'
-plans, members of the candidate family, climbs on the estimate).
+plans, members of the candidate family, climbs on the estimate), simulated with one seed or, with
+`--pool-seeds N`, ranked against the mean of N seeds beside the lowest agreement between two seeds
+(how far the simulator's own noise lets any estimate rank).
 
     python benchmarks/plan_quality.py --suite                    # all cases (hours on 2 cores)
     python benchmarks/plan_quality.py --suite --time-limit 480 --effort 0.25 --json suite.json
                                                       # milp's default budgets, a cap a busy machine never hits
     python benchmarks/plan_quality.py --suite --cases 3 --sim-seconds 120 --time-limit 20
     python benchmarks/plan_quality.py --suite --cases s07,s12 --no-correlation
+    python benchmarks/plan_quality.py --suite --suite-seed 3 --cases s03,s11 --pool-seeds 3
 
 The paper's clusters with Helix's own profile tables, plans the MILP in both selection modes
 (`max-flow`: Helix's objective; the default, simulation-gated selection) and the baselines, then
@@ -101,6 +104,9 @@ def main() -> int:
                             "wall-clock cap a busy machine does not reach")
     suite.add_argument("--pool", default=f"{CORRELATION_FAMILY},{CORRELATION_CLIMBS}",
                        help="family members and climbs in the correlation pool, e.g. 8,3")
+    suite.add_argument("--pool-seeds", type=int, default=1,
+                       help="simulator seeds per placement of the correlation pool: the estimate is ranked "
+                            "against their mean, and the table shows how well the seeds agree")
     suite.add_argument("--no-correlation", action="store_true", help="skip the estimate's rank correlation")
     args = parser.parse_args()
     if args.suite:
@@ -200,7 +206,8 @@ def run_suite(args: argparse.Namespace) -> int:
         for reason in case.redraws:
             console.print(f"  redrawn: {reason}", highlight=False)
         reports.append(evaluate_case(case, options, settings, pool=None if args.no_correlation else (family, climbs),
-                                     log=lambda line: console.print("  " + line, highlight=False)))
+                                     log=lambda line: console.print("  " + line, highlight=False),
+                                     pool_seeds=args.pool_seeds))
         console.print(suite_table(reports[-1:]))
         if args.json:  # after every case, so a long run that is stopped keeps what it measured
             args.json.write_text(json.dumps([report_row(r) for r in reports], indent=2))
@@ -213,6 +220,11 @@ def run_suite(args: argparse.Namespace) -> int:
         console.print(f"estimate vs simulator, Spearman per case: mean {statistics.fmean(rhos):.3f}, "
                       f"lowest {min(rhos):.3f}, ≥ 0.9 in {sum(x >= 0.9 for x in rhos)} of {len(rhos)}",
                       highlight=False)
+        agreement = [r.correlation.seed_agreement for r in reports
+                     if r.correlation is not None and len(r.correlation.per_seed) > 1]
+        if agreement:
+            console.print(f"simulator seeds against each other, lowest Spearman per case: mean "
+                          f"{statistics.fmean(agreement):.3f}, lowest {min(agreement):.3f}", highlight=False)
     return 0
 
 
@@ -230,8 +242,9 @@ def suite_table(reports: list[CaseReport]) -> Table:
             m = report.result(method)
             text = f"{m.decode_tokens_per_s:.0f} ({m.planning_cpu_s:.1f})"
             cells.append(f"[bold]{text}[/bold]" if method == best else text)
-        rho = "–" if report.correlation is None else (
-            f"{report.correlation.spearman:.2f} ({len(report.correlation.labels)})")
+        corr = report.correlation
+        rho = "–" if corr is None else f"{corr.spearman:.2f} ({len(corr.labels)})" + (
+            f"; seeds {corr.seed_agreement:.2f}" if len(corr.per_seed) > 1 else "")
         table.add_row(report.case.name, report.settings.describe(), *cells, f"{report.ratio:.3f}", rho)
     return table
 
@@ -243,7 +256,8 @@ def report_row(report: CaseReport) -> dict[str, Any]:
             "methods": [asdict(m) for m in report.methods], "ratio": report.ratio,
             "correlation": None if report.correlation is None else {
                 "spearman": report.correlation.spearman, "labels": report.correlation.labels,
-                "estimates": report.correlation.estimates, "simulated": report.correlation.simulated}}
+                "estimates": report.correlation.estimates, "simulated": report.correlation.simulated,
+                "per_seed": report.correlation.per_seed, "seed_agreement": report.correlation.seed_agreement}}
 
 
 if __name__ == "__main__":

@@ -349,11 +349,19 @@ class Correlation:
 
     labels: list[str]
     estimates: list[float]
-    simulated: list[float]
+    simulated: list[float]  # the mean over the simulator's seeds
+    per_seed: list[list[float]]  # one list per seed, in pool order
 
     @property
     def spearman(self) -> float:
         return spearman(self.estimates, self.simulated)
+
+    @property
+    def seed_agreement(self) -> float:
+        """The lowest Spearman between two seeds' rankings of the pool: how far the simulator's own
+        noise lets any estimate rank (nan with one seed)."""
+        pairs = [spearman(a, b) for i, a in enumerate(self.per_seed) for b in self.per_seed[i + 1:]]
+        return min(pairs) if pairs else math.nan
 
 
 @dataclass(frozen=True)
@@ -379,12 +387,12 @@ class CaseReport:
 
 def evaluate_case(case: SuiteCase, options: PlacementOptions, settings: SimSettings | None = None,
                   pool: tuple[int, int] | None = (CORRELATION_FAMILY, CORRELATION_CLIMBS),
-                  log: Callable[[str], None] = lambda _: None) -> CaseReport:
+                  log: Callable[[str], None] = lambda _: None, pool_seeds: int = 1) -> CaseReport:
     """Plan the case with the default method and every heuristic (timed in process CPU seconds),
     simulate every plan with the same settings — `None`: the runs the default plan's selection made
     (its run length and seeds; the defaults where it simulated nothing) — and, with `pool` =
     (family members, climbs), rank the estimate on a broader pool of placements (`correlation_pool`,
-    seeded by the methods' plans), each simulated with the first seed."""
+    seeded by the methods' plans), each simulated with `pool_seeds` seeds from the first."""
     problem = problem_for(case)
     plans: list[tuple[str, Plan, float]] = []
     for method in (DEFAULT_METHOD, *HEURISTICS):
@@ -411,11 +419,14 @@ def evaluate_case(case: SuiteCase, options: PlacementOptions, settings: SimSetti
                             plan.config.get("selection", {}).get("chosen"))
                for method, plan, cpu in plans]
     correlation = None
-    if pool is not None:  # one seed each: the ranking, not the guarantee, is judged here
+    if pool is not None:  # the ranking, not the guarantee, is judged here
         candidates = correlation_pool(problem, [(method, plan.ranges) for method, plan, _ in plans], *pool,
                                       seed=options.seed)
+        seeds = tuple(judged.seeds[0] + i for i in range(pool_seeds))
+        means = [judge(c.label, c.ranges, seeds) for c in candidates]
         correlation = Correlation([c.label for c in candidates], [c.estimate.tokens_per_s for c in candidates],
-                                  [judge(c.label, c.ranges, judged.seeds[:1]) for c in candidates])
+                                  means, [[runs[(ranges_key(c.ranges), seed)] for c in candidates]
+                                          for seed in seeds])
     return CaseReport(case, judged, results, correlation)
 
 

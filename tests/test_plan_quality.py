@@ -17,6 +17,7 @@ from helix.experiments.suite import (
     MODEL_SIZES_OF,
     NODES,
     WAN_BANDWIDTH_BPS,
+    Correlation,
     SuiteCase,
     evaluate_case,
     generate_suite,
@@ -223,3 +224,15 @@ def test_the_default_plan_serves_at_least_the_best_baseline_on_a_slice_of_the_su
     assert {m.method for m in report.methods} == {DEFAULT_METHOD, *HEURISTICS}
     assert report.best_baseline.decode_tokens_per_s > 0
     assert report.ratio >= GUARANTEE, (milp, report.best_baseline)
+
+
+def test_seed_agreement_is_the_worst_pair_of_seeds() -> None:
+    """Two seeds that rank a pool the same agree at 1; a third that swaps two placements pulls the
+    agreement down to that pair's Spearman, whatever the mean the estimate is ranked against."""
+    same = Correlation(["a", "b", "c", "d"], [1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0],
+                       [[10.0, 20.0, 30.0, 40.0], [11.0, 19.0, 31.0, 39.0]])
+    assert same.seed_agreement == pytest.approx(1.0)
+    swapped = Correlation(same.labels, same.estimates, same.simulated, [*same.per_seed, [20.0, 10.0, 30.0, 40.0]])
+    assert swapped.seed_agreement == pytest.approx(spearman([10, 20, 30, 40], [20, 10, 30, 40]))
+    assert swapped.seed_agreement < 1.0
+    assert math.isnan(Correlation(["a", "b"], [1.0, 2.0], [1.0, 2.0], [[1.0, 2.0]]).seed_agreement)
