@@ -191,7 +191,7 @@ class Engine:
         #: thousands of requests reading a few shared tuples stay in the CPU's cache.
         self._paths: dict[Route, tuple[Step, ...]] = {}
         self.in_flight = 0
-        self.request_hops = 0  # counted per send, not per hop: one add per batch (`SimulationResult.request_hops`)
+        self.request_hops = 0  # `SimulationResult.request_hops`: added once per batch sent, never inside the hop loop
         self._overhead_per_token = model.activation_bytes * conventions.activation_overhead_s_per_byte
         #: Layers of one cost: a range takes layers × one layer's time (the dense fast path).
         self._uniform = profiles.uniform
